@@ -1,0 +1,72 @@
+"""Input validation shared by every loss: clear errors, raised before any kernel launch.
+
+Each check names the argument and what was expected. Shape, dtype and device checks are free (metadata only).
+Checks that must look at the data (mask values, rows without a valid token) cost a device-to-host sync on a
+GPU; they are on by default and can be switched off for production training loops with
+``FASTKD_CHECK_VALUES=0`` or :func:`set_value_checks`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_value_checks = os.environ.get("FASTKD_CHECK_VALUES", "1") not in ("0", "false", "False", "")
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the data-dependent checks (mask values, empty rows) on or off for this process."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def value_checks_enabled() -> bool:
+    return _value_checks
+
+
+def check_float(name: str, x: torch.Tensor, ndim: int | tuple[int, ...] | None = None, what: str = "") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"{name}: expected a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    if ndim is not None:
+        dims = (ndim,) if isinstance(ndim, int) else ndim
+        if x.dim() not in dims:
+            shape = what or " or ".join(f"{d}-D" for d in dims)
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name}: expected a tensor on {first.device} (the device of {first_name}), got {t.device}"
+            )
+
+
+def check_mask(mask: torch.Tensor | None, batch: int, length: int, name: str = "mask") -> torch.Tensor | None:
+    """Validate a [B, L] padding mask (bool or 0/1, 1 = real token) and return it as bool (or None)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor of shape [B, L] or None, got {type(mask).__name__}")
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{name}: expected shape [B, L] = [{batch}, {length}], got {tuple(mask.shape)}")
+    if mask.is_complex():
+        raise ValueError(f"{name}: expected a bool or 0/1 tensor, got {mask.dtype}")
+    if mask.dtype != torch.bool:
+        if _value_checks and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name}: expected bool or 0/1 values (1 = real token), found other values")
+        mask = mask != 0
+    if _value_checks and batch > 0 and not bool(mask.any(dim=1).all()):
+        rows = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"{name}: every sequence needs at least one valid token; rows {rows[:8]} have none")
+    return mask

@@ -1,0 +1,275 @@
+"""fastkd's public distillation losses: ``from fastkd import losses``.
+
+Conventions shared by every loss:
+
+* ``mask`` is [B, L], bool or 0/1, 1 = real token; ``None`` means every token is real.
+* Each returns a scalar (float32; float64 for float64 inputs), differentiable with respect to the student
+  tensors. Teacher tensors need no grad. fp16/bf16 inputs are accumulated in fp32.
+* Bad input raises ``ValueError`` naming the argument and what was expected, before any kernel runs.
+
+Dispatch: CUDA tensors go to the fused Triton kernels, CPU tensors to the PyTorch references in
+:mod:`fastkd.reference`. ``FASTKD_BACKEND=triton|torch`` forces either (with ``TRITON_INTERPRET=1`` the
+Triton path runs on the CPU, which is how the kernels are tested without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from fastkd import reference as ref
+from fastkd.checks import check_float, check_mask, check_same_device
+
+__all__ = [
+    "attention_mse",
+    "attention_kl",
+    "relation_kl",
+    "hidden_mse",
+    "pkd_mse",
+    "soft_cross_entropy",
+    "sinkhorn",
+    "emd_loss",
+    "AttentionMSE",
+    "AttentionKL",
+    "RelationKL",
+    "HiddenMSE",
+    "PKDMSE",
+    "SoftCrossEntropy",
+    "backend_for",
+]
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """'triton' or 'torch': which implementation a loss on tensor ``x`` runs."""
+    forced = os.environ.get("FASTKD_BACKEND", "").strip().lower()
+    if forced in ("torch", "triton"):
+        return forced
+    if forced:
+        raise ValueError(f"FASTKD_BACKEND: expected 'triton', 'torch' or unset, got {forced!r}")
+    return "triton" if x.is_cuda else "torch"
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+def _check_qk(q_s, k_s, q_t, k_t, mask):
+    for name, x in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
+        check_float(name, x, 4, "[B, H, L, d]")
+    check_same_device(q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, mask=mask)
+    if k_s.shape != q_s.shape:
+        raise ValueError(f"k_s: expected the shape of q_s {tuple(q_s.shape)}, got {tuple(k_s.shape)}")
+    if k_t.shape != q_t.shape:
+        raise ValueError(f"k_t: expected the shape of q_t {tuple(q_t.shape)}, got {tuple(k_t.shape)}")
+    B, H, L, _ = q_s.shape
+    if q_t.shape[0] != B or q_t.shape[2] != L:
+        raise ValueError(
+            f"q_t: expected batch {B} and length {L} (those of q_s), got shape {tuple(q_t.shape)}"
+        )
+    if q_t.shape[1] != H:
+        raise ValueError(
+            f"q_t: expected {H} heads (the student's; head counts must match, head dims may differ), "
+            f"got {q_t.shape[1]}"
+        )
+    if L == 0 or q_s.shape[-1] == 0 or q_t.shape[-1] == 0:
+        raise ValueError(f"q_s: expected a non-empty sequence and head dim, got {tuple(q_s.shape)}")
+    return check_mask(mask, B, L)
+
+
+# ---------------------------------------------------------------- attention losses
+
+
+def attention_mse(q_s, k_s, q_t, k_t, mask=None) -> torch.Tensor:
+    """TinyBERT's attention-score loss: mean over heads and valid (query, key) pairs of (S_s − S_t)²,
+    S = q·kᵀ/√d. q, k: [B, H, L, d]; student and teacher head dims may differ, head counts must match."""
+    mask = _check_qk(q_s, k_s, q_t, k_t, mask)
+    if backend_for(q_s) == "triton":
+        from fastkd.kernels.attention_mse import attention_mse as fused
+
+        return fused(q_s, k_s, q_t, k_t, mask)
+    return ref.attention_mse(q_s, k_s, q_t, k_t, mask)
+
+
+def attention_kl(q_s, k_s, q_t, k_t, mask=None) -> torch.Tensor:
+    """MiniLM's attention-distribution loss: KL(softmax(S_t) ‖ softmax(S_s)) per query row, padded keys
+    excluded from both softmaxes, mean over heads and valid query rows."""
+    mask = _check_qk(q_s, k_s, q_t, k_t, mask)
+    if backend_for(q_s) == "triton":
+        from fastkd.kernels.attention_kl import attention_kl as fused
+
+        return fused(q_s, k_s, q_t, k_t, mask)
+    return ref.attention_kl(q_s, k_s, q_t, k_t, mask)
+
+
+def relation_kl(x_s, x_t, num_heads: int, mask=None) -> torch.Tensor:
+    """MiniLM's value relation / MiniLMv2's Q-Q, K-K, V-V relations. x: [B, L, D_s] and [B, L, D_t], each
+    split into ``num_heads`` relation heads; per head attention_kl(x, x, x', x') with scale 1/√(head dim)."""
+    check_float("x_s", x_s, 3, "[B, L, D]")
+    check_float("x_t", x_t, 3, "[B, L, D]")
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+    if x_t.shape[:2] != x_s.shape[:2]:
+        raise ValueError(
+            f"x_t: expected batch and length {tuple(x_s.shape[:2])} (those of x_s), got {tuple(x_t.shape)}"
+        )
+    for name, x in (("x_s", x_s), ("x_t", x_t)):
+        if x.shape[-1] % num_heads:
+            raise ValueError(
+                f"num_heads: {name}'s feature size {x.shape[-1]} is not divisible by num_heads={num_heads}"
+            )
+    rs, rt = ref.split_heads(x_s, num_heads), ref.split_heads(x_t, num_heads)
+    return attention_kl(rs, rs, rt, rt, mask)
+
+
+# ---------------------------------------------------------------- hidden-state losses
+
+
+def hidden_mse(h_s, h_t, weight=None, bias=None, mask=None) -> torch.Tensor:
+    """TinyBERT's hidden/embedding loss: mean over valid tokens and teacher features of (h_s·Wᵀ + b − h_t)².
+
+    h_s [B, L, d_s], h_t [B, L, d_t], weight [d_t, d_s] (nn.Linear's convention), bias [d_t]. With a leading
+    layer dim (h [K, B, L, d], weight [K, d_t, d_s], bias [K, d_t]) it scores K layer pairs in one call and
+    returns the mean over K of the per-pair losses.
+    """
+    check_float("h_s", h_s, (3, 4), "[B, L, d_s] or [K, B, L, d_s]")
+    check_float("h_t", h_t, (3, 4), "[B, L, d_t] or [K, B, L, d_t]")
+    check_same_device(h_s=h_s, h_t=h_t, weight=weight, bias=bias, mask=mask)
+    if h_t.dim() != h_s.dim() or h_t.shape[:-1] != h_s.shape[:-1]:
+        raise ValueError(
+            f"h_t: expected leading dims {tuple(h_s.shape[:-1])} (those of h_s) and a feature dim, "
+            f"got {tuple(h_t.shape)}"
+        )
+    layered = h_s.dim() == 4
+    lead = (h_s.shape[0],) if layered else ()
+    d_s, d_t = h_s.shape[-1], h_t.shape[-1]
+    if weight is None:
+        if d_s != d_t:
+            raise ValueError(
+                f"weight: needed because h_s has {d_s} features and h_t has {d_t}; expected shape "
+                f"{list(lead) + [d_t, d_s]}"
+            )
+    else:
+        check_float("weight", weight)
+        if tuple(weight.shape) != (*lead, d_t, d_s):
+            raise ValueError(f"weight: expected shape {list(lead) + [d_t, d_s]}, got {tuple(weight.shape)}")
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (*lead, d_t):
+            raise ValueError(f"bias: expected shape {list(lead) + [d_t]}, got {tuple(bias.shape)}")
+    B, L = h_s.shape[-3], h_s.shape[-2]
+    mask = check_mask(mask, B, L)
+    if backend_for(h_s) == "triton":
+        from fastkd.kernels.hidden_mse import hidden_mse as fused
+
+        return fused(h_s, h_t, weight, bias, mask)
+    return ref.hidden_mse(h_s, h_t, weight, bias, mask)
+
+
+def pkd_mse(h_s, h_t) -> torch.Tensor:
+    """Patient KD's loss: mean over the batch of ‖h_s/‖h_s‖₂ − h_t/‖h_t‖₂‖²; h: [B, d] ([CLS] vectors) or
+    [K, B, d] (summed over the K layer pairs, as PKD does). Student and teacher widths must match."""
+    check_float("h_s", h_s, (2, 3), "[B, d] or [K, B, d]")
+    check_float("h_t", h_t, (2, 3), "[B, d] or [K, B, d]")
+    check_same_device(h_s=h_s, h_t=h_t)
+    if h_t.shape != h_s.shape:
+        raise ValueError(f"h_t: expected shape {tuple(h_s.shape)} (that of h_s), got {tuple(h_t.shape)}")
+    return ref.pkd_mse(h_s, h_t)
+
+
+def soft_cross_entropy(logits_s, logits_t, temperature: float = 1.0) -> torch.Tensor:
+    """Prediction-layer loss: mean over the batch of −Σ softmax(t/T)·log_softmax(s/T). logits: [B, C]."""
+    check_float("logits_s", logits_s, 2, "[B, C]")
+    check_float("logits_t", logits_t, 2, "[B, C]")
+    check_same_device(logits_s=logits_s, logits_t=logits_t)
+    if logits_t.shape != logits_s.shape:
+        raise ValueError(
+            f"logits_t: expected shape {tuple(logits_s.shape)} (that of logits_s), got {tuple(logits_t.shape)}"
+        )
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+    return ref.soft_cross_entropy(logits_s, logits_t, float(temperature))
+
+
+# ---------------------------------------------------------------- BERT-EMD
+
+
+def _check_transport(cost, a, b, a_name="a", b_name="b"):
+    check_float("cost", cost, 3, "[P, M, N]")
+    check_float(a_name, a, 2, "[P, M]")
+    check_float(b_name, b, 2, "[P, N]")
+    check_same_device(cost=cost, **{a_name: a, b_name: b})
+    P, M, N = cost.shape
+    if tuple(a.shape) != (P, M):
+        raise ValueError(f"{a_name}: expected shape [P, M] = [{P}, {M}], got {tuple(a.shape)}")
+    if tuple(b.shape) != (P, N):
+        raise ValueError(f"{b_name}: expected shape [P, N] = [{P}, {N}], got {tuple(b.shape)}")
+
+
+def sinkhorn(cost, a, b, eps=None, iters=None) -> torch.Tensor:
+    """Batched log-domain Sinkhorn: cost [P, M, N], a [P, M], b [P, N] (histograms, each summing to 1)
+    -> transport plan [P, M, N]. ``eps`` is relative to each problem's cost scale."""
+    _check_transport(cost, a, b)
+    if backend_for(cost) == "triton":
+        from fastkd.kernels.sinkhorn import sinkhorn as fused
+
+        return fused(cost, a, b, eps=eps, iters=iters)
+    return ref.sinkhorn(cost, a, b, eps=eps, iters=iters)
+
+
+def emd_loss(cost, w_s, w_t, *, eps=None, iters=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-EMD's loss: (loss [P] = Σ f_ij·d_ij, plan f [P, M, N]), the plan a constant, so ∂loss/∂cost = f."""
+    _check_transport(cost, w_s, w_t, "w_s", "w_t")
+    plan = sinkhorn(cost, w_s, w_t, eps=eps, iters=iters).detach()
+    loss = (plan.to(cost.dtype) * cost).sum(dim=(1, 2), dtype=torch.float32 if cost.dtype != torch.float64
+                                                  else torch.float64)
+    return loss, plan
+
+
+# ---------------------------------------------------------------- nn.Module wrappers
+
+
+class AttentionMSE(nn.Module):
+    def forward(self, q_s, k_s, q_t, k_t, mask=None):
+        return attention_mse(q_s, k_s, q_t, k_t, mask)
+
+
+class AttentionKL(nn.Module):
+    def forward(self, q_s, k_s, q_t, k_t, mask=None):
+        return attention_kl(q_s, k_s, q_t, k_t, mask)
+
+
+class RelationKL(nn.Module):
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+
+    def forward(self, x_s, x_t, mask=None):
+        return relation_kl(x_s, x_t, self.num_heads, mask)
+
+
+class HiddenMSE(nn.Module):
+    """hidden_mse with a learnable projection (TinyBERT's fit_dense) when d_s != d_t."""
+
+    def __init__(self, d_s: int, d_t: int, bias: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(d_s, d_t, bias=bias) if d_s != d_t else None
+
+    def forward(self, h_s, h_t, mask=None):
+        if self.proj is None:
+            return hidden_mse(h_s, h_t, mask=mask)
+        return hidden_mse(h_s, h_t, self.proj.weight, self.proj.bias, mask)
+
+
+class PKDMSE(nn.Module):
+    def forward(self, h_s, h_t):
+        return pkd_mse(h_s, h_t)
+
+
+class SoftCrossEntropy(nn.Module):
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, logits_s, logits_t):
+        return soft_cross_entropy(logits_s, logits_t, self.temperature)
