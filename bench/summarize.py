@@ -1,0 +1,103 @@
+"""Turn a benchmark results JSON (written by bench/conftest.py) into a markdown table.
+
+    python bench/summarize.py bench/results/nvidia-h100-80gb-hbm3-2025-01-01.json [--baseline impl=eager]
+        [--case sinkhorn] [-o table.md]
+
+One row per case; ``--baseline KEY=VALUE`` adds a "speedup" column: the time of the row whose params are the
+same except ``KEY == VALUE``, divided by this row's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [
+    ("case", "case"),
+    ("params", "params"),
+    ("median_ms", "median ms"),
+    ("peak_mem_mib", "peak MiB"),
+    ("gbps", "GB/s"),
+    ("pct_copy_bw", "% copy BW"),
+    ("tflops", "TFLOP/s"),
+    ("power_w", "W"),
+    ("energy_mj_per_call", "mJ/call"),
+    ("status", "status"),
+]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        if abs(v) >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    return str(v).replace("|", "\\|")
+
+
+def _key_without(params: dict[str, Any], key: str) -> str:
+    return json.dumps({k: v for k, v in params.items() if k != key}, sort_keys=True)
+
+
+def summarize(data: dict[str, Any], baseline: str | None = None, case_filter: str | None = None) -> str:
+    env = data.get("environment", {})
+    cases = [c for c in data.get("cases", []) if not case_filter or case_filter in c.get("case", "")]
+    lines = [
+        f"**{env.get('device', '?')}** (driver {env.get('driver') or '–'}), torch {env.get('torch')}, "
+        f"triton {env.get('triton')}, transformers {env.get('transformers')}, commit "
+        f"`{(env.get('git_commit') or '?')[:12]}`, {env.get('date', '?')}",
+        "",
+    ]
+    cols = list(COLUMNS)
+    # Drop columns that are empty for every case (e.g. power on the CPU).
+    cols = [(k, h) for k, h in cols if k in ("case", "params", "status") or any(c.get(k) is not None for c in cases)]
+    base_times: dict[tuple[str, str], float] = {}
+    bkey = bval = None
+    if baseline:
+        bkey, _, bval = baseline.partition("=")
+        for c in cases:
+            p = c.get("params", {})
+            if str(p.get(bkey)) == bval and c.get("median_ms"):
+                base_times[(c["case"], _key_without(p, bkey))] = c["median_ms"]
+        cols.insert(3, ("speedup", f"speedup vs {bkey}={bval}"))
+    lines.append("| " + " | ".join(h for _, h in cols) + " |")
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+    for c in cases:
+        row = []
+        for k, _ in cols:
+            if k == "speedup":
+                t0 = base_times.get((c["case"], _key_without(c.get("params", {}), bkey)))
+                row.append(f"{t0 / c['median_ms']:.1f}×" if t0 and c.get("median_ms") else "–")
+            else:
+                row.append(_fmt(c.get(k)))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", type=Path, help="a results JSON from bench/results/")
+    ap.add_argument("--baseline", help="KEY=VALUE: add a speedup column relative to the row with params[KEY]=VALUE")
+    ap.add_argument("--case", help="only cases whose name contains this")
+    ap.add_argument("-o", "--output", type=Path, help="write the table here instead of stdout")
+    args = ap.parse_args(argv)
+    table = summarize(json.loads(args.results.read_text()), args.baseline, args.case)
+    if args.output:
+        args.output.write_text(table)
+    else:
+        sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
