@@ -103,3 +103,203 @@ def load_task(task: str, split: str):
 
     ds = ds.map(to_example, remove_columns=ds.column_names)
     return ds.cast_column("label", datasets.Value("int64"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Any text source: task names, local TSV/CSV/JSON/JSONL files or folders of them, plain-text corpora.
+# ---------------------------------------------------------------------------------------------------------------
+
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")  # tried in this order
+LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+_TABLE_SUFFIXES = (".tsv", ".csv", ".json", ".jsonl")
+_TEXT_SUFFIXES = (".txt", ".text")
+LAYOUT_HELP = (
+    "Provide a task name (" + ", ".join(sorted(TASKS)) + ") with FASTKD_DATA_DIR set, a .tsv/.csv file (a header "
+    "line naming a text column 'text' or 'sentence' and optionally a 'label' column; a two-column file without a "
+    "header is read as text, label), a .json/.jsonl file of records with those keys, a plain-text file (one text per "
+    "line, no labels), or a folder holding <split>.tsv/.csv/.json/.jsonl/.txt"
+)
+
+
+def label_names(ds) -> list[str] | None:
+    """The label names of a dataset from :func:`load_texts` (id order), or None when it has no named labels."""
+    import datasets
+
+    feature = ds.features.get("label") if hasattr(ds, "features") else None
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def _resolve_source(source: str, split: str) -> tuple[Path, list[str]]:
+    """The file for ``source`` (a file, or a folder holding ``<split>.<ext>``) and every path tried."""
+    p = Path(source).expanduser()
+    if p.is_file():
+        return p, [str(p)]
+    if p.is_dir():
+        tried = [str(p / f"{split}{ext}") for ext in _TABLE_SUFFIXES + _TEXT_SUFFIXES]
+        for candidate in tried:
+            if Path(candidate).is_file():
+                return Path(candidate), tried
+        raise DataNotFoundError(f"data: no {split} split in folder {p}. Tried: {', '.join(tried)}. {LAYOUT_HELP}.")
+    tried = [str(p)]
+    root = data_dir()
+    if root is not None and not p.is_absolute():  # a relative path may be meant inside the data directory
+        q = root / p
+        tried.append(str(q))
+        if q.is_file():
+            return q, tried
+        if q.is_dir():
+            return _resolve_source(str(q), split)
+    raise DataNotFoundError(
+        f"data: {source!r} is neither a task ({', '.join(sorted(TASKS))}) nor an existing file or folder. "
+        f"Tried: {', '.join(tried)}. {LAYOUT_HELP}."
+    )
+
+
+def _sniff_header(path: Path, delimiter: str) -> tuple[bool, int]:
+    """(has a header line, number of columns) from the first line of a delimited file."""
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as f:
+        first = f.readline()
+    if not first.strip():
+        raise ValueError(f"source: {path} is empty or starts with an empty line; expected a header or a record")
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    fields = next(csv.reader([first], delimiter=delimiter, quoting=quoting))
+    known = {c.lower() for c in TEXT_COLUMNS + LABEL_COLUMNS}
+    return any(f.strip().lower() in known for f in fields), len(fields)
+
+
+def _load_table(path: Path):
+    """Read a TSV/CSV/JSON/JSONL file with ``datasets``; every column kept as written."""
+    import csv
+
+    import datasets
+
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    delimiter = "\t" if suffix == ".tsv" else ","
+    header, n_columns = _sniff_header(path, delimiter)
+    if header:
+        names = None
+    elif n_columns == 1:
+        names = ["text"]
+    elif n_columns == 2:
+        names = ["text", "label"]  # the common headerless layout (AG News): text, then label
+    else:
+        names = [f"column{i}" for i in range(n_columns)]
+    kwargs = dict(quoting=csv.QUOTE_NONE) if delimiter == "\t" else {}
+    # Read everything as strings: pandas' type guessing would turn "1"/"2" labels into ints in one file and keep
+    # them strings in another; we convert labels ourselves.
+    return datasets.load_dataset("csv", data_files=str(path), delimiter=delimiter, column_names=names, split="train",
+                                 keep_default_na=False, dtype=str, **kwargs)
+
+
+def _pick_text_column(ds) -> str:
+    import datasets
+
+    lower = {c.lower(): c for c in ds.column_names}
+    for name in TEXT_COLUMNS:
+        if name in lower:
+            return lower[name]
+    for c, feature in ds.features.items():
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string") and \
+                c.lower() not in LABEL_COLUMNS:
+            return c
+    raise ValueError(f"source: no text column found among {ds.column_names}; expected one named "
+                     f"{' or '.join(TEXT_COLUMNS[:2])}, or any string column")
+
+
+def _pick_label_column(ds, text_column: str) -> str | None:
+    lower = {c.lower(): c for c in ds.column_names if c != text_column}
+    for name in LABEL_COLUMNS:
+        if name in lower:
+            return lower[name]
+    return None
+
+
+def _label_mapping(values: list, order: str, names: list[str] | None) -> tuple[dict[str, int] | None, list[str] | None]:
+    """(name -> id mapping or None when the labels are already ints, the label names or None)."""
+    if names is not None:
+        return {str(n): i for i, n in enumerate(names)}, [str(n) for n in names]
+    as_text = [str(v).strip() for v in values]
+    if all(_is_int(v) for v in as_text):
+        return None, None
+    if order == "sorted":
+        ordered = sorted(set(as_text))
+    else:
+        ordered = list(dict.fromkeys(as_text))
+    return {n: i for i, n in enumerate(ordered)}, ordered
+
+
+def _is_int(s: str) -> bool:
+    return s.lstrip("-").isdigit()
+
+
+def load_texts(source: str, split: str = "train", *, label_order: str = "sorted",
+               label_names: list[str] | tuple[str, ...] | None = None):
+    """A ``datasets.Dataset`` with a ``text`` column and, when the source has labels, an int ``label`` column.
+
+    ``source`` is a task name in :data:`TASKS` (read by :func:`load_task`), a .tsv/.csv/.json/.jsonl file, a
+    plain-text file (one text per line, empty lines skipped, no labels), or a folder holding ``<split>.<ext>``.
+    The text column is "text", else "sentence" (any case), else the first string column. Integer labels are kept;
+    label names are mapped to ids in ``label_order`` ("sorted", the default, so that every split of a data set gets
+    the same ids, or "first_seen"), or by the given ``label_names``; the names are then exposed as a
+    ``datasets.ClassLabel`` (:func:`label_names` reads them back). Missing data raises :class:`DataNotFoundError`
+    naming every path tried and the layout to provide.
+    """
+    import datasets
+
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"source: expected a task name or a path, got {type(source).__name__}")
+    if label_order not in ("sorted", "first_seen"):
+        raise ValueError(f"label_order: expected 'sorted' or 'first_seen', got {label_order!r}")
+    source = str(source)
+    if source in TASKS:
+        ds = load_task(source, split)
+        names = list(label_names) if label_names is not None else list(TASKS[source].labels)
+        return ds.cast_column("label", datasets.ClassLabel(names=names))
+    path, _ = _resolve_source(source, split)
+    if path.suffix.lower() not in _TABLE_SUFFIXES:  # a plain-text corpus
+        ds = datasets.load_dataset("text", data_files=str(path), split="train")
+        return ds.filter(lambda ex: bool(ex["text"].strip()))
+    ds = _load_table(path)
+    if len(ds) == 0:
+        raise ValueError(f"source: {path} holds no records")
+    text_column = _pick_text_column(ds)
+    label_column = _pick_label_column(ds, text_column)
+    if label_column is None:
+        ds = ds.select_columns([text_column])
+        return ds.rename_column(text_column, "text") if text_column != "text" else ds
+    mapping, names = _label_mapping(ds[label_column], label_order, list(label_names) if label_names else None)
+
+    def to_example(ex):
+        raw = str(ex[label_column]).strip()
+        if mapping is None:
+            return {"text": str(ex[text_column]), "label": int(raw)}
+        if raw not in mapping:
+            raise ValueError(f"label_names: label {raw!r} in {path} is not one of {names}")
+        return {"text": str(ex[text_column]), "label": mapping[raw]}
+
+    ds = ds.map(to_example, remove_columns=ds.column_names)
+    feature = datasets.ClassLabel(names=names) if names is not None else datasets.Value("int64")
+    return ds.cast_column("label", feature)
+
+
+def tokenize(ds, tokenizer, max_length: int, *, batch_size: int = 1000, num_proc: int | None = None):
+    """Add ``input_ids`` (list[int], special tokens included, truncated to ``max_length``, no padding), ``length``
+    (int) and ``index`` (the row number: the example's key for the sampler and the teacher cache); every existing
+    column (``text``, ``label``) is kept."""
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        raise ValueError(f"max_length: expected an int >= 2 (room for [CLS] and [SEP]), got {max_length!r}")
+    if "text" not in ds.column_names:
+        raise ValueError(f"ds: expected a 'text' column, got columns {ds.column_names}")
+
+    def encode(batch, indices):
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length, padding=False,
+                        return_attention_mask=False, return_token_type_ids=False)
+        ids = enc["input_ids"]
+        return {"input_ids": ids, "length": [len(x) for x in ids], "index": list(indices)}
+
+    return ds.map(encode, batched=True, batch_size=batch_size, with_indices=True,
+                  num_proc=num_proc, desc=None)
