@@ -1,0 +1,720 @@
+"""ETD (Extract Then Distill): initialise a smaller student by extracting a teacher's own weights.
+
+``extract_student(teacher, num_layers=..., hidden_size=..., num_heads=..., intermediate_size=...)`` returns a
+model of the teacher's own ``transformers`` class (BERT, RoBERTa, ELECTRA, the packaged MiniLM; with or without
+a task head) whose weights are slices of the teacher's, on every axis:
+
+* depth: teacher layers ``[⌊i·n/m⌋ for i in range(m)]`` (the paper's uniform rule ``[0, n/m, 2n/m, …]``), for
+  both strategies;
+* attention heads: whole heads (Q/K/V output rows, attention-output dense input columns), per layer;
+* FFN neurons: intermediate dense rows and output dense input columns, per layer;
+* hidden dimensions: one set for the whole residual stream, applied to the embeddings (word, position,
+  token type, LayerNorm), every projection, every LayerNorm, the pooler and the task head.
+
+Head dimension. BERT-family configs tie the head dimension to ``hidden_size / num_attention_heads``, so it can
+change even when only the head count does. The rule used here (``d_t`` teacher, ``d_s`` student head dim):
+
+* ``d_s < d_t``: keep ``d_s`` of each kept head's dims: for Q and K the same dims (a score is a sum of
+  q_i·k_i products, so the pair goes together), for V its own set; by importance (``impt``) or at random
+  (``rand``). The student's own 1/√d_s scale keeps the scores' spread, as in any BERT.
+* ``d_s > d_t``: keep every teacher dim and pad each head with ``d_s − d_t`` new dims chosen so the function is
+  unchanged yet trainable: Q rows zero, K rows random, so the extra q·k terms are exactly 0 while Q still gets a
+  gradient; Q is scaled by √(d_s/d_t) to cancel the student's smaller 1/√d_s; V rows random with zero
+  attention-output columns. Removing heads at a fixed hidden size therefore gives exactly the teacher's output
+  under the equivalent head mask (:func:`head_gates`), up to float rounding.
+
+Removing hidden dimensions changes every LayerNorm's statistics, so the student's outputs differ from the
+teacher's even on kept dimensions; that is inherent to ETD, and what the distillation afterwards repairs.
+
+Importance (``strategy="impt"``), accumulated over at most ``num_batches`` batches of ``data``, no retraining,
+following DynaBERT's public code:
+
+* head: Σ_batches |∂L/∂g_h| with a gate g_h = 1 multiplying the head's context (transformers 5 has no
+  ``head_mask``, so :func:`head_gates` installs the gate as a pre-hook on the attention-output dense layer);
+* FFN neuron: Σ_batches (|Σ w·∂L/∂w + b·∂L/∂b| over its intermediate row and bias + |Σ w·∂L/∂w| over its
+  output column);
+* hidden dimension: the same first-order (Taylor) score summed over every tensor slice that carries the
+  dimension (embedding columns, projection input columns, projection output rows with their bias, LayerNorm
+  weight with bias), one |·| per tensor slice as DynaBERT does per tensor;
+* per-head dims (only when the head dim shrinks): the same score over Q and K rows (together) and V rows with
+  their attention-output column.
+
+Objectives: ``"task"`` is the task loss (cross-entropy, or MSE for a single-output regression head); it needs
+a model with a task head and ``labels`` in the batches. ``"sensitivity"`` needs no labels: L = ⟨f(x), r⟩/√N
+with f the model's output (logits, else the last hidden state over valid tokens) and r ~ N(0, I) drawn afresh
+per batch. Why this proxy: self-distillation against the model's own output has zero gradient at the teacher
+itself, while E|∂⟨f, r⟩/∂θ·w| ∝ ‖∂f/∂θ·w‖, the first-order change of the whole output when the unit is
+removed, which is what the later hidden-state / attention distillation has to repair. ``"auto"`` (default)
+picks ``"task"`` when the output has logits and the first batch has labels, else ``"sensitivity"``.
+
+CLI: ``python -m fastkd.etd --teacher default --layers 3 --hidden 384 --heads 12 --ffn 1536 --strategy impt
+--task sst2 --out DIR`` writes the student (``save_pretrained``), the teacher's tokenizer and ``etd_plan.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "ExtractionPlan",
+    "Importance",
+    "extract_student",
+    "student_config",
+    "uniform_layers",
+    "head_gates",
+    "ffn_gates",
+    "compute_importance",
+    "plan_extraction",
+    "apply_plan",
+    "text_batches",
+    "main",
+]
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+STRATEGIES = ("impt", "rand")
+OBJECTIVES = ("auto", "task", "sensitivity")
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+# ---------------------------------------------------------------- model structure
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(_base(model), "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"teacher: expected a BERT-family encoder with .encoder.layer (BERT, RoBERTa, ELECTRA, MiniLM), "
+            f"got {type(model).__name__}"
+        )
+    return layers
+
+
+@dataclass
+class _LayerParts:
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    attn_out: nn.Linear
+    attn_norm: nn.LayerNorm
+    ffn_in: nn.Linear
+    ffn_out: nn.Linear
+    out_norm: nn.LayerNorm
+
+
+# Parameter names inside one encoder layer -> _LayerParts attribute.
+_LAYER_PARAMS = {
+    "attention.self.query": "query",
+    "attention.self.key": "key",
+    "attention.self.value": "value",
+    "attention.output.dense": "attn_out",
+    "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "ffn_in",
+    "output.dense": "ffn_out",
+    "output.LayerNorm": "out_norm",
+}
+
+
+def _layer_parts(layer: nn.Module) -> _LayerParts:
+    try:
+        sa = layer.attention.self
+        parts = _LayerParts(sa.query, sa.key, sa.value, layer.attention.output.dense,
+                            layer.attention.output.LayerNorm, layer.intermediate.dense, layer.output.dense,
+                            layer.output.LayerNorm)
+    except AttributeError as e:
+        raise ValueError(f"teacher: unsupported encoder layer {type(layer).__name__} ({e}); expected BERT's "
+                         f"attention.self.{{query,key,value}}, attention.output, intermediate, output") from e
+    for name, mod in _fields(parts).items():
+        want = nn.LayerNorm if name.endswith("norm") else nn.Linear
+        if not isinstance(mod, want):
+            raise ValueError(f"teacher: layer part {name} is {type(mod).__name__}, expected {want.__name__}")
+    return parts
+
+
+def _fields(obj) -> dict:
+    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
+
+
+def _check_teacher(teacher) -> object:
+    cfg = getattr(teacher, "config", None)
+    if not isinstance(teacher, nn.Module) or cfg is None:
+        raise ValueError(f"teacher: expected a transformers BERT-family model, got {type(teacher).__name__}")
+    if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"teacher: expected a model_type in {SUPPORTED_MODEL_TYPES}, got "
+                         f"{getattr(cfg, 'model_type', None)!r}")
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        raise ValueError("teacher: expected an encoder; decoders and cross-attention are not supported")
+    if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+        raise ValueError(f"teacher: expected absolute position embeddings, got {cfg.position_embedding_type!r}")
+    layers = _layers(teacher)
+    if len(layers) != cfg.num_hidden_layers:
+        raise ValueError(f"teacher: has {len(layers)} layers but config says {cfg.num_hidden_layers}")
+    for layer in layers:
+        _layer_parts(layer)
+    return cfg
+
+
+def _positive_int(name: str, value, upper: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int (at least 1), got {value}")
+    if value > upper:
+        raise ValueError(f"{name}: expected at most the teacher's {what} ({upper}), got {value}")
+    return value
+
+
+def student_config(teacher, *, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int):
+    """The student's config: a copy of the teacher's (same class and family, same vocab, positions, activation,
+    attention implementation) with the four sizes replaced; validated."""
+    cfg_t = _check_teacher(teacher) if isinstance(teacher, nn.Module) else teacher
+    _positive_int("num_layers", num_layers, cfg_t.num_hidden_layers, "num_hidden_layers")
+    _positive_int("hidden_size", hidden_size, cfg_t.hidden_size, "hidden_size")
+    _positive_int("num_heads", num_heads, cfg_t.num_attention_heads, "num_attention_heads")
+    _positive_int("intermediate_size", intermediate_size, cfg_t.intermediate_size, "intermediate_size")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size: expected a multiple of num_heads={num_heads}, got {hidden_size}")
+    emb_t = getattr(cfg_t, "embedding_size", None)
+    if emb_t is not None and emb_t != cfg_t.hidden_size and hidden_size == emb_t:
+        raise ValueError(
+            f"hidden_size: this teacher projects embeddings ({emb_t}) to its hidden size ({cfg_t.hidden_size}); "
+            f"a student hidden_size equal to embedding_size={emb_t} would drop that projection, choose another")
+    cfg = copy.deepcopy(cfg_t)
+    cfg.num_hidden_layers = num_layers
+    cfg.hidden_size = hidden_size
+    cfg.num_attention_heads = num_heads
+    cfg.intermediate_size = intermediate_size
+    if emb_t is not None and emb_t == cfg_t.hidden_size:
+        cfg.embedding_size = hidden_size  # tied to the hidden size (no projection), so it shrinks with it
+    return cfg
+
+
+def uniform_layers(num_teacher_layers: int, num_layers: int) -> list[int]:
+    """ETD's depth rule: teacher layers [0, n/m, 2n/m, …] (floored), 0-based."""
+    return [i * num_teacher_layers // num_layers for i in range(num_layers)]
+
+
+# ---------------------------------------------------------------- gates (head mask / FFN mask)
+
+
+def _gate_tensor(name: str, gates: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (rows, cols):
+        shape = tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__
+        raise ValueError(f"{name}: expected a tensor of shape [num_layers, {cols}] = [{rows}, {cols}], got {shape}")
+    return gates
+
+
+@contextlib.contextmanager
+def head_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
+    """Multiply each head's attention context by ``gates[layer, head]`` inside the ``with`` block: transformers
+    5 dropped ``head_mask``, so this is its replacement (0/1 gates = a head mask; gates requiring grad give
+    DynaBERT's head importance). A forward pre-hook on each attention-output dense layer scales its input."""
+    cfg, layers = _check_teacher(model), _layers(model)
+    heads = cfg.num_attention_heads
+    gates = _gate_tensor("gates", gates, len(layers), heads)
+    handles = []
+
+    def make(i):
+        def pre_hook(_mod, args):
+            ctx = args[0]
+            g = gates[i].to(ctx.dtype)
+            gated = (ctx.unflatten(-1, (heads, -1)) * g[:, None]).flatten(-2)
+            return (gated, *args[1:])
+
+        return pre_hook
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(_layer_parts(layer).attn_out.register_forward_pre_hook(make(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def ffn_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
+    """Multiply each FFN neuron's activation by ``gates[layer, neuron]`` (0 = the neuron removed)."""
+    cfg, layers = _check_teacher(model), _layers(model)
+    gates = _gate_tensor("gates", gates, len(layers), cfg.intermediate_size)
+    handles = []
+
+    def make(i):
+        def pre_hook(_mod, args):
+            return (args[0] * gates[i].to(args[0].dtype), *args[1:])
+
+        return pre_hook
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(_layer_parts(layer).ffn_out.register_forward_pre_hook(make(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------- importance
+
+
+@dataclass
+class Importance:
+    """Per-unit scores of a teacher (higher = keep). Shapes: head [n, H], ffn [n, F], hidden [D],
+    qk_dim / v_dim [n, H, d] (per-head dims)."""
+
+    head: torch.Tensor
+    ffn: torch.Tensor
+    hidden: torch.Tensor
+    qk_dim: torch.Tensor
+    v_dim: torch.Tensor
+    objective: str = ""
+    num_batches: int = 0
+
+
+def _model_inputs(batch: Mapping, device) -> dict:
+    return {k: batch[k].to(device) for k in _MODEL_INPUTS if k in batch and batch[k] is not None}
+
+
+def _labels(batch: Mapping):
+    for k in ("labels", "label"):
+        if k in batch and batch[k] is not None:
+            return batch[k]
+    return None
+
+
+def _objective_loss(objective: str, out, batch: Mapping, inputs: dict, gen: torch.Generator) -> torch.Tensor:
+    logits = getattr(out, "logits", None)
+    if objective == "task":
+        labels = _labels(batch)
+        if logits is None or labels is None:
+            raise ValueError("objective: 'task' needs a model with a task head (logits) and 'labels' in every batch")
+        labels = labels.to(logits.device)
+        if logits.shape[-1] == 1 and labels.is_floating_point():
+            return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return nn.functional.cross_entropy(logits.float().flatten(0, -2), labels.flatten().long())
+    # "sensitivity": a random projection of the output; see the module docstring.
+    f = logits if logits is not None else out.last_hidden_state
+    r = torch.randn(f.shape, generator=gen, dtype=torch.float32).to(f.device)
+    prod = f.float() * r
+    if logits is None and "attention_mask" in inputs:
+        valid = inputs["attention_mask"].to(prod.dtype)[..., None]
+        return (prod * valid).sum() / valid.sum().clamp_min(1).sqrt()
+    return prod.sum() / math.sqrt(max(1, f.shape[:-1].numel()))
+
+
+def _row_score(wg: torch.Tensor, bg: torch.Tensor | None) -> torch.Tensor:
+    """|Σ_cols w·g + b·g| per output row of a Linear (w·g and b·g given)."""
+    s = wg.sum(dim=1)
+    return (s + bg if bg is not None else s).abs()
+
+
+def _hidden_axes(model: nn.Module, hidden: int) -> list[tuple[nn.Parameter, int, nn.Parameter | None]]:
+    """(parameter, axis carrying the hidden dim, bias paired with that axis) for every parameter outside the
+    encoder layers whose module has the hidden size on that axis: embeddings, their LayerNorm, ELECTRA's
+    embedding projection, the pooler and task heads."""
+    layer_params = {id(p) for layer in _layers(model) for p in layer.parameters()}
+    seen, axes = set(), []
+    for mod in model.modules():
+        own = [p for p in mod.parameters(recurse=False) if id(p) not in layer_params]
+        if not own:
+            continue
+        items = []
+        if isinstance(mod, nn.Embedding) and mod.embedding_dim == hidden:
+            items.append((mod.weight, 1, None))
+        elif isinstance(mod, nn.LayerNorm) and tuple(mod.normalized_shape) == (hidden,):
+            items.append((mod.weight, 0, mod.bias))
+        elif isinstance(mod, nn.Linear):
+            if mod.in_features == hidden:
+                items.append((mod.weight, 1, None))
+            if mod.out_features == hidden:
+                items.append((mod.weight, 0, mod.bias))
+        for p, axis, b in items:
+            if p is not None and (id(p), axis) not in seen:
+                seen.add((id(p), axis))
+                axes.append((p, axis, b))
+    return axes
+
+
+def _batch_scores(layers: list[_LayerParts], outer: list, gate_grad: torch.Tensor, g_of: dict, n: int, F: int,
+                  D: int, device) -> dict[str, torch.Tensor]:
+    """One batch's importance scores from the gate gradient and the parameter gradients (by parameter id)."""
+
+    def wg(p):  # w·∂L/∂w in fp32 (zeros when the parameter took no part)
+        g = g_of.get(id(p))
+        return torch.zeros_like(p, dtype=torch.float32) if g is None else p.detach().float() * g.float()
+
+    score = dict(head=gate_grad.detach().abs().float(), ffn=torch.zeros(n, F, device=device),
+                 hidden=torch.zeros(D, device=device), qk_dim=torch.zeros(n, D, device=device),
+                 v_dim=torch.zeros(n, D, device=device))
+    for i, lp in enumerate(layers):
+        q_w, q_b, k_w, k_b = wg(lp.query.weight), wg(lp.query.bias), wg(lp.key.weight), wg(lp.key.bias)
+        v_w, v_b = wg(lp.value.weight), wg(lp.value.bias)
+        ao_w, ao_b = wg(lp.attn_out.weight), wg(lp.attn_out.bias)
+        fi_w, fi_b = wg(lp.ffn_in.weight), wg(lp.ffn_in.bias)
+        fo_w, fo_b = wg(lp.ffn_out.weight), wg(lp.ffn_out.bias)
+        score["qk_dim"][i] = _row_score(q_w, q_b) + _row_score(k_w, k_b)
+        score["v_dim"][i] = _row_score(v_w, v_b) + ao_w.sum(dim=0).abs()
+        score["ffn"][i] = _row_score(fi_w, fi_b) + fo_w.sum(dim=0).abs()
+        h = score["hidden"]
+        for w in (q_w, k_w, v_w, fi_w):  # input columns
+            h += w.sum(dim=0).abs()
+        h += _row_score(ao_w, ao_b) + _row_score(fo_w, fo_b)  # output rows with their bias
+        for norm in (lp.attn_norm, lp.out_norm):
+            h += (wg(norm.weight) + wg(norm.bias)).abs()
+    for p, axis, b in outer:
+        w = wg(p)
+        s = w.sum(dim=1 - axis) if w.dim() == 2 else w
+        if b is not None:
+            s = s + wg(b)
+        score["hidden"] += s.abs()
+    return score
+
+
+def compute_importance(teacher: nn.Module, data: Iterable[Mapping], *, num_batches: int = 64,
+                       objective: str = "auto", seed: int = 0) -> Importance:
+    """DynaBERT-style importance of every head, FFN neuron, per-head dim and hidden dim over at most
+    ``num_batches`` batches of ``data`` (dicts with input_ids, attention_mask, optional token_type_ids and
+    labels). One pass, no parameter update; the teacher's mode and requires_grad flags are restored."""
+    cfg = _check_teacher(teacher)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches: expected a positive int, got {num_batches!r}")
+    if data is None:
+        raise ValueError("data: strategy 'impt' needs an iterable of batches (dicts of input_ids, attention_mask)")
+    layers = [_layer_parts(layer) for layer in _layers(teacher)]
+    n, H, D, F = len(layers), cfg.num_attention_heads, cfg.hidden_size, cfg.intermediate_size
+    d = D // H
+    device = next(teacher.parameters()).device
+    acc = dict(head=torch.zeros(n, H), ffn=torch.zeros(n, F), hidden=torch.zeros(D), qk_dim=torch.zeros(n, D),
+               v_dim=torch.zeros(n, D))
+    outer = _hidden_axes(teacher, D)
+    params = list(teacher.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = teacher.training
+    gen = torch.Generator().manual_seed(seed)
+    used, chosen = 0, objective
+    try:
+        teacher.eval()
+        for p in params:
+            p.requires_grad_(True)
+        for batch in data:
+            if used >= num_batches:
+                break
+            if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                raise ValueError(f"data: expected batches that are dicts with 'input_ids', got {type(batch).__name__}")
+            inputs = _model_inputs(batch, device)
+            gates = torch.ones(n, H, device=device, requires_grad=True)
+            with head_gates(teacher, gates):
+                out = teacher(**inputs)
+            if chosen == "auto":
+                chosen = "task" if getattr(out, "logits", None) is not None and _labels(batch) is not None \
+                    else "sensitivity"
+            loss = _objective_loss(chosen, out, batch, inputs, gen)
+            grads = torch.autograd.grad(loss, [gates, *params], allow_unused=True)
+            score = _batch_scores(layers, outer, grads[0], dict(zip(map(id, params), grads[1:], strict=True)),
+                                  n, F, D, device)
+            for k, v in score.items():
+                if not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"data: batch {used} gave non-finite {k} importance (loss {float(loss)}); "
+                                     f"check the inputs and the teacher's dtype")
+                acc[k] += v.cpu()
+            used += 1
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+        teacher.train(was_training)
+    if used == 0:
+        raise ValueError("data: expected at least one batch, got an empty iterable")
+    return Importance(head=acc["head"], ffn=acc["ffn"], hidden=acc["hidden"], qk_dim=acc["qk_dim"].view(n, H, d),
+                      v_dim=acc["v_dim"].view(n, H, d), objective=chosen, num_batches=used)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class ExtractionPlan:
+    """Which teacher units the student keeps, all as sorted teacher indices.
+
+    layers [m]; hidden [D_s]; per student layer: heads [H_s], qk_dims / v_dims [H_s, min(d_s, d_t)] (dims
+    within each kept head), ffn [F_s]."""
+
+    layers: list[int]
+    hidden: torch.Tensor
+    heads: list[torch.Tensor] = field(default_factory=list)
+    qk_dims: list[torch.Tensor] = field(default_factory=list)
+    v_dims: list[torch.Tensor] = field(default_factory=list)
+    ffn: list[torch.Tensor] = field(default_factory=list)
+    strategy: str = ""
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return {"strategy": self.strategy, "seed": self.seed, "layers": self.layers,
+                "hidden": self.hidden.tolist(), "heads": [h.tolist() for h in self.heads],
+                "qk_dims": [x.tolist() for x in self.qk_dims], "v_dims": [x.tolist() for x in self.v_dims],
+                "ffn": [f.tolist() for f in self.ffn]}
+
+
+def _top(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, sorted ascending; ties go to the lower index (stable)."""
+    order = torch.argsort(-score.double(), stable=True)
+    return order[:k].sort().values
+
+
+def _rand(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+def plan_extraction(teacher: nn.Module, cfg_s, *, strategy: str, importance: Importance | None = None,
+                    seed: int = 0) -> ExtractionPlan:
+    """Choose the kept units: top-k by ``importance`` (``impt``) or seeded random (``rand``) on each axis."""
+    cfg_t = _check_teacher(teacher)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "impt" and importance is None:
+        raise ValueError("importance: strategy 'impt' needs an Importance (see compute_importance)")
+    H_t, D_t, F_t = cfg_t.num_attention_heads, cfg_t.hidden_size, cfg_t.intermediate_size
+    d_t = D_t // H_t
+    m, D_s, H_s, F_s = cfg_s.num_hidden_layers, cfg_s.hidden_size, cfg_s.num_attention_heads, cfg_s.intermediate_size
+    d_keep = min(D_s // H_s, d_t)
+    layers = uniform_layers(cfg_t.num_hidden_layers, m)
+    gen = torch.Generator().manual_seed(seed)
+    if strategy == "rand":
+        hidden = _rand(D_t, D_s, gen)
+        plan = ExtractionPlan(layers, hidden, strategy=strategy, seed=seed)
+        for _ in layers:
+            heads = _rand(H_t, H_s, gen)
+            plan.heads.append(heads)
+            plan.qk_dims.append(torch.stack([_rand(d_t, d_keep, gen) for _ in heads]))
+            plan.v_dims.append(torch.stack([_rand(d_t, d_keep, gen) for _ in heads]))
+            plan.ffn.append(_rand(F_t, F_s, gen))
+        return plan
+    plan = ExtractionPlan(layers, _top(importance.hidden, D_s), strategy=strategy, seed=seed)
+    for li in layers:
+        heads = _top(importance.head[li], H_s)
+        plan.heads.append(heads)
+        plan.qk_dims.append(torch.stack([_top(importance.qk_dim[li, h], d_keep) for h in heads.tolist()]))
+        plan.v_dims.append(torch.stack([_top(importance.v_dim[li, h], d_keep) for h in heads.tolist()]))
+        plan.ffn.append(_top(importance.ffn[li], F_s))
+    return plan
+
+
+# ---------------------------------------------------------------- building the student
+
+
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """index_select along ``dim`` where idx −1 means a new (zero) slice."""
+    out = t.index_select(dim, idx.clamp_min(0).to(t.device))
+    pad = idx < 0
+    if bool(pad.any()):
+        shape = [1] * out.dim()
+        shape[dim] = -1
+        out = out.masked_fill(pad.view(shape).to(t.device), 0)
+    return out
+
+
+def _head_rows(heads: torch.Tensor, dims: torch.Tensor, d_t: int, d_s: int) -> torch.Tensor:
+    """Teacher rows (in the concatenated-heads layout) of each student head's dims; −1 = a padded new dim."""
+    rows = heads[:, None] * d_t + dims  # [H_s, min(d_s, d_t)]
+    if d_s > d_t:
+        rows = torch.cat([rows, rows.new_full((rows.shape[0], d_s - d_t), -1)], dim=1)
+    return rows.flatten()
+
+
+def apply_plan(teacher: nn.Module, cfg_s, plan: ExtractionPlan, *, seed: int = 0) -> nn.Module:
+    """Build ``type(teacher)(cfg_s)`` and fill every weight from the teacher by ``plan``."""
+    cfg_t = _check_teacher(teacher)
+    ref = next(teacher.parameters())
+    D_t, H_t = cfg_t.hidden_size, cfg_t.num_attention_heads
+    d_t, d_s = D_t // H_t, cfg_s.hidden_size // cfg_s.num_attention_heads
+    hid = plan.hidden
+    sd_t = teacher.state_dict()
+    student = type(teacher)(cfg_s).to(device=ref.device, dtype=ref.dtype)
+    gen = torch.Generator().manual_seed(seed + 7919)  # the padded dims' random init
+    std = float(getattr(cfg_t, "initializer_range", 0.02))
+    layer_prefix = _layer_prefix(teacher)
+    outer = {}  # teacher param id -> list of (axis) carrying the hidden dim
+    for p, axis, b in _hidden_axes(teacher, D_t):
+        outer.setdefault(id(p), set()).add(axis)
+        if b is not None:
+            outer.setdefault(id(b), set()).add(0)
+    param_of = dict(teacher.named_parameters(remove_duplicate=False))
+    new = {}
+    for key, target in student.state_dict().items():
+        if key.startswith(layer_prefix):
+            i_s, rest = key[len(layer_prefix):].split(".", 1)
+            li = int(i_s)
+            t_key = f"{layer_prefix}{plan.layers[li]}.{rest}"
+            value = _layer_param(rest, sd_t[t_key], plan, li, hid, d_t, d_s, gen, std)
+        else:
+            t = sd_t[key]
+            p = param_of.get(key)
+            value = t
+            for axis in sorted(outer.get(id(p), ())) if p is not None else ():
+                value = value.index_select(axis, hid.to(t.device))
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"teacher: unsupported parameter {key}: extracted shape {tuple(value.shape)}, the "
+                             f"student needs {tuple(target.shape)}")
+        new[key] = value.to(device=target.device, dtype=target.dtype)
+    student.load_state_dict(new, strict=True)
+    student.train(teacher.training)
+    return student
+
+
+def _layer_prefix(model: nn.Module) -> str:
+    layers = _layers(model)
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return name + "."
+    raise ValueError("teacher: could not locate encoder.layer")
+
+
+def _layer_param(rest: str, t: torch.Tensor, plan: ExtractionPlan, li: int, hid: torch.Tensor, d_t: int,
+                 d_s: int, gen: torch.Generator, std: float) -> torch.Tensor:
+    module, _, kind = rest.rpartition(".")
+    part = _LAYER_PARAMS.get(module)
+    if part is None:
+        raise ValueError(f"teacher: unsupported parameter {rest!r} in an encoder layer")
+    heads = plan.heads[li]
+    if part in ("query", "key"):
+        rows = _head_rows(heads, plan.qk_dims[li], d_t, d_s)
+    elif part == "value":
+        rows = _head_rows(heads, plan.v_dims[li], d_t, d_s)
+    if part in ("query", "key", "value"):
+        out = _take(t, 0, rows)
+        if kind == "weight":
+            out = out.index_select(1, hid.to(t.device))
+        pad = (rows < 0).to(t.device)
+        if bool(pad.any()):
+            if part == "query":  # exact zero extra q·k terms; undo the smaller 1/√d_s of the student
+                out = out * math.sqrt(d_s / d_t)
+            elif kind == "weight":  # K, V: random rows so the zero Q rows and zero output columns can learn
+                noise = torch.randn(out.shape, generator=gen, dtype=torch.float32) * std
+                out = torch.where(pad[:, None], noise.to(out), out)
+        return out
+    if part == "attn_out":
+        if kind == "bias":
+            return t.index_select(0, hid.to(t.device))
+        cols = _head_rows(heads, plan.v_dims[li], d_t, d_s)
+        return _take(t.index_select(0, hid.to(t.device)), 1, cols)
+    ffn = plan.ffn[li].to(t.device)
+    if part == "ffn_in":
+        return t.index_select(0, ffn).index_select(1, hid.to(t.device)) if kind == "weight" else t.index_select(0, ffn)
+    if part == "ffn_out":
+        t = t.index_select(0, hid.to(t.device))
+        return t.index_select(1, ffn) if kind == "weight" else t
+    return t.index_select(0, hid.to(t.device))  # LayerNorms
+
+
+def extract_student(teacher: nn.Module, *, num_layers: int, hidden_size: int, num_heads: int,
+                    intermediate_size: int, strategy: str = "impt", data: Iterable[Mapping] | None = None,
+                    seed: int = 0, num_batches: int = 64, objective: str = "auto",
+                    importance: Importance | None = None, return_plan: bool = False):
+    """A student of the teacher's own class and config family, every weight extracted from the teacher.
+
+    ``strategy="impt"`` keeps the most important units (needs ``data`` or a precomputed ``importance``);
+    ``"rand"`` a seeded random subset. See the module docstring for the rules. Returns the student, or
+    ``(student, plan)`` with ``return_plan=True``. The teacher is not modified.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an int, got {seed!r}")
+    cfg_s = student_config(teacher, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
+                           intermediate_size=intermediate_size)
+    if strategy == "impt" and importance is None:
+        if data is None:
+            raise ValueError("data: strategy 'impt' needs an iterable of batches (dicts of input_ids, "
+                             "attention_mask, optional labels), or pass importance=")
+        importance = compute_importance(teacher, data, num_batches=num_batches, objective=objective, seed=seed)
+    plan = plan_extraction(teacher, cfg_s, strategy=strategy, importance=importance, seed=seed)
+    student = apply_plan(teacher, cfg_s, plan, seed=seed)
+    return (student, plan) if return_plan else student
+
+
+# ---------------------------------------------------------------- data helper and CLI
+
+
+def text_batches(tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 64,
+                 labels: list[int] | None = None) -> Iterator[dict]:
+    """Tokenised batches (padded to the longest in each batch) of ``texts`` in order."""
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = dict(enc)
+        if labels is not None:
+            batch["labels"] = torch.as_tensor(labels[start:start + batch_size])
+        yield batch
+
+
+def _load_teacher(path):
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from fastkd.models import resolve_model_path
+
+    path = resolve_model_path(None if str(path) == "default" else path)
+    cfg = AutoConfig.from_pretrained(path)
+    has_head = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
+    cls = AutoModelForSequenceClassification if has_head else AutoModel
+    return cls.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastkd.etd", description="Extract a student from a teacher (ETD).")
+    ap.add_argument("--teacher", default="default", help="model folder, or 'default' for the packaged MiniLM")
+    ap.add_argument("--layers", type=int, required=True)
+    ap.add_argument("--hidden", type=int, required=True)
+    ap.add_argument("--heads", type=int, required=True)
+    ap.add_argument("--ffn", type=int, required=True)
+    ap.add_argument("--strategy", choices=STRATEGIES, default="impt")
+    ap.add_argument("--task", default="sst2", help="data for 'impt' importance (fastkd.data task name)")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--objective", choices=OBJECTIVES, default="auto")
+    ap.add_argument("--num-batches", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    teacher, tokenizer = _load_teacher(args.teacher)
+    data = None
+    if args.strategy == "impt":
+        from fastkd.data import load_task
+
+        ds = load_task(args.task, args.split).shuffle(seed=args.seed)
+        n = min(len(ds), args.num_batches * args.batch_size)
+        ds = ds.select(range(n))
+        data = text_batches(tokenizer, list(ds["text"]), batch_size=args.batch_size, max_length=args.max_length,
+                            labels=list(ds["label"]))
+    student, plan = extract_student(teacher, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
+                                    intermediate_size=args.ffn, strategy=args.strategy, data=data, seed=args.seed,
+                                    num_batches=args.num_batches, objective=args.objective, return_plan=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "etd_plan.json").write_text(json.dumps({"teacher": str(args.teacher), **vars(args),
+                                                   "plan": plan.to_json()}, indent=1))
+    n_params = sum(p.numel() for p in student.parameters())
+    print(f"etd: wrote {type(student).__name__} ({n_params / 1e6:.2f}M parameters, layers {plan.layers}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
