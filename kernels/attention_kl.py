@@ -1,0 +1,449 @@
+"""Fused attention-KL: MiniLM's attention-distribution loss without ever materialising an L×L map.
+
+loss = mean over heads and valid query rows i of KL(softmax(S_t[i]) ‖ softmax(S_s[i])), S = q·kᵀ/√d (each side
+its own d), padded keys excluded from both softmaxes. Semantics are those of :func:`fastkd.reference.attention_kl`.
+
+Forward (flash-attention style): one program per (batch·head, query tile) streams the key tiles once, keeping an
+online max m and normaliser l for the teacher and the student plus
+
+    acc = Σ_j exp(s_t,j − m_t)·((s_t,j − m_t) − (s_s,j − m_s)),
+
+so that KL_row = acc/l_t − log l_t + log l_s comes out of a single pass. Accumulating the *shifted* difference
+(rather than s_t − s_s) keeps the sum small when both score rows are large but nearly equal up to a constant
+(KL ≈ 0), where the naive Σ p_t·(s_t − s_s) − lse_t + lse_s cancels catastrophically in fp32. Only the per-row
+log-normalisers (lse_s, lse_t: 2·B·H·L floats) are kept for the backward.
+
+Backward recomputes score tiles: ∂loss/∂S_s[i, j] = w·(p_s − p_t)[i, j] for valid rows i (w = upstream grad /
+(H·#valid rows)), then dQ_s = dS·K_s/√d_s in one kernel (programs over query tiles) and dK_s = dSᵀ·Q_s/√d_s in
+another (programs over key tiles): no atomics, so the gradients are deterministic. The teacher gets no grad.
+
+All exponentials are base 2 (scores pre-multiplied by log2 e) because exp2 is the native instruction.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fastkd import reference as ref
+
+__all__ = ["AttentionKLConfig", "attention_kl", "default_config"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@dataclass(frozen=True)
+class AttentionKLConfig:
+    """Launch parameters shared by the forward and both backward kernels."""
+
+    block_m: int = 64  # query rows per tile
+    block_n: int = 64  # keys per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+
+
+def default_config(d_s: int, d_t: int) -> AttentionKLConfig:
+    """Small tiles under the interpreter (speed of the CPU tests), 64×64 tiles on a GPU.
+
+    Not autotuned (chosen without GPU access): 64×64 with 4 warps is flash-attention's usual backward tile for
+    head dims ≤ 64; wider heads hold two [64, d] operand tiles per side, so they get 8 warps.
+    """
+    if _interpreting():
+        return AttentionKLConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+    widest = max(_padded_dim(d_s), _padded_dim(d_t))
+    return AttentionKLConfig(num_warps=4 if widest <= 64 else 8)
+
+
+def _padded_dim(d: int) -> int:
+    # tl.arange needs a power of two and tl.dot a K of at least 16.
+    return max(16, triton.next_power_of_2(d))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: plain tf32 would put ~1e-3 relative error on every score (±1 on scores of 1e3), so use the
+    # 3-pass tf32 split that recovers fp32 accuracy on tensor cores. Half inputs are exact in any mode.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(x.stride())  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's CPU interpreter stores bf16 as raw uint16 and its dot multiplies those integers, so under
+    # the interpreter bf16 operands are widened to fp32 first (exact; the GPU's bf16 MMA also accumulates exactly
+    # formed products in fp32, so the tested numerics are the same).
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> nearest bf16 value (ties to even), kept in fp32. The interpreter's own fp32->bf16 cast truncates,
+    which the GPU's doesn't; emulating the GPU rounding keeps the CPU-tested numerics those of the GPU."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_ds(ds, x, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+    """ds (fp32 score grads, in [−1, 1]) times x (an input tile) in x's dtype, accumulated in fp32.
+
+    SPLIT (bf16): one bf16 rounding of ds costs extra relative error in dQ/dK, because Σ_j ds_ij = 0 makes the
+    products cancel; ds = hi + lo with both parts in bf16 carries 16 bits of mantissa for one extra MMA.
+    """
+    if UPCAST:  # interpreter, bf16: round like the GPU, multiply in fp32 (exact for bf16 values)
+        hi = _round_bf16(ds)
+        out = tl.dot(hi, x.to(tl.float32), input_precision="ieee")
+        if SPLIT:
+            out += tl.dot(_round_bf16(ds - hi), x.to(tl.float32), input_precision="ieee")
+    else:
+        hi = ds.to(x.dtype)
+        out = tl.dot(hi, x, input_precision=PREC)
+        if SPLIT:
+            out += tl.dot((ds - hi.to(tl.float32)).to(x.dtype), x, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _attention_kl_fwd(
+    QS, KS, QT, KT, MASK, KL_ROWS, LSE_S, LSE_T,
+    s_qs_b, s_qs_h, s_qs_l, s_qs_d,
+    s_ks_b, s_ks_h, s_ks_l, s_ks_d,
+    s_qt_b, s_qt_h, s_qt_l, s_qt_d,
+    s_kt_b, s_kt_h, s_kt_l, s_kt_d,
+    s_mask_b, s_mask_l,
+    H, L, D_S, D_T,
+    scale_s, scale_t,  # log2(e)/√d per side
+    HAS_MASK: tl.constexpr,
+    DS_P: tl.constexpr, DT_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, SPLIT_DS: tl.constexpr,
+):
+    n_tiles = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    bh = pid // n_tiles
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ds = tl.arange(0, DS_P)
+    offs_dt = tl.arange(0, DT_P)
+    row_in = offs_m < L
+    qs = tl.load(QS + b * s_qs_b + h * s_qs_h + offs_m[:, None] * s_qs_l + offs_ds[None, :] * s_qs_d,
+                 mask=row_in[:, None] & (offs_ds[None, :] < D_S), other=0.0)
+    qt = tl.load(QT + b * s_qt_b + h * s_qt_h + offs_m[:, None] * s_qt_l + offs_dt[None, :] * s_qt_d,
+                 mask=row_in[:, None] & (offs_dt[None, :] < D_T), other=0.0)
+    ks_base = KS + b * s_ks_b + h * s_ks_h
+    kt_base = KT + b * s_kt_b + h * s_kt_h
+
+    # Running maxima start finite (not −inf) so that exp2(m_old − m_new) is 0 or 1, never NaN, while a row has
+    # seen only padded keys (scores −inf); −1e30 is far below any real score.
+    m_s = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    m_t = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_in = offs_n < L
+        key_ok = key_in
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(MASK + b * s_mask_b + offs_n * s_mask_l, mask=key_in, other=0) != 0)
+        # K tiles loaded transposed ([d, BLOCK_N]) straight from memory: no in-register transpose.
+        ks_t = tl.load(ks_base + offs_n[None, :] * s_ks_l + offs_ds[:, None] * s_ks_d,
+                       mask=key_in[None, :] & (offs_ds[:, None] < D_S), other=0.0)
+        kt_t = tl.load(kt_base + offs_n[None, :] * s_kt_l + offs_dt[:, None] * s_kt_d,
+                       mask=key_in[None, :] & (offs_dt[:, None] < D_T), other=0.0)
+        ss = _dot(qs, ks_t, PREC_S, UPCAST_S) * scale_s
+        st = _dot(qt, kt_t, PREC_T, UPCAST_T) * scale_t
+        ss = tl.where(key_ok[None, :], ss, float("-inf"))
+        st = tl.where(key_ok[None, :], st, float("-inf"))
+
+        m_s_new = tl.maximum(m_s, tl.max(ss, 1))
+        m_t_new = tl.maximum(m_t, tl.max(st, 1))
+        alpha_s = tl.exp2(m_s - m_s_new)
+        alpha_t = tl.exp2(m_t - m_t_new)
+        e_s = tl.exp2(ss - m_s_new[:, None])
+        e_t = tl.exp2(st - m_t_new[:, None])
+        shifted = tl.where(key_ok[None, :], (st - m_t_new[:, None]) - (ss - m_s_new[:, None]), 0.0)
+        # Re-base the old terms on the new maxima: each old bracket moves by (Δm_s − Δm_t), each weight by alpha_t.
+        acc = alpha_t * (acc + ((m_s_new - m_s) - (m_t_new - m_t)) * l_t) + tl.sum(e_t * shifted, 1)
+        l_s = l_s * alpha_s + tl.sum(e_s, 1)
+        l_t = l_t * alpha_t + tl.sum(e_t, 1)
+        m_s = m_s_new
+        m_t = m_t_new
+
+    row_ok = row_in
+    if HAS_MASK:
+        row_ok = row_ok & (tl.load(MASK + b * s_mask_b + offs_m * s_mask_l, mask=row_in, other=0) != 0)
+    kl = (acc / l_t - tl.log2(l_t) + tl.log2(l_s)) * 0.6931471805599453  # ln 2: back to nats
+    kl = tl.where(row_ok, kl, 0.0)  # where, not a product: a padded row's stats may be non-finite
+    out = bh.to(tl.int64) * L + offs_m
+    tl.store(KL_ROWS + out, kl, mask=row_in)
+    tl.store(LSE_S + out, m_s + tl.log2(l_s), mask=row_in)
+    tl.store(LSE_T + out, m_t + tl.log2(l_t), mask=row_in)
+
+
+@triton.jit
+def _attention_kl_bwd_dq(
+    QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD_W, DQ,
+    s_qs_b, s_qs_h, s_qs_l, s_qs_d,
+    s_ks_b, s_ks_h, s_ks_l, s_ks_d,
+    s_qt_b, s_qt_h, s_qt_l, s_qt_d,
+    s_kt_b, s_kt_h, s_kt_l, s_kt_d,
+    s_mask_b, s_mask_l,
+    s_dq_b, s_dq_h, s_dq_l, s_dq_d,
+    H, L, D_S, D_T,
+    scale_s, scale_t, grad_scale,  # grad_scale = 1/√d_s
+    HAS_MASK: tl.constexpr,
+    DS_P: tl.constexpr, DT_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, SPLIT_DS: tl.constexpr,
+):
+    n_tiles = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    bh = pid // n_tiles
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ds = tl.arange(0, DS_P)
+    offs_dt = tl.arange(0, DT_P)
+    row_in = offs_m < L
+    row_ok = row_in
+    if HAS_MASK:
+        row_ok = row_ok & (tl.load(MASK + b * s_mask_b + offs_m * s_mask_l, mask=row_in, other=0) != 0)
+    qs = tl.load(QS + b * s_qs_b + h * s_qs_h + offs_m[:, None] * s_qs_l + offs_ds[None, :] * s_qs_d,
+                 mask=row_in[:, None] & (offs_ds[None, :] < D_S), other=0.0)
+    qt = tl.load(QT + b * s_qt_b + h * s_qt_h + offs_m[:, None] * s_qt_l + offs_dt[None, :] * s_qt_d,
+                 mask=row_in[:, None] & (offs_dt[None, :] < D_T), other=0.0)
+    rows = bh.to(tl.int64) * L + offs_m
+    lse_s = tl.load(LSE_S + rows, mask=row_in, other=0.0)
+    lse_t = tl.load(LSE_T + rows, mask=row_in, other=0.0)
+    ks_base = KS + b * s_ks_b + h * s_ks_h
+    kt_base = KT + b * s_kt_b + h * s_kt_h
+
+    acc = tl.zeros([BLOCK_M, DS_P], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_in = offs_n < L
+        key_ok = key_in
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(MASK + b * s_mask_b + offs_n * s_mask_l, mask=key_in, other=0) != 0)
+        ks = tl.load(ks_base + offs_n[:, None] * s_ks_l + offs_ds[None, :] * s_ks_d,
+                     mask=key_in[:, None] & (offs_ds[None, :] < D_S), other=0.0)
+        kt_t = tl.load(kt_base + offs_n[None, :] * s_kt_l + offs_dt[:, None] * s_kt_d,
+                       mask=key_in[None, :] & (offs_dt[:, None] < D_T), other=0.0)
+        ss = _dot(qs, tl.trans(ks), PREC_S, UPCAST_S) * scale_s
+        st = _dot(qt, kt_t, PREC_T, UPCAST_T) * scale_t
+        valid = row_ok[:, None] & key_ok[None, :]
+        ds = tl.where(valid, tl.exp2(ss - lse_s[:, None]) - tl.exp2(st - lse_t[:, None]), 0.0)
+        # p_s − p_t is in [−1, 1]; the tiny row weight is applied after the dot so half precision can't underflow.
+        acc += _dot_ds(ds, ks, PREC_S, UPCAST_S, SPLIT_DS)
+
+    w = tl.load(GRAD_W) * grad_scale
+    dq = acc * w
+    if UPCAST_S:
+        dq = _round_bf16(dq)
+    tl.store(DQ + b * s_dq_b + h * s_dq_h + offs_m[:, None] * s_dq_l + offs_ds[None, :] * s_dq_d,
+             dq.to(DQ.dtype.element_ty), mask=row_in[:, None] & (offs_ds[None, :] < D_S))
+
+
+@triton.jit
+def _attention_kl_bwd_dk(
+    QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD_W, DK,
+    s_qs_b, s_qs_h, s_qs_l, s_qs_d,
+    s_ks_b, s_ks_h, s_ks_l, s_ks_d,
+    s_qt_b, s_qt_h, s_qt_l, s_qt_d,
+    s_kt_b, s_kt_h, s_kt_l, s_kt_d,
+    s_mask_b, s_mask_l,
+    s_dk_b, s_dk_h, s_dk_l, s_dk_d,
+    H, L, D_S, D_T,
+    scale_s, scale_t, grad_scale,
+    HAS_MASK: tl.constexpr,
+    DS_P: tl.constexpr, DT_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, SPLIT_DS: tl.constexpr,
+):
+    # One program per (batch·head, key tile); streams the query tiles and works on transposed score tiles
+    # Sᵀ = K·Qᵀ ([BLOCK_N, BLOCK_M]) so that dK = dSᵀ·Q needs no transpose of the big tile.
+    n_tiles = tl.cdiv(L, BLOCK_N)
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    bh = pid // n_tiles
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_ds = tl.arange(0, DS_P)
+    offs_dt = tl.arange(0, DT_P)
+    key_in = offs_n < L
+    key_ok = key_in
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(MASK + b * s_mask_b + offs_n * s_mask_l, mask=key_in, other=0) != 0)
+    ks = tl.load(KS + b * s_ks_b + h * s_ks_h + offs_n[:, None] * s_ks_l + offs_ds[None, :] * s_ks_d,
+                 mask=key_in[:, None] & (offs_ds[None, :] < D_S), other=0.0)
+    kt = tl.load(KT + b * s_kt_b + h * s_kt_h + offs_n[:, None] * s_kt_l + offs_dt[None, :] * s_kt_d,
+                 mask=key_in[:, None] & (offs_dt[None, :] < D_T), other=0.0)
+    qs_base = QS + b * s_qs_b + h * s_qs_h
+    qt_base = QT + b * s_qt_b + h * s_qt_h
+    rows_base = bh.to(tl.int64) * L
+
+    acc = tl.zeros([BLOCK_N, DS_P], tl.float32)
+    for start_m in range(0, L, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_in = offs_m < L
+        row_ok = row_in
+        if HAS_MASK:
+            row_ok = row_ok & (tl.load(MASK + b * s_mask_b + offs_m * s_mask_l, mask=row_in, other=0) != 0)
+        qs = tl.load(qs_base + offs_m[:, None] * s_qs_l + offs_ds[None, :] * s_qs_d,
+                     mask=row_in[:, None] & (offs_ds[None, :] < D_S), other=0.0)
+        qt_t = tl.load(qt_base + offs_m[None, :] * s_qt_l + offs_dt[:, None] * s_qt_d,
+                       mask=row_in[None, :] & (offs_dt[:, None] < D_T), other=0.0)
+        lse_s = tl.load(LSE_S + rows_base + offs_m, mask=row_in, other=0.0)
+        lse_t = tl.load(LSE_T + rows_base + offs_m, mask=row_in, other=0.0)
+        ss_t = _dot(ks, tl.trans(qs), PREC_S, UPCAST_S) * scale_s
+        st_t = _dot(kt, qt_t, PREC_T, UPCAST_T) * scale_t
+        valid = key_ok[:, None] & row_ok[None, :]
+        ds_t = tl.where(valid, tl.exp2(ss_t - lse_s[None, :]) - tl.exp2(st_t - lse_t[None, :]), 0.0)
+        acc += _dot_ds(ds_t, qs, PREC_S, UPCAST_S, SPLIT_DS)
+
+    w = tl.load(GRAD_W) * grad_scale
+    dk = acc * w
+    if UPCAST_S:
+        dk = _round_bf16(dk)
+    tl.store(DK + b * s_dk_b + h * s_dk_h + offs_n[:, None] * s_dk_l + offs_ds[None, :] * s_dk_d,
+             dk.to(DK.dtype.element_ty), mask=key_in[:, None] & (offs_ds[None, :] < D_S))
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _common_args(q_s, k_s, q_t, k_t, mask_arg):
+    mask_strides = (0, 0) if mask_arg is None else tuple(mask_arg.stride())
+    return (*_strides4(q_s), *_strides4(k_s), *_strides4(q_t), *_strides4(k_t), *mask_strides)
+
+
+class _AttentionKLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_s, k_s, q_t, k_t, mask, config: AttentionKLConfig):
+        B, H, L, d_s = q_s.shape
+        d_t = q_t.shape[-1]
+        dev = q_s.device
+        # The kernels read the mask as bytes; int8 is [B, L], O(B·L), and keeps the caller's bool untouched.
+        mask_i8 = None if mask is None else mask.to(torch.int8)
+        kl_rows = torch.empty(B * H * L, device=dev, dtype=torch.float32)
+        lse_s = torch.empty(B * H * L, device=dev, dtype=torch.float32)
+        lse_t = torch.empty(B * H * L, device=dev, dtype=torch.float32)
+        consts = dict(
+            HAS_MASK=mask is not None, DS_P=_padded_dim(d_s), DT_P=_padded_dim(d_t),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            PREC_S=_dot_precision(q_s.dtype), PREC_T=_dot_precision(q_t.dtype),
+            UPCAST_S=_interpreting() and q_s.dtype == torch.bfloat16,
+            UPCAST_T=_interpreting() and q_t.dtype == torch.bfloat16,
+            SPLIT_DS=q_s.dtype == torch.bfloat16,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        scale_s, scale_t = LOG2E / math.sqrt(d_s), LOG2E / math.sqrt(d_t)
+        grid = (B * H * triton.cdiv(L, config.block_m),)
+        _attention_kl_fwd[grid](
+            q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, kl_rows, lse_s, lse_t,
+            *_common_args(q_s, k_s, q_t, k_t, mask_i8),
+            H, L, d_s, d_t, scale_s, scale_t, **consts,
+        )
+        if mask_i8 is None:
+            denom = torch.full((), float(H * B * L), device=dev, dtype=torch.float32)
+        else:
+            denom = mask_i8.sum(dtype=torch.float32) * H  # stays on the device: no host sync
+        loss = kl_rows.sum() / denom
+
+        ctx.save_for_backward(q_s, k_s, q_t, k_t, mask_i8, lse_s, lse_t, denom)
+        ctx.config = config
+        ctx.consts = consts
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_s, k_s, q_t, k_t, mask_i8, lse_s, lse_t, denom = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_q or need_k):
+            return None, None, None, None, None, None
+        B, H, L, d_s = q_s.shape
+        d_t = q_t.shape[-1]
+        config = ctx.config
+        # The upstream grad is a tensor (not necessarily 1): fold it with 1/(H·#valid rows) on the device.
+        grad_w = (grad_out.to(torch.float32) / denom).reshape(1)
+        scale_s, scale_t = LOG2E / math.sqrt(d_s), LOG2E / math.sqrt(d_t)
+        args = _common_args(q_s, k_s, q_t, k_t, mask_i8)
+        mask_arg = q_s if mask_i8 is None else mask_i8
+        scalars = (H, L, d_s, d_t, scale_s, scale_t, 1.0 / math.sqrt(d_s))
+        dq = dk = None
+        if need_q:
+            dq = torch.empty(q_s.shape, device=q_s.device, dtype=q_s.dtype)
+            _attention_kl_bwd_dq[(B * H * triton.cdiv(L, config.block_m),)](
+                q_s, k_s, q_t, k_t, mask_arg, lse_s, lse_t, grad_w, dq, *args, *_strides4(dq), *scalars,
+                **ctx.consts,
+            )
+        if need_k:
+            dk = torch.empty(k_s.shape, device=k_s.device, dtype=k_s.dtype)
+            _attention_kl_bwd_dk[(B * H * triton.cdiv(L, config.block_n),)](
+                q_s, k_s, q_t, k_t, mask_arg, lse_s, lse_t, grad_w, dk, *args, *_strides4(dk), *scalars,
+                **ctx.consts,
+            )
+        return dq, dk, None, None, None, None
+
+
+# ---------------------------------------------------------------- entry
+
+
+def attention_kl(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    config: AttentionKLConfig | None = None,
+) -> torch.Tensor:
+    """Fused MiniLM attention-KL; inputs as validated by :func:`fastkd.losses.attention_kl`.
+
+    q, k: [B, H, L, d] (any strides: relation_kl's head-split views are read in place), mask: None or bool
+    [B, L]. Returns a float32 scalar; gradients flow to q_s and k_s (in their dtypes), never to the teacher,
+    whose tensors should be detached. float64 inputs take the (float64) PyTorch reference, since the kernels
+    accumulate in float32.
+    """
+    if any(x.dtype == torch.float64 for x in (q_s, k_s, q_t, k_t)):
+        return ref.attention_kl(q_s, k_s, q_t, k_t, mask)
+    # tl.dot needs both operands in one dtype; mixed q/k dtypes on one side are rare, so promote by copying.
+    if k_s.dtype != q_s.dtype:
+        dt = torch.promote_types(q_s.dtype, k_s.dtype)
+        q_s, k_s = q_s.to(dt), k_s.to(dt)
+    if k_t.dtype != q_t.dtype:
+        dt = torch.promote_types(q_t.dtype, k_t.dtype)
+        q_t, k_t = q_t.to(dt), k_t.to(dt)
+    if config is None:
+        config = default_config(q_s.shape[-1], q_t.shape[-1])
+    return _AttentionKLFunction.apply(q_s, k_s, q_t.detach(), k_t.detach(), mask, config)
