@@ -155,8 +155,8 @@ def _resolve_source(source: str, split: str) -> tuple[Path, list[str]]:
     )
 
 
-def _sniff_header(path: Path, delimiter: str) -> tuple[bool, int]:
-    """(has a header line, number of columns) from the first line of a delimited file."""
+def _sniff_header(path: Path, delimiter: str) -> tuple[bool, list[str]]:
+    """(has a header line, the first line's fields) from a delimited file."""
     import csv
 
     with open(path, encoding="utf-8", newline="") as f:
@@ -166,7 +166,7 @@ def _sniff_header(path: Path, delimiter: str) -> tuple[bool, int]:
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     fields = next(csv.reader([first], delimiter=delimiter, quoting=quoting))
     known = {c.lower() for c in TEXT_COLUMNS + LABEL_COLUMNS}
-    return any(f.strip().lower() in known for f in fields), len(fields)
+    return any(f.strip().lower() in known for f in fields), fields
 
 
 def _load_table(path: Path):
@@ -179,7 +179,8 @@ def _load_table(path: Path):
     if suffix in (".json", ".jsonl"):
         return datasets.load_dataset("json", data_files=str(path), split="train")
     delimiter = "\t" if suffix == ".tsv" else ","
-    header, n_columns = _sniff_header(path, delimiter)
+    header, first = _sniff_header(path, delimiter)
+    n_columns = len(first)
     if header:
         names = None
     elif n_columns == 1:
@@ -189,10 +190,12 @@ def _load_table(path: Path):
     else:
         names = [f"column{i}" for i in range(n_columns)]
     kwargs = dict(quoting=csv.QUOTE_NONE) if delimiter == "\t" else {}
-    # Read everything as strings: pandas' type guessing would turn "1"/"2" labels into ints in one file and keep
-    # them strings in another; we convert labels ourselves.
+    # Read every column as a string: pandas' type guessing would make "1"/"2" labels ints in one file and strings in
+    # another, and turn a numeric text column into floats; labels are converted by load_texts.
+    columns = [c.strip() for c in first] if header else names
+    features = datasets.Features({c: datasets.Value("string") for c in columns})
     return datasets.load_dataset("csv", data_files=str(path), delimiter=delimiter, column_names=names, split="train",
-                                 keep_default_na=False, dtype=str, **kwargs)
+                                 keep_default_na=False, features=features, **kwargs)
 
 
 def _pick_text_column(ds) -> str:
@@ -283,7 +286,7 @@ def load_texts(source: str, split: str = "train", *, label_order: str = "sorted"
 
     ds = ds.map(to_example, remove_columns=ds.column_names)
     feature = datasets.ClassLabel(names=names) if names is not None else datasets.Value("int64")
-    return ds.cast_column("label", feature)
+    return ds.cast_column("label", feature).select_columns(["text", "label"])
 
 
 def tokenize(ds, tokenizer, max_length: int, *, batch_size: int = 1000, num_proc: int | None = None):
