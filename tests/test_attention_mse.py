@@ -1,0 +1,182 @@
+"""Fused attention_mse (fastkd.kernels.attention_mse) through fastkd.losses with the Triton backend forced.
+
+Ground truth is an independent float64 loop that keeps only each sequence's valid tokens (no masking trick,
+no Gram identity). Half-precision inputs are compared with float64 math on the same rounded values.
+Tolerances (‖out − ref‖/‖ref‖): the loss 1e-5 for every dtype (fp32 accumulation only); gradients 1e-5 in
+fp32, 2e-3 in fp16 and 1.6e-2 in bf16 (the gradients are returned in the input dtype: one rounding of the
+output, 2^-11 and 2^-8 relative, plus one of the fp32 Gram/tile products).
+"""
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastkd.kernels.attention_mse as kernel  # noqa: E402
+import pytest  # noqa: E402
+
+from fastkd import losses  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LOSS_TOL = 1e-5
+UPSTREAM = 1.7  # grad of the loss ≠ 1, so a dropped grad_output factor fails
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FASTKD_BACKEND", "triton")
+
+
+def make_mask(kind, B, L, gen):
+    if kind == "none":
+        return None
+    lens = torch.randint(1, L + 1, (B,), generator=gen)
+    if kind == "single":
+        lens[0] = 1  # one valid token
+    m = torch.arange(L)[None] < lens[:, None]
+    if kind == "holes":  # arbitrary valid positions, not a prefix
+        m = torch.rand(B, L, generator=gen) < 0.6
+        m[:, -1] = True
+    return m.to(DEVICE)
+
+
+def float64_attention_mse(q_s, k_s, q_t, k_t, mask):
+    B, H, L, _ = q_s.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        i = torch.arange(L, device=q_s.device) if mask is None else mask[b].nonzero().flatten()
+        for h in range(H):
+            ss = q_s[b, h, i].double() @ k_s[b, h, i].double().T / math.sqrt(q_s.shape[-1])
+            st = q_t[b, h, i].double() @ k_t[b, h, i].double().T / math.sqrt(q_t.shape[-1])
+            total = total + ((ss - st) ** 2).sum()
+            count += len(i) ** 2
+    return total / count
+
+
+def rand(shape, dtype, gen, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype)
+
+
+def check_against_float64(q_s, k_s, q_t, k_t, mask, loss_tol, grad_tol):
+    leaves = [x.detach().requires_grad_() for x in (q_s, k_s, q_t, k_t)]
+    out = losses.attention_mse(*leaves, mask)
+    assert out.dim() == 0 and out.dtype == torch.float32
+    out.backward(torch.tensor(UPSTREAM, device=DEVICE))
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    ref = float64_attention_mse(*ref_leaves, mask)
+    (ref * UPSTREAM).backward()
+    assert torch.isfinite(out)
+    assert rel_err(out, ref) < loss_tol, (float(out), float(ref))
+    for name, x, r in zip(("q_s", "k_s", "q_t", "k_t"), leaves, ref_leaves, strict=True):
+        assert x.grad.dtype == x.dtype and x.grad.shape == x.shape, name
+        assert rel_err(x.grad, r.grad) < grad_tol, (name, rel_err(x.grad, r.grad))
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["none", "prefix", "holes", "single"])
+def test_matches_float64(mask_kind, dtype, gen):
+    # L = 37 is not a multiple of any block; head dims 24 and 40 are not powers of two and differ.
+    B, H, L, d_s, d_t = 2, 2, 37, 24, 40
+    q_s, k_s = rand((B, H, L, d_s), dtype, gen), rand((B, H, L, d_s), dtype, gen)
+    q_t, k_t = rand((B, H, L, d_t), dtype, gen), rand((B, H, L, d_t), dtype, gen)
+    check_against_float64(q_s, k_s, q_t, k_t, make_mask(mask_kind, B, L, gen), LOSS_TOL, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs(dtype, gen):
+    # As BERT makes them: [B, L, H, d] transposed to [B, H, L, d]; the teacher also strided in d.
+    B, H, L, d_s, d_t = 2, 3, 21, 16, 32
+    q_s = rand((B, L, H, d_s), dtype, gen).transpose(1, 2)
+    k_s = rand((B, L, H, d_s), dtype, gen).transpose(1, 2)
+    q_t = rand((B, L, H, 2 * d_t), dtype, gen).transpose(1, 2)[..., ::2]
+    k_t = rand((B, H, d_t, L), dtype, gen).transpose(2, 3)
+    assert not any(x.is_contiguous() for x in (q_s, k_s, q_t, k_t))
+    check_against_float64(q_s, k_s, q_t, k_t, make_mask("prefix", B, L, gen), LOSS_TOL, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_logits(dtype, gen):
+    # |S| in the hundreds: the Gram entries reach ~1e5, their products ~1e10, still well inside fp32.
+    B, H, L, d = 2, 2, 40, 32
+    q_s, k_s, q_t, k_t = (rand((B, H, L, d), dtype, gen, scale=6.0) for _ in range(4))
+    out, _ = check_against_float64(q_s, k_s, q_t, k_t, make_mask("holes", B, L, gen), LOSS_TOL, GRAD_TOL[dtype])
+    assert float(out.detach()) > 1e3
+
+
+def near_equal(B, H, L, d, eps, gen):
+    """Teacher Q, K and a student equal to it up to eps·noise: ρ = loss/(‖S_s‖² + ‖S_t‖²) ≈ eps²."""
+    q_t, k_t = torch.randn(B, H, L, d, generator=gen), torch.randn(B, H, L, d, generator=gen)
+    q_s = q_t + eps * torch.randn(B, H, L, d, generator=gen)
+    k_s = k_t + eps * torch.randn(B, H, L, d, generator=gen)
+    return [x.to(DEVICE) for x in (q_s, k_s, q_t, k_t)]
+
+
+def test_near_equal_small_loss_is_accurate(gen):
+    """The cancellation case: student ≈ teacher, loss ~1e-6 of ‖S‖². The fp32 Gram form alone loses about
+    1e-2 relative here; the on-device direct fallback must keep the loss at fp32 accuracy."""
+    B, H, L, d = 2, 2, 70, 32
+    q_s, k_s, q_t, k_t = near_equal(B, H, L, d, 1e-3, gen)
+    mask = make_mask("prefix", B, L, gen)
+    # Gradients are computed in Gram form (first-order cancellation only): measured ~1.3e-4 at this ρ.
+    out, ref = check_against_float64(q_s, k_s, q_t, k_t, mask, LOSS_TOL, 1e-3)
+    assert float(ref.detach()) < 1e-4
+
+
+def test_near_equal_needs_the_fallback(gen, monkeypatch):
+    """Shows the fallback matters: with it disabled the same inputs miss the fp32 tolerance by orders of
+    magnitude, so test_near_equal_small_loss_is_accurate cannot pass by luck."""
+    B, H, L, d = 2, 2, 70, 32
+    q_s, k_s, q_t, k_t = near_equal(B, H, L, d, 1e-3, gen)
+    ref = float64_attention_mse(q_s, k_s, q_t, k_t, None)
+    monkeypatch.setattr(kernel, "CANCELLATION_RATIO", 0.0)
+    gram_only = losses.attention_mse(q_s, k_s, q_t, k_t)
+    assert rel_err(gram_only, ref) > 1e-4
+
+
+def test_fallback_is_per_head(gen):
+    # Head 0 ill-conditioned (student ≈ teacher), head 1 not: both must come out right in one call.
+    B, H, L, d = 2, 2, 45, 16
+    q_s, k_s, q_t, k_t = near_equal(B, H, L, d, 1e-3, gen)
+    q_s[:, 1] = torch.randn(B, L, d, generator=gen).to(DEVICE)
+    check_against_float64(q_s, k_s, q_t, k_t, make_mask("holes", B, L, gen), LOSS_TOL, 1e-3)
+
+
+def test_student_only_grads_and_float64_inputs(gen):
+    B, H, L, d_s, d_t = 1, 2, 19, 8, 16
+    q_s = rand((B, H, L, d_s), torch.float64, gen).requires_grad_()
+    k_s = rand((B, H, L, d_s), torch.float64, gen).requires_grad_()
+    q_t, k_t = rand((B, H, L, d_t), torch.float64, gen), rand((B, H, L, d_t), torch.float64, gen)
+    out = losses.attention_mse(q_s, k_s, q_t, k_t)
+    assert out.dtype == torch.float64
+    out.backward()
+    ref = float64_attention_mse(q_s, k_s, q_t, k_t, None)
+    assert rel_err(out, ref) < LOSS_TOL  # computed in fp32 inside the kernel
+    assert q_s.grad.dtype == torch.float64 and q_t.grad is None
+
+
+def test_nan_propagates_from_valid_tokens_only(gen):
+    B, H, L, d = 2, 2, 20, 16
+    q_s, k_s, q_t, k_t = (rand((B, H, L, d), torch.float32, gen) for _ in range(4))
+    mask = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    mask[1, 15:] = False
+    padded = q_s.clone()
+    padded[1, 0, 17] = float("nan")  # a padded token: excluded, like the reference
+    assert torch.isfinite(losses.attention_mse(padded, k_s, q_t, k_t, mask))
+    valid = q_s.clone()
+    valid[1, 0, 3] = float("nan")
+    assert torch.isnan(losses.attention_mse(valid, k_s, q_t, k_t, mask))
+
+
+def test_bad_input_raises_before_launch(gen):
+    q = rand((2, 2, 8, 16), torch.float32, gen)
+    with pytest.raises(ValueError, match="k_s"):
+        losses.attention_mse(q, q[:, :, :4], q, q)
+    with pytest.raises(ValueError, match="mask"):
+        losses.attention_mse(q, q, q, q, torch.ones(2, 7, dtype=torch.bool, device=DEVICE))
