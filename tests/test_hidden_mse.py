@@ -1,0 +1,182 @@
+"""Fused hidden_mse (fastkd.kernels.hidden_mse) through fastkd.losses with the Triton backend forced.
+
+Ground truth is an independent float64 loop over layer pairs and sequences that keeps only valid tokens.
+Half-precision inputs are compared with float64 math on the same rounded values. Tolerances
+(‖out − ref‖/‖ref‖): the loss 1e-5 for every dtype (fp32 accumulation only); gradients 1e-5 in fp32, 2e-3 in
+fp16, 1.6e-2 in bf16 (R is rounded to the input dtype for the tensor-core products of the backward, and the
+gradients are returned in the input dtype).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastkd import losses  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LOSS_TOL = 1e-5
+UPSTREAM = 1.7
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FASTKD_BACKEND", "triton")
+
+
+def make_mask(kind, B, L, gen):
+    if kind == "none":
+        return None
+    lens = torch.randint(1, L + 1, (B,), generator=gen)
+    if kind == "single":
+        lens[0] = 1
+    m = torch.arange(L)[None] < lens[:, None]
+    if kind == "holes":
+        m = torch.rand(B, L, generator=gen) < 0.6
+        m[:, -1] = True
+    return m.to(DEVICE)
+
+
+def float64_hidden_mse(h_s, h_t, weight, bias, mask):
+    """Mean over layer pairs of Σ_valid Σ_e (W·h + b − h_t)² / (n_valid·d_t), token by token."""
+    if h_s.dim() == 3:
+        h_s, h_t = h_s[None], h_t[None]
+        weight = None if weight is None else weight[None]
+        bias = None if bias is None else bias[None]
+    K, B, L, _ = h_s.shape
+    per_pair = []
+    for k in range(K):
+        total, count = 0.0, 0
+        for b in range(B):
+            i = torch.arange(L, device=h_s.device) if mask is None else mask[b].nonzero().flatten()
+            x = h_s[k, b, i].double()
+            if weight is not None:
+                x = x @ weight[k].double().T
+            if bias is not None:
+                x = x + bias[k].double()
+            total = total + ((x - h_t[k, b, i].double()) ** 2).sum()
+            count += len(i) * h_t.shape[-1]
+        per_pair.append(total / count)
+    return sum(per_pair) / K
+
+
+def rand(shape, dtype, gen, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype)
+
+
+def check_against_float64(h_s, h_t, weight, bias, mask, grad_tol):
+    leaves = [None if x is None else x.detach().requires_grad_() for x in (h_s, weight, bias)]
+    h_t = h_t.detach()
+    out = losses.hidden_mse(leaves[0], h_t, leaves[1], leaves[2], mask)
+    assert out.dim() == 0 and out.dtype == torch.float32
+    out.backward(torch.tensor(UPSTREAM, device=DEVICE))
+    ref_leaves = [None if x is None else x.detach().double().requires_grad_() for x in leaves]
+    ref = float64_hidden_mse(ref_leaves[0], h_t, ref_leaves[1], ref_leaves[2], mask)
+    (ref * UPSTREAM).backward()
+    assert torch.isfinite(out)
+    assert rel_err(out, ref) < LOSS_TOL, (float(out.detach()), float(ref.detach()))
+    for name, x, r in zip(("h_s", "weight", "bias"), leaves, ref_leaves, strict=True):
+        if x is None:
+            continue
+        assert x.grad.dtype == x.dtype and x.grad.shape == x.shape, name
+        tol = grad_tol[name] if isinstance(grad_tol, dict) else grad_tol
+        assert rel_err(x.grad, r.grad) < tol, (name, rel_err(x.grad, r.grad))
+    return out
+
+
+# (layered, projected, with bias): d_s = 24 → d_t = 40 when projected (neither a power of two nor a block
+# multiple); N = B·L = 26 rows, not a multiple of the row tile.
+CONFIGS = {
+    "single_projected": (False, True, True),
+    "layered_projected": (True, True, True),
+    "layered_identity_bias": (True, False, True),
+    "single_identity": (False, False, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["none", "prefix", "holes", "single"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_matches_float64(config, mask_kind, dtype, gen):
+    layered, projected, with_bias = CONFIGS[config]
+    K, B, L, d_s = 3, 2, 13, 24
+    d_t = 40 if projected else d_s
+    lead = (K,) if layered else ()
+    h_s, h_t = rand((*lead, B, L, d_s), dtype, gen), rand((*lead, B, L, d_t), dtype, gen)
+    weight = rand((*lead, d_t, d_s), dtype, gen, scale=d_s**-0.5) if projected else None
+    bias = rand((*lead, d_t), dtype, gen) if with_bias else None
+    check_against_float64(h_s, h_t, weight, bias, make_mask(mask_kind, B, L, gen), GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs(dtype, gen):
+    K, B, L, d_s, d_t = 2, 3, 11, 20, 36
+    h_s = rand((K, L, B, d_s), dtype, gen).transpose(1, 2)  # [K, B, L, d_s], rows not adjacent
+    h_t = rand((K, B, L, 2 * d_t), dtype, gen)[..., ::2]  # strided features
+    weight = rand((K, d_s, d_t), dtype, gen, scale=0.2).transpose(1, 2)  # [K, d_t, d_s], column-major
+    bias = rand((d_t, K), dtype, gen).T
+    assert not any(x.is_contiguous() for x in (h_s, h_t, weight, bias))
+    check_against_float64(h_s, h_t, weight, bias, make_mask("holes", B, L, gen), GRAD_TOL[dtype])
+
+
+def test_mixed_dtypes_bf16_activations_fp32_projection(gen):
+    # As under autocast: bf16 hidden states, fp32 nn.Linear parameters. Tiles are cast in registers.
+    B, L, d_s, d_t = 2, 17, 24, 40
+    h_s, h_t = rand((B, L, d_s), torch.bfloat16, gen), rand((B, L, d_t), torch.bfloat16, gen)
+    weight, bias = rand((d_t, d_s), torch.float32, gen, scale=0.2), rand((d_t,), torch.float32, gen)
+    # The dot runs in fp32 (the wider dtype), so the fp32 parameter grads are fp32-accurate; dH_s is bf16.
+    tol = {"h_s": GRAD_TOL[torch.bfloat16], "weight": 1e-5, "bias": 1e-5}
+    check_against_float64(h_s, h_t, weight, bias, make_mask("prefix", B, L, gen), tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_values(dtype, gen):
+    # Hidden states of size ~30 (post-LayerNorm outliers in BERT reach tens): R² ~1e3–1e4 per element.
+    B, L, d_s, d_t = 2, 19, 24, 40
+    h_s, h_t = rand((B, L, d_s), dtype, gen, scale=30.0), rand((B, L, d_t), dtype, gen, scale=30.0)
+    weight, bias = rand((d_t, d_s), dtype, gen, scale=0.3), rand((d_t,), dtype, gen, scale=10.0)
+    out = check_against_float64(h_s, h_t, weight, bias, make_mask("prefix", B, L, gen), GRAD_TOL[dtype])
+    assert float(out.detach()) > 100
+
+
+def test_float64_inputs_and_teacher_needs_no_grad(gen):
+    B, L, d_s, d_t = 2, 9, 16, 24
+    h_s = rand((B, L, d_s), torch.float64, gen).requires_grad_()
+    h_t = rand((B, L, d_t), torch.float64, gen)
+    weight = rand((d_t, d_s), torch.float64, gen, scale=0.25).requires_grad_()
+    out = losses.hidden_mse(h_s, h_t, weight)
+    assert out.dtype == torch.float64
+    out.backward()
+    assert rel_err(out, float64_hidden_mse(h_s, h_t, weight, None, None)) < LOSS_TOL
+    assert h_s.grad.dtype == torch.float64 and weight.grad.dtype == torch.float64
+
+
+def test_nan_propagates_from_valid_tokens_only(gen):
+    B, L, d_s, d_t = 2, 10, 16, 24
+    h_s, h_t = rand((B, L, d_s), torch.float32, gen), rand((B, L, d_t), torch.float32, gen)
+    weight = rand((d_t, d_s), torch.float32, gen, scale=0.25)
+    mask = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    mask[0, 6:] = False
+    padded = h_s.clone()
+    padded[0, 8, 3] = float("nan")
+    assert torch.isfinite(losses.hidden_mse(padded, h_t, weight, None, mask))
+    valid = h_s.clone()
+    valid[0, 2, 3] = float("nan")
+    assert torch.isnan(losses.hidden_mse(valid, h_t, weight, None, mask))
+
+
+def test_bad_input_raises_before_launch(gen):
+    h_s, h_t = rand((2, 5, 16), torch.float32, gen), rand((2, 5, 24), torch.float32, gen)
+    with pytest.raises(ValueError, match="weight"):
+        losses.hidden_mse(h_s, h_t)
+    with pytest.raises(ValueError, match="weight"):
+        losses.hidden_mse(h_s, h_t, rand((16, 24), torch.float32, gen))
+    with pytest.raises(ValueError, match="bias"):
+        losses.hidden_mse(h_s, h_t, rand((24, 16), torch.float32, gen), rand((16,), torch.float32, gen))
