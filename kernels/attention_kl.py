@@ -186,7 +186,9 @@ def _attention_kl_fwd(
         alpha_t = tl.exp2(m_t - m_t_new)
         e_s = tl.exp2(ss - m_s_new[:, None])
         e_t = tl.exp2(st - m_t_new[:, None])
-        shifted = tl.where(key_ok[None, :], (st - m_t_new[:, None]) - (ss - m_s_new[:, None]), 0.0)
+        # Select before subtracting: padded keys are −inf on both sides and −inf − −inf would be NaN.
+        shifted = (tl.where(key_ok[None, :], st - m_t_new[:, None], 0.0)
+                   - tl.where(key_ok[None, :], ss - m_s_new[:, None], 0.0))
         # Re-base the old terms on the new maxima: each old bracket moves by (Δm_s − Δm_t), each weight by alpha_t.
         acc = alpha_t * (acc + ((m_s_new - m_s) - (m_t_new - m_t)) * l_t) + tl.sum(e_t * shifted, 1)
         l_s = l_s * alpha_s + tl.sum(e_s, 1)
@@ -259,6 +261,9 @@ def _attention_kl_bwd_dq(
                        mask=key_in[None, :] & (offs_dt[:, None] < D_T), other=0.0)
         ss = _dot(qs, tl.trans(ks), PREC_S, UPCAST_S) * scale_s
         st = _dot(qt, kt_t, PREC_T, UPCAST_T) * scale_t
+        # Padded keys to −inf before the exponentials (a padded key's score may exceed the row's lse: overflow).
+        ss = tl.where(key_ok[None, :], ss, float("-inf"))
+        st = tl.where(key_ok[None, :], st, float("-inf"))
         valid = row_ok[:, None] & key_ok[None, :]
         ds = tl.where(valid, tl.exp2(ss - lse_s[:, None]) - tl.exp2(st - lse_t[:, None]), 0.0)
         # p_s − p_t is in [−1, 1]; the tiny row weight is applied after the dot so half precision can't underflow.
@@ -328,6 +333,9 @@ def _attention_kl_bwd_dk(
         lse_t = tl.load(LSE_T + rows_base + offs_m, mask=row_in, other=0.0)
         ss_t = _dot(ks, tl.trans(qs), PREC_S, UPCAST_S) * scale_s
         st_t = _dot(kt, qt_t, PREC_T, UPCAST_T) * scale_t
+        # Padded keys to −inf before the exponentials (a padded key's score may exceed the row's lse: overflow).
+        ss_t = tl.where(key_ok[:, None], ss_t, float("-inf"))
+        st_t = tl.where(key_ok[:, None], st_t, float("-inf"))
         valid = key_ok[:, None] & row_ok[None, :]
         ds_t = tl.where(valid, tl.exp2(ss_t - lse_s[None, :]) - tl.exp2(st_t - lse_t[None, :]), 0.0)
         acc += _dot_ds(ds_t, qs, PREC_S, UPCAST_S, SPLIT_DS)

@@ -1,0 +1,296 @@
+"""The fused attention-KL Triton kernel (kernels/attention_kl.py) against an independent float64 computation.
+
+The float64 version loops over sequences and keeps only each sequence's valid tokens (no masking trick, no code
+shared with fastkd). Half-precision inputs are compared with float64 math on the same rounded values, so what is
+left is the kernel's own error. Tolerances (‖out − ref‖/‖ref‖):
+
+* loss value: 1e-5 for every input dtype (scores and softmax statistics are fp32 whatever the input dtype);
+* grads dq_s, dk_s: fp32 1e-5, fp16 2e-3, bf16 5e-3. Grads are returned in the student's dtype, so the bf16/fp16
+  floor is the final rounding alone (bf16 ≈ 1.7e-3 rms); the kernel's half-precision MMAs add little on top.
+* scores of ±1e3 ("large logits"): 1e-4 for the value and the fp32 grads (fp32 scores of 1e3 carry ~1e-4
+  absolute error, which the exponentials turn into relative error of the probabilities).
+
+Without a GPU the kernels run in Triton's interpreter (small 16×16 tiles, so L = 17 and 40 cross tile edges).
+"""
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from fastkd.kernels import attention_kl as akl  # noqa: E402
+
+from fastkd import losses  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+VALUE_TOL = 1e-5
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}
+LARGE_TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FASTKD_BACKEND", "triton")
+
+
+# ---------------------------------------------------------------- independent float64 computation
+
+
+def naive_attention_kl(q_s, k_s, q_t, k_t, mask):
+    """Mean over heads and valid query rows of KL(softmax(S_t) ‖ softmax(S_s)), valid tokens only, float64."""
+    B, H, L, _ = q_s.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        i = torch.arange(L) if mask is None else mask[b].cpu().nonzero().flatten()
+        for h in range(H):
+            ss = q_s[b, h, i] @ k_s[b, h, i].T / math.sqrt(q_s.shape[-1])
+            st = q_t[b, h, i] @ k_t[b, h, i].T / math.sqrt(q_t.shape[-1])
+            logp_t, logp_s = torch.log_softmax(st, -1), torch.log_softmax(ss, -1)
+            total = total + (logp_t.exp() * (logp_t - logp_s)).sum()
+            count += len(i)
+    return total / count
+
+
+def float64_loss_and_grads(q_s, k_s, q_t, k_t, mask, upstream):
+    """(loss, dq_s, dk_s) in float64 from the (already rounded) inputs, with upstream grad ``upstream``."""
+    q64 = q_s.detach().cpu().double().requires_grad_()
+    k64 = k_s.detach().cpu().double().requires_grad_()
+    loss = naive_attention_kl(q64, k64, q_t.detach().cpu().double(), k_t.detach().cpu().double(),
+                              None if mask is None else mask.cpu())
+    dq, dk = torch.autograd.grad(loss * upstream, (q64, k64))
+    return loss.detach(), dq, dk
+
+
+def fused_loss_and_grads(q_s, k_s, q_t, k_t, mask, upstream, **kw):
+    q_s = q_s.detach().requires_grad_()
+    k_s = k_s.detach().requires_grad_()
+    loss = losses.attention_kl(q_s, k_s, q_t, k_t, mask) if not kw else akl.attention_kl(q_s, k_s, q_t, k_t,
+                                                                                         mask, **kw)
+    dq, dk = torch.autograd.grad(loss * upstream, (q_s, k_s))
+    return loss, dq, dk
+
+
+def randn(shape, dtype, gen, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+
+def make_mask(kind, B, L, gen):
+    if kind == "none":
+        return None
+    lens = torch.randint(1, L + 1, (B,), generator=gen)
+    if kind == "single":  # one sequence with a single valid token, the other random
+        lens[0] = 1
+    m = torch.arange(L)[None] < lens[:, None]
+    if kind == "holes":  # arbitrary valid positions (not a prefix), at least one per row
+        m = torch.rand(B, L, generator=gen) < 0.5
+        m[:, L // 2] = True
+    return m.to(DEVICE)
+
+
+def assert_close(out, ref, tol, what):
+    if float(ref.norm()) == 0.0:  # L = 1: every softmax is [1], so loss and grads are exactly 0
+        assert float(out.detach().double().norm()) == 0.0, f"{what}: expected exactly 0, got {out}"
+        return
+    err = rel_err(out.cpu(), ref)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+# ---------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "prefix", "holes", "single"])
+@pytest.mark.parametrize("L", [1, 5, 17, 40])
+def test_matches_float64(L, mask_kind, dtype, gen):
+    B, H, d_s = 2, 2, 8
+    d_t = 12 if L in (1, 17) else 24  # head dims differ between student and teacher; 12, 24 not powers of 2
+    q_s, k_s = randn((B, H, L, d_s), dtype, gen), randn((B, H, L, d_s), dtype, gen)
+    q_t, k_t = randn((B, H, L, d_t), dtype, gen), randn((B, H, L, d_t), dtype, gen)
+    mask = make_mask(mask_kind, B, L, gen)
+    upstream = 0.5 + float(torch.rand((), generator=gen)) * 3  # the scalar's grad is not 1
+
+    loss, dq, dk = fused_loss_and_grads(q_s, k_s, q_t, k_t, mask, upstream)
+    ref_loss, ref_dq, ref_dk = float64_loss_and_grads(q_s, k_s, q_t, k_t, mask, upstream)
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert dq.dtype == dtype and dk.dtype == dtype and dq.shape == q_s.shape and dk.shape == k_s.shape
+    assert_close(loss, ref_loss, VALUE_TOL, "loss")
+    assert_close(dq, ref_dq, GRAD_TOL[dtype], "dq_s")
+    assert_close(dk, ref_dk, GRAD_TOL[dtype], "dk_s")
+    if mask is not None:  # padded tokens, as queries or as keys, get exactly zero grad
+        pad = ~mask[:, None, :, None].expand_as(dq)
+        assert not dq[pad].any() and not dk[pad].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "holes"])
+def test_large_logits(mask_kind, dtype, gen):
+    # q, k ~ N(0, 18²): scores q·k/√d have std ≈ 330 and reach ±1e3; the online softmax must stay finite.
+    B, H, L, d_s, d_t = 2, 2, 40, 8, 12
+    q_s, k_s = randn((B, H, L, d_s), dtype, gen, 18.0), randn((B, H, L, d_s), dtype, gen, 18.0)
+    q_t, k_t = randn((B, H, L, d_t), dtype, gen, 18.0), randn((B, H, L, d_t), dtype, gen, 18.0)
+    mask = make_mask(mask_kind, B, L, gen)
+    loss, dq, dk = fused_loss_and_grads(q_s, k_s, q_t, k_t, mask, 1.7)
+    ref_loss, ref_dq, ref_dk = float64_loss_and_grads(q_s, k_s, q_t, k_t, mask, 1.7)
+    s = q_s.double() @ k_s.double().transpose(-1, -2) / math.sqrt(d_s)
+    assert float(s.abs().max()) > 1e3  # the test really reaches the intended magnitude
+    assert torch.isfinite(loss) and torch.isfinite(dq).all() and torch.isfinite(dk).all()
+    assert_close(loss, ref_loss, LARGE_TOL, "loss")
+    grad_tol = max(LARGE_TOL, GRAD_TOL[dtype])
+    assert_close(dq, ref_dq, grad_tol, "dq_s")
+    assert_close(dk, ref_dk, grad_tol, "dk_s")
+
+
+def test_large_scores_equal_up_to_a_row_shift_give_zero(gen):
+    # S_s = S_t + c_i with |c_i| up to ~1e3 (k_s = k_t + v, q_s = q_t): identical softmaxes, KL ≈ 0 (float64:
+    # ~1e-11, from k_t + v's rounding). Summing p_t·(s_t − s_s) − lse_t + lse_s directly in fp32 cancels large
+    # terms and lands at ~1e-6; the kernel's shifted accumulation stays at ~1e-8.
+    B, H, L, d = 2, 2, 40, 16
+    q = randn((B, H, L, d), torch.float32, gen)
+    k = randn((B, H, L, d), torch.float32, gen)
+    v = randn((B, H, 1, d), torch.float32, gen, 300.0)
+    loss = akl.attention_kl(q, k + v, q, k, None)
+    shift = (q @ v.transpose(-1, -2)).abs() / math.sqrt(d)
+    assert float(shift.mean()) > 100 and float(shift.max()) > 500
+    ref = naive_attention_kl(q.double(), (k + v).double(), q.double(), k.double(), None)
+    assert abs(float(loss) - float(ref)) < 1e-7
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16)])
+def test_unequal_tiles(block_m, block_n, gen):
+    # Query and key tiles of different sizes: the forward/dQ kernels tile rows by block_m, dK keys by block_n.
+    B, H, L, d_s, d_t = 2, 3, 40, 8, 24
+    q_s, k_s = randn((B, H, L, d_s), torch.float32, gen), randn((B, H, L, d_s), torch.float32, gen)
+    q_t, k_t = randn((B, H, L, d_t), torch.float32, gen), randn((B, H, L, d_t), torch.float32, gen)
+    mask = make_mask("holes", B, L, gen)
+    config = akl.AttentionKLConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1)
+    loss, dq, dk = fused_loss_and_grads(q_s, k_s, q_t, k_t, mask, 1.3, config=config)
+    ref_loss, ref_dq, ref_dk = float64_loss_and_grads(q_s, k_s, q_t, k_t, mask, 1.3)
+    assert_close(loss, ref_loss, VALUE_TOL, "loss")
+    assert_close(dq, ref_dq, GRAD_TOL[torch.float32], "dq_s")
+    assert_close(dk, ref_dk, GRAD_TOL[torch.float32], "dk_s")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_relation_kl_non_contiguous_views(dtype, gen):
+    # relation_kl hands the kernel q = k = a [B, R, L, D/R] head-split view of [B, L, D] (non-contiguous, and
+    # the same tensor twice); D/R = 6 and 10 are not powers of 2.
+    B, L, R = 2, 17, 2
+    x_s = randn((B, L, R * 6), dtype, gen).requires_grad_()
+    x_t = randn((B, L, R * 10), dtype, gen)
+    mask = make_mask("prefix", B, L, gen)
+    loss = losses.relation_kl(x_s, x_t, R, mask)
+    (dx,) = torch.autograd.grad(loss * 2.0, x_s)
+
+    x64 = x_s.detach().cpu().double().requires_grad_()
+    rs = x64.reshape(B, L, R, 6).permute(0, 2, 1, 3)
+    rt = x_t.cpu().double().reshape(B, L, R, 10).permute(0, 2, 1, 3)
+    ref = naive_attention_kl(rs, rs, rt, rt, mask.cpu())
+    (ref_dx,) = torch.autograd.grad(ref * 2.0, x64)
+    assert dx.dtype == dtype and dx.shape == x_s.shape
+    assert_close(loss, ref.detach(), VALUE_TOL, "loss")
+    assert_close(dx, ref_dx, GRAD_TOL[dtype], "dx_s")
+
+
+def test_strided_inputs_without_copies(gen):
+    # [B, L, H, d] storage seen as [B, H, L, d], and a last dim with stride 2: the kernels read them in place.
+    B, H, L, d_s, d_t = 2, 2, 17, 8, 12
+    q_s = randn((B, L, H, d_s), torch.float32, gen).transpose(1, 2)
+    k_s = randn((B, H, L, 2 * d_s), torch.float32, gen)[..., ::2]
+    q_t = randn((B, L, H, d_t), torch.float32, gen).transpose(1, 2)
+    k_t = randn((B, H, d_t, L), torch.float32, gen).transpose(2, 3)
+    assert not any(x.is_contiguous() for x in (q_s, k_s, q_t, k_t))
+    mask = make_mask("holes", B, L, gen)
+    loss, dq, dk = fused_loss_and_grads(q_s, k_s, q_t, k_t, mask, 0.7)
+    ref_loss, ref_dq, ref_dk = float64_loss_and_grads(q_s, k_s, q_t, k_t, mask, 0.7)
+    assert_close(loss, ref_loss, VALUE_TOL, "loss")
+    assert_close(dq, ref_dq, GRAD_TOL[torch.float32], "dq_s")
+    assert_close(dk, ref_dk, GRAD_TOL[torch.float32], "dk_s")
+
+
+def test_mixed_student_teacher_dtypes(gen):
+    # bf16 student, fp32 teacher: each side's scores use its own dtype's MMA.
+    B, H, L, d_s, d_t = 2, 2, 17, 8, 12
+    q_s, k_s = randn((B, H, L, d_s), torch.bfloat16, gen), randn((B, H, L, d_s), torch.bfloat16, gen)
+    q_t, k_t = randn((B, H, L, d_t), torch.float32, gen), randn((B, H, L, d_t), torch.float32, gen)
+    loss, dq, dk = fused_loss_and_grads(q_s, k_s, q_t, k_t, None, 1.0)
+    ref_loss, ref_dq, ref_dk = float64_loss_and_grads(q_s, k_s, q_t, k_t, None, 1.0)
+    assert dq.dtype == torch.bfloat16
+    assert_close(loss, ref_loss, VALUE_TOL, "loss")
+    assert_close(dq, ref_dq, GRAD_TOL[torch.bfloat16], "dq_s")
+    assert_close(dk, ref_dk, GRAD_TOL[torch.bfloat16], "dk_s")
+
+
+# ---------------------------------------------------------------- autograd contract
+
+
+def test_grad_only_where_needed_and_deterministic(gen):
+    B, H, L, d_s, d_t = 2, 2, 40, 8, 12
+    q_s, k_s = randn((B, H, L, d_s), torch.float16, gen), randn((B, H, L, d_s), torch.float16, gen)
+    q_t, k_t = randn((B, H, L, d_t), torch.float16, gen), randn((B, H, L, d_t), torch.float16, gen)
+    mask = make_mask("holes", B, L, gen)
+    _, dq1, dk1 = fused_loss_and_grads(q_s, k_s, q_t, k_t, mask, 1.0)
+    _, dq2, dk2 = fused_loss_and_grads(q_s, k_s, q_t, k_t, mask, 1.0)
+    assert torch.equal(dq1, dq2) and torch.equal(dk1, dk2)  # no atomics: bitwise reproducible
+
+    k_only = k_s.detach().requires_grad_()
+    teacher_q = q_t.detach().requires_grad_()  # the teacher never gets a grad, even if it asks for one
+    loss = losses.attention_kl(q_s, k_only, teacher_q, k_t, mask)
+    loss.backward()
+    assert torch.equal(k_only.grad, dk1) and teacher_q.grad is None
+
+
+def test_saves_only_row_statistics(gen):
+    # Extra memory is O(B·H·L): besides the inputs themselves, autograd keeps the [B, L] mask, two fp32 per-row
+    # log-normalisers and a scalar, never anything [B, H, L, L]-sized.
+    B, H, L, d_s, d_t = 2, 3, 40, 8, 12
+    q_s = randn((B, H, L, d_s), torch.float32, gen).requires_grad_()
+    k_s = randn((B, H, L, d_s), torch.float32, gen).requires_grad_()
+    q_t, k_t = randn((B, H, L, d_t), torch.float32, gen), randn((B, H, L, d_t), torch.float32, gen)
+    loss = losses.attention_kl(q_s, k_s, q_t, k_t, make_mask("prefix", B, L, gen))
+    saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
+    inputs = {x.data_ptr() for x in (q_s, k_s, q_t, k_t)}
+    extra = sum(t.numel() for t in saved if t.data_ptr() not in inputs)
+    assert len(saved) >= 4 and extra <= 2 * B * H * L + B * L + 1
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter notices the NaN too
+def test_nan_input_is_not_hidden(gen):
+    B, H, L, d = 2, 2, 17, 8
+    q_s, k_s = randn((B, H, L, d), torch.float32, gen), randn((B, H, L, d), torch.float32, gen)
+    q_t, k_t = randn((B, H, L, d), torch.float32, gen), randn((B, H, L, d), torch.float32, gen)
+    q_s[1, 0, 3, 2] = float("nan")
+    loss, dq, _ = fused_loss_and_grads(q_s, k_s, q_t, k_t, None, 1.0)
+    assert torch.isnan(loss) and torch.isnan(dq).any()
+
+
+def test_float64_inputs_use_float64_reference(gen):
+    B, H, L, d = 1, 2, 5, 8
+    xs = [randn((B, H, L, d), torch.float64, gen) for _ in range(4)]
+    loss = akl.attention_kl(*xs, None)
+    assert loss.dtype == torch.float64
+    assert rel_err(loss.cpu(), naive_attention_kl(*[x.cpu() for x in xs], None)) < 1e-12
+
+
+def test_bad_input_is_rejected_before_the_kernel(gen):
+    q_s, k_s = randn((2, 2, 5, 8), torch.float32, gen), randn((2, 2, 5, 8), torch.float32, gen)
+    q_t, k_t = randn((2, 3, 5, 8), torch.float32, gen), randn((2, 3, 5, 8), torch.float32, gen)
+    with pytest.raises(ValueError, match="q_t"):
+        losses.attention_kl(q_s, k_s, q_t, k_t)
+    with pytest.raises(ValueError, match="mask"):
+        losses.attention_kl(q_s, k_s, q_s, k_s, torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
+
+
+def test_interpreter_tiles_are_crossed():
+    # The correctness tests above rely on L = 17 and 40 spanning several tiles; keep that true.
+    cfg = akl.default_config(8, 12)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert cfg.block_m < 17 and cfg.block_n < 17
+    else:
+        assert cfg.block_m >= 16 and cfg.block_n >= 16
