@@ -31,6 +31,7 @@ __all__ = [
     "soft_cross_entropy",
     "sinkhorn",
     "emd_loss",
+    "layer_costs",
     "AttentionMSE",
     "AttentionKL",
     "RelationKL",
@@ -224,6 +225,16 @@ def emd_loss(cost, w_s, w_t, *, eps=None, iters=None) -> tuple[torch.Tensor, tor
     loss = (plan.to(cost.dtype) * cost).sum(dim=(1, 2), dtype=torch.float32 if cost.dtype != torch.float64
                                                   else torch.float64)
     return loss, plan
+
+
+def layer_costs(h_s=None, h_t=None, weight=None, bias=None, q_s=None, k_s=None, q_t=None, k_t=None, mask=None):
+    """BERT-EMD's cost matrices: (hidden [M, N], attention [M, N]) with entry (i, j) = hidden_mse(h_s[i], h_t[j],
+    weight, bias, mask) and attention_mse(q_s[i], k_s[i], q_t[j], k_t[j], mask). h: [M|N, B, L, d],
+    q/k: [M|N, B, H, L, d]; either side may be None. Computed from Gram matrices (one GEMM per side, any
+    device); validation is in :func:`fastkd.kernels.layer_costs.layer_costs`."""
+    from fastkd.kernels.layer_costs import layer_costs as gram_costs
+
+    return gram_costs(h_s, h_t, weight, bias, q_s, k_s, q_t, k_t, mask)
 
 
 # ---------------------------------------------------------------- nn.Module wrappers
