@@ -158,7 +158,9 @@ def round_to_marginals(plan, a, b):
     plan = plan * x[:, :, None]
     y = (b / plan.sum(1).clamp_min(1e-300)).clamp(max=1.0)
     plan = plan * y[:, None, :]
-    ea, eb = a - plan.sum(2), b - plan.sum(1)
+    # Clamp: rounding leaves residuals like -3e-18 whose sum, clamped to 1e-300, would blow the plan up to
+    # ±1e274 (the Triton kernel clamps the same way).
+    ea, eb = (a - plan.sum(2)).clamp_min(0), (b - plan.sum(1)).clamp_min(0)
     return plan + ea[:, :, None] * eb[:, None, :] / ea.sum(1).clamp_min(1e-300)[:, None, None]
 
 
