@@ -1,0 +1,504 @@
+"""Distillation methods as small declarative recipes.
+
+A :class:`Recipe` is a list of :class:`Stage` s; a stage says which teacher it uses (the pretrained encoder or
+the task-fine-tuned one), which data (the task's labelled data or a general unlabelled corpus), how long and at
+which learning rate it trains, and which :class:`LossTerm` s it sums. A loss term names one ``fastkd.losses``
+function, its weight and its (student layer, teacher layer) mapping. The trainer derives from the terms what
+to capture from each model, so a teacher forward never records more than the recipe reads.
+
+Each method's paper defaults live in a ``*Params`` dataclass; every field can be overridden from the CLI
+(``--set tinybert.att_weight=2``) or a JSON/YAML config file (``{"tinybert": {"att_weight": 2}}``).
+Layer indices are 0-based encoder layers; teacher/student "rep 0" (the embedding output) is its own term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Loss-term kinds the trainer knows (see fastkd.train.DistillModule for how each is computed).
+TERM_KINDS = (
+    "emb_mse",  # TinyBERT embedding loss: hidden_mse(W·emb_s, emb_t)
+    "hidden_mse",  # TinyBERT hidden loss over `pairs`: hidden_mse(W·h_s,i, h_t,j)
+    "att_mse",  # TinyBERT attention-score MSE over `pairs` (needs equal head counts)
+    "att_kl",  # MiniLM attention-distribution KL over `pairs` (needs equal head counts)
+    "value_kl",  # MiniLM value-relation KL over `pairs`
+    "qkv_relation",  # MiniLMv2 Q-Q/K-K/V-V relation KL (1/3 each) with `relation_heads` heads
+    "pkd",  # Patient-KD normalised [CLS] MSE over `pairs` (needs equal widths)
+    "emd_att",  # BERT-EMD many-to-many attention-score EMD
+    "emd_hidden",  # BERT-EMD many-to-many hidden-state EMD
+    "soft_ce",  # prediction-layer loss soft_cross_entropy(s/T, t/T), scaled by `t2` ** 2 when t2 is True
+    "hard_ce",  # cross entropy with the gold labels
+)
+LATENT_KINDS = frozenset(TERM_KINDS) - {"soft_ce", "hard_ce"}
+
+
+@dataclass
+class LossTerm:
+    kind: str
+    weight: float = 1.0
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer), 0-based
+    temperature: float = 1.0
+    times_t2: bool = False  # multiply the soft loss by T² (Hinton / PKD / BERT-EMD), TinyBERT does not
+    relation_heads: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in TERM_KINDS:
+            raise ValueError(f"kind: expected one of {TERM_KINDS}, got {self.kind!r}")
+
+
+@dataclass
+class Stage:
+    name: str
+    terms: list[LossTerm]
+    epochs: int
+    lr: float
+    teacher: str = "finetuned"  # "pretrained" | "finetuned"
+    data: str = "task"  # "task" | "general"
+
+    @property
+    def needs_labels(self) -> bool:
+        return any(t.kind == "hard_ce" for t in self.terms)
+
+    @property
+    def trains_head(self) -> bool:
+        """Does this stage train the classifier (so dev accuracy means something)?"""
+        return any(t.kind in ("soft_ce", "hard_ce") for t in self.terms)
+
+
+@dataclass
+class Recipe:
+    method: str
+    stages: list[Stage]
+    params: Any = None
+
+    @property
+    def needs_finetuned_teacher(self) -> bool:
+        return any(s.teacher == "finetuned" for s in self.stages)
+
+
+# ---------------------------------------------------------------- per-method parameters (paper defaults)
+
+
+@dataclass
+class KDParams:
+    """Hinton KD: (1 − alpha)·CE + alpha·T²·soft CE."""
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    epochs: int = 3
+    lr: float = 5e-5
+
+
+@dataclass
+class TinyBERTParams:
+    """TinyBERT task distillation: intermediate stage (emb + hidden + attention, uniform mapping), then the
+    prediction stage (soft CE, T = 1, no T²). `layer_map` overrides the mapping: "s:t,s:t" (0-based)."""
+
+    att_weight: float = 1.0
+    hidden_weight: float = 1.0
+    emb_weight: float = 1.0
+    pred_weight: float = 1.0
+    temperature: float = 1.0
+    inter_epochs: int = 10
+    pred_epochs: int = 3
+    inter_lr: float = 5e-5
+    pred_lr: float = 3e-5
+    layer_map: str | None = None
+
+
+@dataclass
+class MiniLMParams:
+    """MiniLM: attention KL + value-relation KL, teacher's last layer → student's last layer; in task mode a
+    second stage fine-tunes the student on the labels (MiniLM is task-agnostic; its students are fine-tuned)."""
+
+    att_weight: float = 1.0
+    value_weight: float = 1.0
+    teacher_layer: int = -1
+    epochs: int = 5
+    lr: float = 1e-4
+    finetune_epochs: int = 3
+    finetune_lr: float = 5e-5
+
+
+@dataclass
+class MiniLMv2Params:
+    """MiniLMv2: Q-Q, K-K, V-V relations (1/3 each) of teacher layer `teacher_layer` and the student's last
+    layer, re-split into `relation_heads` heads (None: 48 when it divides both widths, else the student's
+    head count). Task mode adds a fine-tuning stage as for MiniLM."""
+
+    relation_weight: float = 1.0
+    teacher_layer: int = -1
+    relation_heads: int | None = None
+    epochs: int = 5
+    lr: float = 1e-4
+    finetune_epochs: int = 3
+    finetune_lr: float = 5e-5
+
+
+@dataclass
+class PKDParams:
+    """Patient KD: (1 − alpha)·CE + alpha·T²·KD + beta·PT; preset lr 1e-5, alpha 0.7, beta 500, T 10."""
+
+    alpha: float = 0.7
+    beta: float = 500.0
+    temperature: float = 10.0
+    epochs: int = 4
+    lr: float = 1e-5
+    layer_map: str | None = None
+
+
+@dataclass
+class BertEMDParams:
+    """BERT-EMD: beta·(theta·(L_att + L_hid) + L_emb) + kd_weight·T²·KD + ce_weight·CE, EMD over all layers,
+    layer weights updated by cost attention after every step."""
+
+    beta: float = 0.005
+    theta: float = 1.0
+    kd_weight: float = 0.8
+    ce_weight: float = 0.2
+    temperature: float = 1.0
+    epochs: int = 4
+    lr: float = 5e-5
+    sinkhorn_eps: float | None = None
+    sinkhorn_iters: int | None = None
+
+
+@dataclass
+class ERNIETinyParams:
+    """ERNIE-Tiny's four stages; the latent loss is TinyBERT's (emb + hidden + attention, uniform mapping)."""
+
+    att_weight: float = 1.0
+    hidden_weight: float = 1.0
+    emb_weight: float = 1.0
+    soft_weight: float = 1.0
+    hard_weight: float = 1.0
+    temperature: float = 1.0
+    general_epochs: int = 2
+    enhanced_epochs: int = 2
+    adaptive_epochs: int = 2
+    specific_epochs: int = 3
+    lr: float = 5e-5
+    layer_map: str | None = None
+
+
+PARAMS: dict[str, type] = {
+    "kd": KDParams,
+    "tinybert": TinyBERTParams,
+    "minilm": MiniLMParams,
+    "minilmv2": MiniLMv2Params,
+    "pkd-last": PKDParams,
+    "pkd-skip": PKDParams,
+    "bert-emd": BertEMDParams,
+    "ernie-tiny": ERNIETinyParams,
+}
+METHODS = tuple(PARAMS)
+# Override prefixes accepted for each method ("--set pkd.beta=100" works for both PKD variants).
+_PREFIXES = {
+    "kd": ("kd",),
+    "tinybert": ("tinybert",),
+    "minilm": ("minilm",),
+    "minilmv2": ("minilmv2",),
+    "pkd-last": ("pkd", "pkd-last", "pkd_last"),
+    "pkd-skip": ("pkd", "pkd-skip", "pkd_skip"),
+    "bert-emd": ("bert-emd", "bert_emd", "emd"),
+    "ernie-tiny": ("ernie-tiny", "ernie_tiny", "ernie"),
+}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the recipe needs to know of the two models."""
+
+    teacher_layers: int
+    student_layers: int
+    teacher_hidden: int
+    student_hidden: int
+    teacher_heads: int
+    student_heads: int
+
+
+class MappingError(ValueError):
+    """The teacher and student can't be mapped by this recipe (the message says what to change)."""
+
+
+def check_method(method: str) -> str:
+    if method not in PARAMS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    return method
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _coerce(value: Any, annotation: str, name: str) -> Any:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a plain string, e.g. a layer map "0:1,1:3"
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise ValueError(f"{name}: expected {annotation}, got null")
+    if annotation.startswith("int") and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int):
+            return value
+    elif annotation.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif annotation.startswith("str"):
+        return str(value)
+    raise ValueError(f"{name}: expected {annotation}, got {value!r}")
+
+
+def make_params(method: str, overrides: dict[str, Any] | None = None):
+    """The method's parameter dataclass with ``overrides`` ({"tinybert.att_weight": 2} or nested
+    {"tinybert": {"att_weight": 2}}) applied. Keys for other methods are ignored; unknown fields are errors."""
+    cls = PARAMS[check_method(method)]
+    params = cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    flat: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        if "." not in key:
+            raise ValueError(f"--set: expected <method>.<field>=<value> (e.g. tinybert.att_weight=2), got {key!r}")
+        prefix, name = key.split(".", 1)
+        if prefix not in _PREFIXES[method]:
+            if not any(prefix in p for p in _PREFIXES.values()):
+                raise ValueError(f"--set: unknown method prefix {prefix!r} in {key!r}; expected one of "
+                                 f"{sorted({p for ps in _PREFIXES.values() for p in ps})}")
+            continue  # a setting for another method (a shared config file)
+        if name not in fields:
+            raise ValueError(f"--set: {method} has no setting {name!r}; expected one of {sorted(fields)}")
+        setattr(params, name, _coerce(value, str(fields[name].type), key))
+    return params
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON or YAML file of overrides: {"tinybert": {"att_weight": 2}} or {"tinybert.att_weight": 2}.
+    A top-level "train" section holds trainer options (CLI flag names without dashes)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: no such file {str(p)!r}")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: expected a mapping at the top of {p}, got {type(data).__name__}")
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set: expected <method>.<field>=<value>, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+# ---------------------------------------------------------------- layer mappings
+
+
+def uniform_pairs(n_s: int, n_t: int) -> list[tuple[int, int]]:
+    """TinyBERT's uniform mapping: student layer i ← teacher layer k·(i+1) − 1, k = n_t / n_s (rounded when
+    n_t is not a multiple of n_s), so the last layers meet."""
+    return [(i, max(0, round((i + 1) * n_t / n_s) - 1)) for i in range(n_s)]
+
+
+def parse_layer_map(text: str, shapes: Shapes) -> list[tuple[int, int]]:
+    pairs = []
+    for part in str(text).split(","):
+        try:
+            s, t = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise MappingError(
+                f"layer_map: expected 'student:teacher,...' 0-based (e.g. '0:1,1:3'), got {text!r}") from None
+        if not 0 <= s < shapes.student_layers:
+            raise MappingError(f"layer_map: student layer {s} out of range 0..{shapes.student_layers - 1}")
+        if not 0 <= t < shapes.teacher_layers:
+            raise MappingError(f"layer_map: teacher layer {t} out of range 0..{shapes.teacher_layers - 1}")
+        pairs.append((s, t))
+    return pairs
+
+
+def _resolve_layer(i: int, n: int, name: str) -> int:
+    if not -n <= i < n:
+        raise MappingError(f"{name}: layer {i} out of range for a teacher with {n} layers")
+    return i % n
+
+
+def _need_equal_heads(shapes: Shapes, method: str):
+    if shapes.student_heads != shapes.teacher_heads:
+        raise MappingError(
+            f"{method}: attention losses compare per-head score maps, so student and teacher need the same head "
+            f"count; the teacher has {shapes.teacher_heads} heads, the student {shapes.student_heads}. Set "
+            f"--student-heads {shapes.teacher_heads} (or use --method minilmv2, whose relation heads may differ)"
+        )
+
+
+def _need_depth(shapes: Shapes, method: str):
+    if shapes.student_layers > shapes.teacher_layers:
+        raise MappingError(
+            f"{method}: the student has {shapes.student_layers} layers but the teacher only "
+            f"{shapes.teacher_layers}; set --student-layers to at most {shapes.teacher_layers}"
+        )
+    if shapes.student_hidden % shapes.student_heads:
+        raise MappingError(f"student: hidden size {shapes.student_hidden} is not divisible by "
+                           f"{shapes.student_heads} heads; change --student-hidden or --student-heads")
+
+
+def _latent_terms(p, shapes: Shapes, method: str) -> list[LossTerm]:
+    _need_equal_heads(shapes, method)
+    pairs = parse_layer_map(p.layer_map, shapes) if p.layer_map else uniform_pairs(shapes.student_layers,
+                                                                                      shapes.teacher_layers)
+    return [LossTerm("emb_mse", p.emb_weight), LossTerm("hidden_mse", p.hidden_weight, pairs),
+            LossTerm("att_mse", p.att_weight, pairs)]
+
+
+def default_relation_heads(shapes: Shapes) -> int:
+    if shapes.student_hidden % 48 == 0 and shapes.teacher_hidden % 48 == 0:
+        return 48
+    return shapes.student_heads
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task") -> Recipe:
+    """The method's stages for these model shapes. ``mode='general'`` keeps only the task-agnostic
+    (latent-loss) stages, on the general corpus with the pretrained teacher."""
+    check_method(method)
+    if mode not in ("task", "general"):
+        raise ValueError(f"mode: expected 'task' or 'general', got {mode!r}")
+    p = params if params is not None else make_params(method)
+    _need_depth(shapes, method)
+    n_s, n_t = shapes.student_layers, shapes.teacher_layers
+    stages: list[Stage]
+    if method == "kd":
+        stages = [Stage("kd", [LossTerm("soft_ce", p.alpha, temperature=p.temperature, times_t2=True),
+                               LossTerm("hard_ce", 1.0 - p.alpha)], p.epochs, p.lr)]
+    elif method == "tinybert":
+        stages = [Stage("intermediate", _latent_terms(p, shapes, method), p.inter_epochs, p.inter_lr),
+                  Stage("prediction", [LossTerm("soft_ce", p.pred_weight, temperature=p.temperature)],
+                        p.pred_epochs, p.pred_lr)]
+    elif method == "minilm":
+        _need_equal_heads(shapes, method)
+        pair = [(n_s - 1, _resolve_layer(p.teacher_layer, n_t, "minilm.teacher_layer"))]
+        stages = [Stage("distill", [LossTerm("att_kl", p.att_weight, pair), LossTerm("value_kl", p.value_weight, pair)],
+                        p.epochs, p.lr),
+                  Stage("finetune", [LossTerm("hard_ce", 1.0)], p.finetune_epochs, p.finetune_lr)]
+    elif method == "minilmv2":
+        heads = p.relation_heads or default_relation_heads(shapes)
+        for side, width in (("student", shapes.student_hidden), ("teacher", shapes.teacher_hidden)):
+            if width % heads:
+                raise MappingError(f"minilmv2: relation_heads={heads} must divide the {side} hidden size {width}; "
+                                   f"set --set minilmv2.relation_heads=<a divisor of both "
+                                   f"{shapes.student_hidden} and {shapes.teacher_hidden}>")
+        pair = [(n_s - 1, _resolve_layer(p.teacher_layer, n_t, "minilmv2.teacher_layer"))]
+        stages = [Stage("distill", [LossTerm("qkv_relation", p.relation_weight, pair, relation_heads=heads)],
+                        p.epochs, p.lr),
+                  Stage("finetune", [LossTerm("hard_ce", 1.0)], p.finetune_epochs, p.finetune_lr)]
+    elif method in ("pkd-last", "pkd-skip"):
+        if shapes.student_hidden != shapes.teacher_hidden:
+            raise MappingError(f"{method}: the patience loss compares normalised [CLS] vectors, so widths must "
+                               f"match; the teacher's hidden size is {shapes.teacher_hidden}, the student's "
+                               f"{shapes.student_hidden}. Set --student-hidden {shapes.teacher_hidden}")
+        if p.layer_map:
+            pairs = parse_layer_map(p.layer_map, shapes)
+        elif method == "pkd-skip":
+            pairs = [(i, t) for i, t in uniform_pairs(n_s, n_t)][:-1]  # the last layer is covered by KD
+        else:
+            pairs = [(i, n_t - n_s + i) for i in range(n_s - 1)]
+        terms = [LossTerm("soft_ce", p.alpha, temperature=p.temperature, times_t2=True),
+                 LossTerm("hard_ce", 1.0 - p.alpha)]
+        if pairs:
+            terms.append(LossTerm("pkd", p.beta, pairs))
+        stages = [Stage("pkd", terms, p.epochs, p.lr)]
+    elif method == "bert-emd":
+        _need_equal_heads(shapes, method)
+        stages = [Stage("emd", [LossTerm("emb_mse", p.beta), LossTerm("emd_att", p.beta * p.theta),
+                                LossTerm("emd_hidden", p.beta * p.theta),
+                                LossTerm("soft_ce", p.kd_weight, temperature=p.temperature, times_t2=True),
+                                LossTerm("hard_ce", p.ce_weight)], p.epochs, p.lr)]
+    else:  # ernie-tiny
+        latent = _latent_terms(p, shapes, method)
+        stages = [Stage("general", latent, p.general_epochs, p.lr, teacher="pretrained", data="general"),
+                  Stage("general-enhanced", latent, p.enhanced_epochs, p.lr, teacher="finetuned", data="general"),
+                  Stage("task-adaptive", latent, p.adaptive_epochs, p.lr, teacher="finetuned", data="task"),
+                  Stage("task-specific", latent + [LossTerm("soft_ce", p.soft_weight, temperature=p.temperature),
+                                                   LossTerm("hard_ce", p.hard_weight)],
+                        p.specific_epochs, p.lr, teacher="finetuned", data="task")]
+    if mode == "general":
+        general = []
+        for s in stages:
+            terms = [t for t in s.terms if t.kind in LATENT_KINDS]
+            if terms:
+                general.append(dataclasses.replace(s, terms=terms, teacher="pretrained", data="general"))
+        if not general:
+            raise ValueError(f"mode: {method} has no task-agnostic (intermediate-layer) loss, so it can't run "
+                             f"with --mode general; use tinybert, minilm, minilmv2, bert-emd or ernie-tiny")
+        # ERNIE-Tiny's stages 1-3 collapse to one general stage without a fine-tuned teacher.
+        stages = general[:1] if method == "ernie-tiny" else general
+    for s in stages:
+        s.terms = [t for t in s.terms if t.weight != 0.0]  # a zero weight switches a term off
+        if not s.terms:
+            raise ValueError(f"{method}: every loss weight of stage {s.name!r} is 0; nothing to train")
+    return Recipe(method, stages, p)
+
+
+def capture_plan(terms: list[LossTerm], side: str) -> dict[str, Any]:
+    """What one side ("student" or "teacher") must record for ``terms``: embeddings (bool), hidden layers,
+    {layer: "qkv" letters}, all layers (for EMD), logits (bool)."""
+    idx = 0 if side == "student" else 1
+    plan: dict[str, Any] = {"embeddings": False, "hidden": set(), "qkv": {}, "all_hidden": False,
+                            "all_qk": False, "logits": False}
+
+    def add_qkv(layer: int, letters: str):
+        plan["qkv"][layer] = "".join(sorted(set(plan["qkv"].get(layer, "")) | set(letters)))
+
+    for t in terms:
+        if t.kind == "emb_mse":
+            plan["embeddings"] = True
+        elif t.kind in ("hidden_mse", "pkd"):
+            plan["hidden"].update(p[idx] for p in t.pairs)
+        elif t.kind in ("att_mse", "att_kl"):
+            for p in t.pairs:
+                add_qkv(p[idx], "qk")
+        elif t.kind == "value_kl":
+            for p in t.pairs:
+                add_qkv(p[idx], "v")
+        elif t.kind == "qkv_relation":
+            for p in t.pairs:
+                add_qkv(p[idx], "qkv")
+        elif t.kind == "emd_hidden":
+            plan["all_hidden"] = True
+        elif t.kind == "emd_att":
+            plan["all_qk"] = True
+        elif t.kind == "soft_ce":
+            plan["logits"] = True
+    return plan
+
+
+def describe(recipe: Recipe) -> str:
+    lines = [f"method {recipe.method}: {len(recipe.stages)} stage(s)"]
+    for i, s in enumerate(recipe.stages, 1):
+        terms = ", ".join(f"{t.kind}×{t.weight:g}" + (f" {t.pairs}" if t.pairs else "") for t in s.terms)
+        lines.append(f"  {i}. {s.name}: {s.epochs} epoch(s), lr {s.lr:g}, {s.teacher} teacher, {s.data} data; "
+                     f"{terms}")
+    return "\n".join(lines)

@@ -1,0 +1,1374 @@
+"""fastkd's lean distillation trainer: ``python -m fastkd.train --method tinybert --etd impt``.
+
+One engine runs every method in :mod:`fastkd.recipes`: a frozen teacher (eval mode, inference mode, SDPA,
+fp16/bf16 on CUDA) whose activations are captured with hooks (only what the recipe reads) or read from a
+:class:`fastkd.cache.TeacherCache`; a student trained with AMP, AdamW (fused on CUDA), warm-up + linear decay,
+gradient clipping and accumulation on length-bucketed, dynamically padded batches; dev evaluation with best-
+checkpoint selection; JSONL metrics and a loss-curve PNG; resumable checkpoints (``--resume`` after kill -9
+ends with the same weights as an uninterrupted run); DDP under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastkd import losses
+from fastkd.capture import ActivationCapture
+from fastkd.recipes import (
+    METHODS,
+    LossTerm,
+    MappingError,
+    Recipe,
+    Shapes,
+    Stage,
+    build_recipe,
+    capture_plan,
+    describe,
+    load_config_file,
+    make_params,
+    parse_set,
+)
+
+CPU_TRAIN_EXAMPLES = 2000  # the CPU default subset (the full data on a GPU)
+CPU_DEV_EXAMPLES = 872
+CPU_MAX_EPOCHS = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+# ---------------------------------------------------------------- data / batching / cache (T2's modules)
+
+
+def _fallback_tokenize(ds, tokenizer, max_length: int):
+    def enc(batch):
+        ids = tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]
+        return {"input_ids": ids, "length": [len(x) for x in ids]}
+
+    return ds.map(enc, batched=True)
+
+
+def tokenize(ds, tokenizer, max_length: int):
+    try:
+        from fastkd.data import tokenize as t2_tokenize
+    except ImportError:
+        return _fallback_tokenize(ds, tokenizer, max_length)
+    return t2_tokenize(ds, tokenizer, max_length)
+
+
+def load_texts(source: str, split: str = "train"):
+    try:
+        from fastkd.data import load_texts as t2_load_texts
+    except ImportError:
+        from fastkd.data import TASKS, load_task
+
+        if source in TASKS:
+            return load_task(source, split)
+        raise
+    return t2_load_texts(source, split)
+
+
+@dataclass
+class _FallbackBatch:
+    index: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+
+    def to(self, device):
+        return dataclasses.replace(self, index=self.index, input_ids=self.input_ids.to(device, non_blocking=True),
+                                   attention_mask=self.attention_mask.to(device, non_blocking=True),
+                                   labels=None if self.labels is None else self.labels.to(device))
+
+
+def _fallback_collate(features, pad_token_id):
+    L = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), L), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(features), L), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        mask[i, :n] = 1
+    labels = torch.tensor([f["label"] for f in features]) if "label" in features[0] else None
+    return _FallbackBatch(torch.tensor([f["index"] for f in features]), ids, mask, labels)
+
+
+class _FallbackSampler:
+    """Length-bucketed, shuffled, deterministic batches of indices, resumable mid-epoch."""
+
+    def __init__(self, lengths, batch_size, *, seed=0, shuffle=True, drop_last=False, rank=0, world_size=1):
+        self.lengths, self.batch_size, self.seed, self.shuffle = list(lengths), batch_size, seed, shuffle
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch, self.position = 0, 0
+
+    def _batches(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        n = len(self.lengths)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        chunk = self.batch_size * 50  # sort within chunks of 50 batches: similar lengths, still random
+        batches = []
+        for c in range(0, n, chunk):
+            part = sorted(order[c:c + chunk], key=lambda i: self.lengths[i])
+            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.shuffle:
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in perm]
+        usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
+        return batches[self.rank:usable:self.world_size]
+
+    def set_epoch(self, epoch):
+        self.epoch, self.position = epoch, 0
+
+    def __iter__(self):
+        batches = self._batches()
+        while self.position < len(batches):
+            b = batches[self.position]
+            self.position += 1
+            yield b
+
+    def __len__(self):
+        return len(self._batches())
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, d):
+        self.epoch, self.position = d["epoch"], d["position"]
+
+
+def get_sampler_cls():
+    try:
+        from fastkd.batching import LengthBucketSampler
+
+        return LengthBucketSampler
+    except ImportError:
+        return _FallbackSampler
+
+
+def get_collate():
+    try:
+        from fastkd.batching import collate
+
+        return collate
+    except ImportError:
+        return _fallback_collate
+
+
+class _FallbackCache:
+    """In-memory / torch.save teacher cache with TeacherCache's interface (used until fastkd.cache lands)."""
+
+    def __init__(self, mode, root, key):
+        self.mode, self.key = mode, key
+        self.path = Path(root) / f"{key}.pt" if (mode == "disk" and root is not None) else None
+        self.store: dict[int, dict[str, torch.Tensor]] = {}
+        if self.path is not None and self.path.is_file():
+            self.store = torch.load(self.path)
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def make_key(**parts) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def get(self, index, lengths):
+        if self.mode == "off" or any(int(i) not in self.store for i in index):
+            self.misses += len(index)
+            return None
+        self.hits += len(index)
+        L = int(lengths.max())
+        out = {}
+        for name in self.store[int(index[0])]:
+            items = [self.store[int(i)][name] for i in index]
+            seq = items[0][1]
+            if seq is None:
+                out[name] = torch.stack([t for t, _ in items])
+            else:
+                padded = []
+                for t, _ in items:
+                    pad = [0, 0] * (t.dim() - seq - 1) + [0, L - t.shape[seq]]
+                    padded.append(F.pad(t, pad))
+                out[name] = torch.stack(padded)
+        return out
+
+    def put(self, index, lengths, tensors, seq_dims):
+        if self.mode == "off":
+            return
+        for b, i in enumerate(index.tolist()):
+            n = int(lengths[b])
+            ex = {}
+            for name, t in tensors.items():
+                s = seq_dims[name]
+                x = t[b]
+                if s is not None:
+                    x = x.narrow(s - 1, 0, n)
+                ex[name] = (x.to("cpu", torch.float16).clone(), None if s is None else s - 1)
+            self.store[i] = ex
+
+    def flush(self):
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.store, self.path)
+
+    @property
+    def stats(self):
+        total = self.hits + self.misses
+        nbytes = sum(t.numel() * t.element_size() for ex in self.store.values() for t, _ in ex.values())
+        return {"hits": self.hits, "misses": self.misses, "bytes": nbytes, "hit_rate": self.hits / max(1, total)}
+
+
+def get_cache_cls():
+    try:
+        from fastkd.cache import TeacherCache
+
+        return TeacherCache
+    except ImportError:
+        return _FallbackCache
+
+
+def batches_for_epoch(sampler, dataset, pad_token_id: int):
+    """Collated batches for the sampler's current epoch (from its current position)."""
+    collate = get_collate()
+    cols = [c for c in ("input_ids", "label") if c in dataset.column_names]
+    for idx in sampler:
+        rows = dataset[list(idx)]
+        feats = [{"index": i, **{c: rows[c][j] for c in cols}} for j, i in enumerate(idx)]
+        yield collate(feats, pad_token_id)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return f
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    method: str = "tinybert"
+    mode: str = "task"  # "task" | "general"
+    task: str = "sst2"  # a task name (fastkd.data.TASKS) or a path to a labelled .tsv/.csv/.json(l) file
+    dev: str | None = None  # dev data (task name or path); default: the task's dev split
+    test: str | None = None  # test data; default: the task's test split
+    general_corpus: str | None = None  # unlabelled text (--mode general: the task's; ERNIE-Tiny: agnews)
+    teacher: str | None = None  # a local model folder; default the packaged MiniLM
+    output_dir: str | None = None
+    etd: str = "none"  # "impt" | "rand" | "none" (none: copy uniformly chosen teacher layers when widths match)
+    student_layers: int = 3
+    student_hidden: int = 384
+    student_heads: int = 12
+    student_ffn: int = 1536
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_length: int = 128
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    epochs: int | None = None  # overrides every stage's epochs
+    max_train_examples: int | None = None  # default: all on a GPU, CPU_TRAIN_EXAMPLES on a CPU
+    max_dev_examples: int | None = None
+    teacher_dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    amp: str = "auto"  # auto (bf16 if supported, else fp16 + GradScaler on CUDA; off on CPU) | bf16 | fp16 | off
+    cache: str = "memory"  # off | memory | disk
+    cache_dir: str | None = None
+    finetune_epochs: int | None = None  # teacher fine-tuning epochs (default 3 on a GPU, 1 on a CPU)
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at epoch ends)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    log_every: int = 10
+    latency_runs: int = 20
+    progress: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m fastkd.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--mode", default=d.mode, choices=["task", "general"])
+    p.add_argument("--task", default=d.task, help="task name (sst2, agnews) or a labelled data file")
+    p.add_argument("--dev", default=None)
+    p.add_argument("--test", default=None)
+    p.add_argument("--general-corpus", default=None,
+                   help="unlabelled text: a task name or a file (default: --task in general mode, agnews for "
+                        "ERNIE-Tiny's general stages)")
+    p.add_argument("--teacher", default=None, help="local model folder (default: the packaged MiniLM)")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--etd", default=d.etd, choices=["impt", "rand", "none"])
+    for name in ("student_layers", "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum",
+                 "max_length", "save_every", "keep_checkpoints", "seed", "log_every", "latency_runs"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("warmup", "weight_decay", "max_grad_norm"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    for name in ("epochs", "max_train_examples", "max_dev_examples", "finetune_epochs"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--teacher-dtype", default=d.teacher_dtype, choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--cache", default=d.cache, choices=["off", "memory", "disk"])
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="override a recipe setting, e.g. tinybert.att_weight=2 (repeatable)")
+    p.add_argument("--config", default=None, help="JSON/YAML file of recipe overrides (+ a 'train' section)")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    values = vars(args)
+    if args.config:
+        data = load_config_file(args.config)
+        train_section = data.pop("train", {}) or {}
+        defaults = vars(build_parser().parse_args([]))
+        for k, v in train_section.items():
+            k = k.replace("-", "_")
+            if k not in defaults:
+                raise ValueError(f"--config: unknown train option {k!r}")
+            if values[k] == defaults[k]:  # the command line wins over the file
+                values[k] = v
+        overrides.update(data)
+    overrides.update(parse_set(values.pop("set")))
+    values.pop("config")
+    cfg = TrainConfig(**values, overrides=overrides)
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {cfg.method!r}")
+    for name in ("batch_size", "grad_accum", "max_length", "student_layers", "student_hidden", "student_heads",
+                 "student_ffn"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(cfg, name)}")
+    return cfg
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), world, local)
+
+
+# ---------------------------------------------------------------- models
+
+
+def _has_task_head(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def student_config(teacher_config, cfg: TrainConfig):
+    sc = type(teacher_config).from_dict(teacher_config.to_dict())
+    sc.num_hidden_layers, sc.hidden_size = cfg.student_layers, cfg.student_hidden
+    sc.num_attention_heads, sc.intermediate_size = cfg.student_heads, cfg.student_ffn
+    return sc
+
+
+def etd_batches(dataset, batch_size: int, pad_token_id: int, seed: int):
+    """Labelled (when known) batches as dicts for fastkd.etd's importance pass."""
+    sampler = get_sampler_cls()(list(dataset["length"]), batch_size, seed=seed, shuffle=True)
+    for b in batches_for_epoch(sampler, dataset, pad_token_id):
+        d = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+        if b.labels is not None:
+            d["labels"] = b.labels
+        yield d
+
+
+def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num_batches: int = 64) -> nn.Module:
+    """The student: ETD extraction (``--etd impt|rand``, fastkd.etd) or, with ``--etd none``, the teacher's
+    class with uniformly chosen teacher layers copied when widths match (PKD's init), else random init."""
+    torch.manual_seed(cfg.seed)
+    if cfg.etd != "none":
+        try:
+            from fastkd.etd import extract_student
+        except ImportError as e:
+            raise ValueError(f"--etd {cfg.etd}: fastkd.etd is not available ({e}); use --etd none") from e
+        log(f"student: extracting with ETD ({cfg.etd}) from the teacher"
+            + (f" (importance over {num_batches} batches)" if cfg.etd == "impt" else ""))
+        return extract_student(teacher, num_layers=cfg.student_layers, hidden_size=cfg.student_hidden,
+                               num_heads=cfg.student_heads, intermediate_size=cfg.student_ffn, strategy=cfg.etd,
+                               data=data, seed=cfg.seed, num_batches=num_batches)
+    tc = teacher.config
+    student = type(teacher)(student_config(tc, cfg))
+    same_width = (cfg.student_hidden, cfg.student_heads, cfg.student_ffn) == (
+        tc.hidden_size, tc.num_attention_heads, tc.intermediate_size)
+    if same_width:
+        n_t, n_s = tc.num_hidden_layers, cfg.student_layers
+        pick = [i * n_t // n_s for i in range(n_s)]
+        t_sd = teacher.state_dict()
+        prefix = teacher.base_model_prefix + "." if any(k.startswith(teacher.base_model_prefix + ".")
+                                                       for k in t_sd) else ""
+        new = {}
+        for k in student.state_dict():
+            src = k
+            layer_tag = f"{prefix}encoder.layer."
+            if k.startswith(layer_tag):
+                i, rest = k[len(layer_tag):].split(".", 1)
+                src = f"{layer_tag}{pick[int(i)]}.{rest}"
+            if src in t_sd:
+                new[k] = t_sd[src].to(torch.float32).clone()
+        student.load_state_dict(new, strict=False)
+        log(f"student: --etd none, copied teacher embeddings and layers {pick} (same width)")
+    else:
+        log("student: --etd none and widths differ from the teacher's: random initialisation")
+    return student
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- teacher activations
+
+
+SEQ_DIMS = {"emb": 1, "hidden": 1, "q": 2, "k": 2, "v": 2, "logits": None}
+
+
+def seq_dim(name: str) -> int | None:
+    return SEQ_DIMS[name.split(".")[0]]
+
+
+def plan_fields(plan: dict, n_layers: int) -> list[str]:
+    names = ["emb"] if plan["embeddings"] else []
+    hidden = set(range(n_layers)) if plan["all_hidden"] else set(plan["hidden"])
+    names += [f"hidden.{i}" for i in sorted(hidden)]
+    qkv = {i: set(s) for i, s in plan["qkv"].items()}
+    if plan["all_qk"]:
+        for i in range(n_layers):
+            qkv.setdefault(i, set()).update("qk")
+    names += [f"{c}.{i}" for i in sorted(qkv) for c in sorted(qkv[i])]
+    if plan["logits"]:
+        names.append("logits")
+    return names
+
+
+@contextlib.contextmanager
+def capture_fields(model: nn.Module, fields: list[str]):
+    """Hooks recording ``fields`` (cache naming) on ``model``; yields a function returning them."""
+    hidden = [int(f.split(".")[1]) for f in fields if f.startswith("hidden.")]
+    qkv: dict[int, str] = {}
+    for f in fields:
+        c, _, i = f.partition(".")
+        if c in "qkv" and i:
+            qkv[int(i)] = qkv.get(int(i), "") + c
+    layers = sorted(set(hidden) | set(qkv))
+    with ActivationCapture(model, layers, hidden=hidden, qkv=qkv, embeddings="emb" in fields) as cap:
+        def read(output) -> dict[str, torch.Tensor]:
+            out = {}
+            if "emb" in fields:
+                out["emb"] = cap.out.embeddings
+            for i in hidden:
+                out[f"hidden.{i}"] = cap.out.hidden[i]
+            for i, letters in qkv.items():
+                for c in letters:
+                    out[f"{c}.{i}"] = getattr(cap.out, c)[i]
+            if "logits" in fields:
+                out["logits"] = output.logits
+            return out
+
+        yield read
+
+
+class TeacherRunner:
+    """Teacher activations for a batch: from the cache when every example is there, else a live forward in
+    inference mode (and stored). Counts live forwards (``calls``) so tests can prove the cache is used."""
+
+    def __init__(self, teacher: nn.Module, fields: list[str], cache, device):
+        self.teacher, self.fields, self.cache, self.device = teacher, fields, cache, device
+        self.calls = 0
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        lengths = batch.attention_mask.sum(1).cpu()
+        if self.cache is not None:
+            got = self.cache.get(batch.index, lengths)
+            if got is not None:
+                return {k: v.to(self.device, non_blocking=True) for k, v in got.items()}
+        self.calls += 1
+        with torch.inference_mode(), capture_fields(self.teacher, self.fields) as read:
+            out = read(self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask))
+        if self.cache is not None:
+            self.cache.put(batch.index, lengths, out, {k: seq_dim(k) for k in out})
+        return out
+
+
+# ---------------------------------------------------------------- the loss module
+
+
+def _to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, d] per-head projections back to [B, L, H·d] (MiniLM relations re-split them)."""
+    B, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * d)
+
+
+def emd_update(plan: torch.Tensor, cost: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor):
+    """BERT-EMD's cost attention: c_i = Σ_j f_ij d_ij, w̄_i = c_i / w_i, w_i ∝ (Σ w̄) / w̄_i, normalised;
+    the same over j for the teacher."""
+    def side(c, w):
+        wbar = (c / w.clamp_min(1e-12)).clamp_min(1e-12)
+        new = wbar.sum() / wbar
+        return new / new.sum()
+
+    plan, cost = plan.double(), cost.double()
+    return side((plan * cost).sum(1), w_s.double()).float(), side((plan * cost).sum(0), w_t.double()).float()
+
+
+class DistillModule(nn.Module):
+    """Student + the recipe's trainable extras (TinyBERT's fit_dense); forward returns (total, terms)."""
+
+    def __init__(self, student: nn.Module, shapes: Shapes, recipe: Recipe):
+        super().__init__()
+        self.student = student
+        self.shapes = shapes
+        self.fit = nn.Linear(shapes.student_hidden, shapes.teacher_hidden) \
+            if shapes.student_hidden != shapes.teacher_hidden else None
+        self.has_emd = any(t.kind.startswith("emd_") for s in recipe.stages for t in s.terms)
+        n_s, n_t = shapes.student_layers, shapes.teacher_layers
+        self.register_buffer("emd_w_s", torch.full((n_s,), 1.0 / n_s))
+        self.register_buffer("emd_w_t", torch.full((n_t,), 1.0 / n_t))
+        self.terms: list[LossTerm] = []
+        self.student_fields: list[str] = []
+        self.emd_last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.emd_eps = getattr(recipe.params, "sinkhorn_eps", None)
+        self.emd_iters = getattr(recipe.params, "sinkhorn_iters", None)
+
+    def set_stage(self, stage: Stage):
+        self.terms = stage.terms
+        fields = plan_fields(capture_plan(stage.terms, "student"), self.shapes.student_layers)
+        self.student_fields = [f for f in fields if f != "logits"]
+
+    def _project(self, h):
+        if self.fit is None:
+            return h, None, None
+        return h, self.fit.weight.to(h.dtype), self.fit.bias.to(h.dtype)
+
+    def forward(self, input_ids, attention_mask, labels, teacher: dict[str, torch.Tensor]):
+        mask = attention_mask.bool()
+        with capture_fields(self.student, self.student_fields) as read:
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask)
+            s = read(out)
+        logits = getattr(out, "logits", None)
+        t = teacher
+        terms: dict[str, torch.Tensor] = {}
+
+        def like(x_t, x_s):
+            return x_t if x_t.dtype == x_s.dtype else x_t.to(x_s.dtype)
+
+        for term in self.terms:
+            k = term.kind
+            if k == "emb_mse":
+                h, w, b = self._project(s["emb"])
+                val = losses.hidden_mse(h, like(t["emb"], h), w, b, mask)
+            elif k == "hidden_mse":
+                hs = torch.stack([s[f"hidden.{i}"] for i, _ in term.pairs])
+                ht = torch.stack([t[f"hidden.{j}"] for _, j in term.pairs])
+                K = len(term.pairs)
+                w = b = None
+                if self.fit is not None:
+                    _, w, b = self._project(hs)
+                    w, b = w.expand(K, -1, -1), b.expand(K, -1)
+                val = losses.hidden_mse(hs, like(ht, hs), w, b, mask) * K  # summed over layers, as TinyBERT
+            elif k in ("att_mse", "att_kl"):
+                fn = losses.attention_mse if k == "att_mse" else losses.attention_kl
+                val = sum(fn(s[f"q.{i}"], s[f"k.{i}"], like(t[f"q.{j}"], s[f"q.{i}"]), like(t[f"k.{j}"], s[f"k.{i}"]),
+                             mask) for i, j in term.pairs)
+            elif k == "value_kl":
+                val = sum(losses.relation_kl(_to_tokens(s[f"v.{i}"]), like(_to_tokens(t[f"v.{j}"]), s[f"v.{i}"]),
+                                             self.shapes.student_heads, mask) for i, j in term.pairs)
+            elif k == "qkv_relation":
+                val = sum(losses.relation_kl(_to_tokens(s[f"{c}.{i}"]),
+                                             like(_to_tokens(t[f"{c}.{j}"]), s[f"{c}.{i}"]),
+                                             term.relation_heads, mask) / 3.0
+                          for i, j in term.pairs for c in "qkv")
+            elif k == "pkd":
+                hs = torch.stack([s[f"hidden.{i}"][:, 0] for i, _ in term.pairs])
+                ht = torch.stack([t[f"hidden.{j}"][:, 0] for _, j in term.pairs])
+                val = losses.pkd_mse(hs, like(ht, hs))
+            elif k in ("emd_att", "emd_hidden"):
+                val = self._emd(k, s, t, mask)
+            elif k == "soft_ce":
+                val = losses.soft_cross_entropy(logits.float(), t["logits"].float(), term.temperature)
+                if term.times_t2:
+                    val = val * term.temperature ** 2
+            elif k == "hard_ce":
+                if labels is None:
+                    raise ValueError("hard_ce: this stage needs labels but the data has none")
+                val = F.cross_entropy(logits.float(), labels)
+            else:  # pragma: no cover - recipes validate kinds
+                raise ValueError(f"unknown loss kind {k!r}")
+            terms[k] = terms.get(k, 0.0) + term.weight * val
+        total = sum(terms.values())
+        return total, terms
+
+    def _emd(self, kind, s, t, mask):
+        n_s, n_t = self.shapes.student_layers, self.shapes.teacher_layers
+        cost = None
+        if hasattr(losses, "layer_costs"):  # all M×N costs from Gram matrices (kernels engineer's)
+            if kind == "emd_att":
+                q_s = torch.stack([s[f"q.{i}"] for i in range(n_s)])
+                k_s = torch.stack([s[f"k.{i}"] for i in range(n_s)])
+                q_t = torch.stack([t[f"q.{j}"] for j in range(n_t)]).to(q_s.dtype)
+                k_t = torch.stack([t[f"k.{j}"] for j in range(n_t)]).to(k_s.dtype)
+                cost = losses.layer_costs(q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, mask=mask)[1]
+            else:
+                h_s = torch.stack([s[f"hidden.{i}"] for i in range(n_s)])
+                _, w, b = self._project(h_s[0])
+                h_t = torch.stack([t[f"hidden.{j}"] for j in range(n_t)]).to(h_s.dtype)
+                cost = losses.layer_costs(h_s=h_s, h_t=h_t, weight=w, bias=b, mask=mask)[0]
+        else:  # loop the pairwise losses
+            rows = []
+            for i in range(n_s):
+                row = []
+                for j in range(n_t):
+                    if kind == "emd_att":
+                        q_s, k_s = s[f"q.{i}"], s[f"k.{i}"]
+                        row.append(losses.attention_mse(q_s, k_s, t[f"q.{j}"].to(q_s.dtype),
+                                                        t[f"k.{j}"].to(k_s.dtype), mask))
+                    else:
+                        h, w, b = self._project(s[f"hidden.{i}"])
+                        row.append(losses.hidden_mse(h, t[f"hidden.{j}"].to(h.dtype), w, b, mask))
+                rows.append(torch.stack(row))
+            cost = torch.stack(rows)
+        cost = cost.float()  # [M, N]
+        loss, plan = losses.emd_loss(cost[None], self.emd_w_s[None].float(), self.emd_w_t[None].float(),
+                                     eps=self.emd_eps, iters=self.emd_iters)
+        self.emd_last[kind] = (plan[0].detach(), cost.detach())
+        return loss[0]
+
+    @torch.no_grad()
+    def update_emd_weights(self, dist: Dist):
+        """After an optimizer step: cost attention on the attention and hidden EMD problems, averaged."""
+        if not self.emd_last:
+            return
+        new_s, new_t = [], []
+        for plan, cost in self.emd_last.values():
+            if dist.enabled:  # every rank must agree on the weights: use the mean plan·cost
+                import torch.distributed as tdist
+
+                pc = torch.stack([plan, cost])
+                tdist.all_reduce(pc)
+                plan, cost = pc[0] / dist.world_size, pc[1] / dist.world_size
+            try:
+                from fastkd.emd import update_layer_weights
+            except ImportError:
+                update_layer_weights = emd_update
+            ws, wt = update_layer_weights(plan, cost, self.emd_w_s, self.emd_w_t)
+            new_s.append(ws)
+            new_t.append(wt)
+        self.emd_w_s.copy_(torch.stack(new_s).mean(0))
+        self.emd_w_t.copy_(torch.stack(new_t).mean(0))
+        self.emd_last.clear()
+
+
+# ---------------------------------------------------------------- evaluation and latency
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int, device, pad_token_id: int) -> float:
+    """Accuracy of a sequence-classification model on a tokenised, labelled dataset."""
+    was_training = model.training
+    model.eval()
+    lengths = list(dataset["length"])
+    order = sorted(range(len(dataset)), key=lambda i: lengths[i])
+    collate = get_collate()
+    correct = 0
+    for c in range(0, len(order), batch_size):
+        idx = order[c:c + batch_size]
+        rows = dataset[idx]
+        batch = collate([{"index": i, "input_ids": rows["input_ids"][j], "label": rows["label"][j]}
+                         for j, i in enumerate(idx)], pad_token_id).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        correct += int((logits.argmax(-1) == batch.labels).sum())
+    model.train(was_training)
+    return correct / max(1, len(order))
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, input_ids: list[int], runs: int = 20) -> float:
+    """Median batch-1 CPU latency (ms) of ``model`` on one sequence, fp32, after warm-up."""
+    m = model.to("cpu").float().eval()
+    x = torch.tensor([input_ids])
+    mask = torch.ones_like(x)
+    for _ in range(3):
+        m(input_ids=x, attention_mask=mask)
+    times = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        m(input_ids=x, attention_mask=mask)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict):
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _atomic_save(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    ckpts = sorted((out_dir / "checkpoints").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+RUN_FILE = "run.json"
+# Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
+_IDENTITY = ("method", "mode", "task", "teacher", "etd", "student_layers", "student_hidden", "student_heads",
+             "student_ffn", "batch_size", "grad_accum", "seed", "epochs", "max_train_examples", "overrides")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=None):
+        self.cfg = cfg
+        self.dist = init_distributed()
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.on_cpu = self.device.type == "cpu"
+        self._log = log or print
+        self.metrics_file = None
+        self.teacher_calls = 0
+        self.cache_stats: list[dict] = []
+        self.last_ckpt: Path | None = None
+
+    def log(self, msg: str):
+        if self.dist.main:
+            self._log(msg)
+
+    # ------------------------------------------------------------ setup (all checks before any training)
+
+    def _dtype(self) -> torch.dtype:
+        name = self.cfg.teacher_dtype
+        if name == "auto":
+            return torch.float32 if self.on_cpu else torch.float16
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+    def _amp(self):
+        a = self.cfg.amp
+        if a == "off" or (a == "auto" and self.on_cpu):
+            return None
+        if a == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[a]
+
+    def _prepare_output(self):
+        cfg = self.cfg
+        if cfg.output_dir is None:
+            cfg.output_dir = str(Path("runs") / f"{cfg.method}-{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = Path(cfg.output_dir)
+        run_file = out / RUN_FILE
+        mine = {k: getattr(cfg, k) for k in _IDENTITY}
+        if not self.dist.main:  # rank 0 checks (and then writes) the folder
+            return out, mine
+        if cfg.resume:
+            if not run_file.is_file():
+                raise ValueError(f"--resume: {out} holds no run to resume (no {RUN_FILE}); drop --resume")
+            saved = json.loads(run_file.read_text())["identity"]
+            diff = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(mine)).items() if saved.get(k) != v}
+            if diff:
+                raise ValueError(f"--resume: {out} holds a different run; settings differ: "
+                                 + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in diff.items()))
+        elif out.exists() and any(out.iterdir()):
+            what = "another run" if run_file.is_file() else "other files"
+            if run_file.is_file():
+                saved = json.loads(run_file.read_text())
+                what = f"another run (method {saved['identity'].get('method')}, started {saved.get('started')})"
+            raise ValueError(f"--output-dir: {out} already holds {what}; pass --resume to continue it or choose "
+                             f"an empty/new --output-dir")
+        return out, mine
+
+    def _load_task_data(self, tokenizer):
+        cfg = self.cfg
+        from fastkd.data import TASKS
+
+        train = load_texts(cfg.task, "train")
+        if cfg.dev:
+            dev = load_texts(cfg.dev, "dev")
+        elif cfg.task in TASKS:
+            dev = load_texts(cfg.task, "dev")
+        else:
+            dev = None
+        if cfg.test:
+            test = load_texts(cfg.test, "test")
+        elif cfg.task in TASKS:
+            test = load_texts(cfg.task, "test")
+        else:
+            test = None
+        if "label" not in train.column_names:
+            raise ValueError(f"--task: {cfg.task} has no labels; task mode needs labelled data "
+                             f"(use --mode general for unlabelled text)")
+        names = list(TASKS[cfg.task].labels) if cfg.task in TASKS else None
+        n_labels = len(names) if names else int(max(train["label"])) + 1
+        names = names or [str(i) for i in range(n_labels)]
+        for split_name, ds in (("train", train), ("dev", dev), ("test", test)):
+            if ds is not None and "label" in ds.column_names and len(ds):
+                lo, hi = min(ds["label"]), max(ds["label"])
+                if lo < 0 or hi >= n_labels:
+                    raise ValueError(f"data: {split_name} labels span {lo}..{hi}, expected 0..{n_labels - 1} "
+                                     f"({names})")
+        return train, dev, test, names
+
+    def _subset(self, ds, n: int | None, seed: int):
+        if n is None or n >= len(ds):
+            return ds
+        return ds.shuffle(seed=seed).select(range(n))
+
+    def setup(self):
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+        from fastkd.finetune import FinetuneConfig, data_digest, finetune_teacher, model_digest
+        from fastkd.models import resolve_model_path
+
+        cfg = self.cfg
+        self.out_dir, identity = self._prepare_output()
+        teacher_path = resolve_model_path(cfg.teacher)
+        if not Path(str(teacher_path)).is_dir():
+            raise ValueError(f"--teacher: {teacher_path} is not a local model folder")
+        tconf = AutoConfig.from_pretrained(teacher_path)
+        shapes = Shapes(tconf.num_hidden_layers, cfg.student_layers, tconf.hidden_size, cfg.student_hidden,
+                        tconf.num_attention_heads, cfg.student_heads)
+        params = make_params(cfg.method, cfg.overrides)
+        self.recipe = build_recipe(cfg.method, shapes, params, mode=cfg.mode)  # mapping errors raise here
+        if cfg.epochs is not None:
+            for s in self.recipe.stages:
+                s.epochs = cfg.epochs
+        elif self.on_cpu:
+            for s in self.recipe.stages:
+                s.epochs = min(s.epochs, CPU_MAX_EPOCHS)
+        self.shapes = shapes
+        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        n_train = cfg.max_train_examples if cfg.max_train_examples is not None else (
+            CPU_TRAIN_EXAMPLES if self.on_cpu else None)
+        n_dev = cfg.max_dev_examples if cfg.max_dev_examples is not None else (
+            CPU_DEV_EXAMPLES if self.on_cpu else None)
+        self.subset_note = ""
+        if self.on_cpu and (cfg.max_train_examples is None or cfg.epochs is None):
+            self.subset_note = (f"CPU default profile: training on a {n_train}-example subset per data source, "
+                                f"dev subset {n_dev}, at most {CPU_MAX_EPOCHS} epoch(s) per stage, teacher in "
+                                f"fp32 (half-precision matmuls are slow on CPUs); a GPU run uses the full data")
+            self.log(self.subset_note)
+
+        # Data (missing data fails here, naming the paths tried).
+        needs_general = any(s.data == "general" for s in self.recipe.stages)
+        self.data: dict[str, Any] = {}
+        names = None
+        if cfg.mode == "task":
+            train, dev, test, names = self._load_task_data(tokenizer)
+            train = self._subset(train, n_train, cfg.seed)
+            dev = self._subset(dev, n_dev, cfg.seed) if dev is not None else None
+            self.data["task"] = tokenize(train, tokenizer, cfg.max_length)
+            self.data["dev"] = tokenize(dev, tokenizer, cfg.max_length) if dev is not None else None
+            self.data["test"] = tokenize(test, tokenizer, cfg.max_length) if test is not None else None
+            self.label_names = names
+        if needs_general or cfg.mode == "general":
+            # --mode general distils on --general-corpus (default: the --task's training texts, labels
+            # dropped); ERNIE-Tiny's general stages in task mode default to AG News.
+            corpus = cfg.general_corpus or (cfg.task if cfg.mode == "general" else "agnews")
+            gen = load_texts(corpus, "train")
+            gen = self._subset(gen, n_train, cfg.seed + 1)
+            gen = gen.remove_columns([c for c in gen.column_names if c != "text"])
+            self.data["general"] = tokenize(gen, tokenizer, cfg.max_length)
+
+        # Teachers.
+        pretrained_has_head = _has_task_head(tconf)
+        self.teachers: dict[str, nn.Module] = {}
+        tdtype = self._dtype()
+        finetuned_path = teacher_path
+        if cfg.mode == "task":
+            if pretrained_has_head:
+                if tconf.num_labels != len(names):
+                    raise ValueError(
+                        f"--teacher: its task head has {tconf.num_labels} labels "
+                        f"({list(tconf.id2label.values())}) but {cfg.task} has {len(names)} ({names}); use a "
+                        f"teacher fine-tuned on this task or its pretrained encoder (fastkd then fine-tunes it)")
+            else:
+                ft = FinetuneConfig(epochs=cfg.finetune_epochs or (1 if self.on_cpu else 3), seed=cfg.seed,
+                                    batch_size=cfg.batch_size, freeze_word_embeddings=self.on_cpu)
+                root = Path(cfg.cache_dir) if cfg.cache_dir else None
+                train_ds = self.data["task"]
+                fp = data_digest(list(train_ds["text"]), list(train_ds["label"]))
+                if self.dist.main:
+                    finetuned_path = finetune_teacher(teacher_path, tokenizer, train_ds, self.data.get("dev"),
+                                                      names, max_length=cfg.max_length, cfg=ft,
+                                                      data_fingerprint=fp, device=self.device, root=root,
+                                                      log=self.log)
+                if self.dist.enabled:
+                    import torch.distributed as tdist
+
+                    box = [str(finetuned_path)]
+                    tdist.broadcast_object_list(box, src=0)
+                    finetuned_path = Path(box[0])
+        self.teacher_paths = {"pretrained": teacher_path, "finetuned": finetuned_path}
+        for kind in sorted({s.teacher for s in self.recipe.stages}):
+            path = self.teacher_paths[kind]
+            if kind == "finetuned" and cfg.mode == "task":
+                model = AutoModelForSequenceClassification.from_pretrained(path, dtype=tdtype,
+                                                                           attn_implementation="sdpa")
+            else:
+                model = AutoModel.from_pretrained(path, dtype=tdtype, attn_implementation="sdpa")
+            model.to(self.device).eval().requires_grad_(False)
+            self.teachers[kind] = model
+        self.teacher_digest = {k: model_digest(p) for k, p in self.teacher_paths.items()}
+
+        # Student.
+        source = self.teachers["finetuned"] if "finetuned" in self.teachers else self.teachers["pretrained"]
+        src32 = source if tdtype == torch.float32 else type(source).from_pretrained(
+            self.teacher_paths["finetuned" if "finetuned" in self.teachers else "pretrained"],
+            attn_implementation="sdpa")
+        etd_ds = self.data["task"] if cfg.mode == "task" else self.data["general"]
+        student = make_student(src32.to(self.device), cfg, data=etd_batches(etd_ds, cfg.batch_size, self.pad_id,
+                                                                             cfg.seed),
+                               log=self.log, num_batches=16 if self.on_cpu else 64)
+        del src32
+        self.module = DistillModule(student, shapes, self.recipe).to(self.device)
+        self.model = self.module
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.module, device_ids=[self.dist.local_rank] if not self.on_cpu else None,
+                             find_unused_parameters=True)
+        if self.dist.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg.resume:
+                (self.out_dir / RUN_FILE).write_text(json.dumps(
+                    {"identity": identity, "config": dataclasses.asdict(cfg), "started": time.strftime("%c"),
+                     "recipe": describe(self.recipe)}, indent=1, default=str))
+        self.log(describe(self.recipe))
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, state: dict, tag: str):
+        if not self.dist.main:
+            return
+        ckdir = self.out_dir / "checkpoints"
+        ckdir.mkdir(parents=True, exist_ok=True)
+        path = ckdir / f"step-{state['global_step']}.pt"
+        _atomic_save({**state, "model": self.module.state_dict(), "rng": _rng_state(), "tag": tag}, path)
+        self.last_ckpt = path
+        ckpts = sorted(ckdir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+        for old in ckpts[:-max(1, self.cfg.keep_checkpoints)]:
+            old.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ metrics
+
+    def _metric(self, record: dict):
+        if not self.dist.main:
+            return
+        if self.metrics_file is None:
+            self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+
+    def _truncate_metrics(self, step: int):
+        """On resume, drop records written after the checkpoint (they will be produced again)."""
+        f = self.out_dir / "metrics.jsonl"
+        if not f.is_file() or not self.dist.main:
+            return
+        keep = []
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        f.write_text("".join(x + "\n" for x in keep))
+
+    # ------------------------------------------------------------ training
+
+    def _make_cache(self, stage_idx: int, stage: Stage, fields: list[str]):
+        cfg = self.cfg
+        if cfg.cache == "off":
+            return None
+        cls = get_cache_cls()
+        try:
+            from fastkd.cache import fingerprint_dataset, fingerprint_tokenizer
+
+            data_fp, tok_fp = fingerprint_dataset(self.data[stage.data]), fingerprint_tokenizer(self.tokenizer)
+        except ImportError:
+            data_fp = f"{cfg.task}:{stage.data}:{len(self.data[stage.data])}:{cfg.seed}:{cfg.max_train_examples}"
+            tok_fp = type(self.tokenizer).__name__ + str(len(self.tokenizer))
+        key = cls.make_key(teacher=self.teacher_digest[stage.teacher], data=data_fp, tokenizer=tok_fp,
+                           max_length=cfg.max_length, dtype=str(self._dtype()), fields=fields)
+        root = Path(cfg.cache_dir) if cfg.cache_dir else None
+        if cls is _FallbackCache:
+            return cls(cfg.cache, root, key)
+        return cls(cfg.cache, root, key, rank=self.dist.rank)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        ckpt = None
+        if cfg.resume:
+            path = latest_checkpoint(self.out_dir)
+            if path is not None:
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+                self.module.load_state_dict(ckpt["model"])
+                self.last_ckpt = path
+                self._truncate_metrics(ckpt["global_step"])
+                self.log(f"resume: from {path} (stage {ckpt['stage'] + 1}, epoch {ckpt['epoch'] + 1}, "
+                         f"step {ckpt['global_step']})")
+            else:
+                self.log(f"resume: no checkpoint in {self.out_dir}; starting from the beginning")
+                self._truncate_metrics(0)
+        self.best = ckpt["best"] if ckpt else None
+        self.global_step = ckpt["global_step"] if ckpt else 0
+        first_stage = ckpt["stage"] if ckpt else 0
+        amp = self._amp()
+        scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        heads = [i for i, s in enumerate(self.recipe.stages) if s.trains_head]
+        self.last_head_stage = heads[-1] if heads else None
+        for si in range(first_stage, len(self.recipe.stages)):
+            stage = self.recipe.stages[si]
+            self.module.set_stage(stage)
+            fields = plan_fields(capture_plan(stage.terms, "teacher"), self.shapes.teacher_layers)
+            cache = self._make_cache(si, stage, fields)
+            runner = TeacherRunner(self.teachers[stage.teacher], fields, cache, self.device)
+            data = self.data[stage.data]
+            if stage.needs_labels and "label" not in data.column_names:
+                raise ValueError(f"stage {stage.name}: needs labels but its data has none")
+            sampler = get_sampler_cls()(list(data["length"]), cfg.batch_size, seed=cfg.seed + si, shuffle=True,
+                                        rank=self.dist.rank, world_size=self.dist.world_size)
+            steps_per_epoch = max(1, math.ceil(len(sampler) / cfg.grad_accum))
+            total = steps_per_epoch * stage.epochs
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                                     {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                    lr=stage.lr, fused=not self.on_cpu)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(cfg.warmup * total)))
+            first_epoch, stage_step, resume_sampler = 0, 0, None
+            if ckpt is not None:  # the resumed stage: restore its optimizer state unless it had not started
+                if ckpt["stage_step"] or ckpt["epoch"] or ckpt["sampler"] is not None:
+                    opt.load_state_dict(ckpt["optimizer"])
+                    sched.load_state_dict(ckpt["scheduler"])
+                    scaler.load_state_dict(ckpt["scaler"])
+                first_epoch, stage_step, resume_sampler = ckpt["epoch"], ckpt["stage_step"], ckpt["sampler"]
+                _set_rng_state(ckpt["rng"])
+                ckpt = None
+            self.log(f"stage {si + 1}/{len(self.recipe.stages)} {stage.name}: {stage.epochs} epoch(s) x "
+                     f"{steps_per_epoch} steps, {len(data)} examples ({stage.data} data, {stage.teacher} teacher)")
+            for epoch in range(first_epoch, stage.epochs):
+                sampler.set_epoch(epoch)
+                if resume_sampler is not None:
+                    sampler.load_state_dict(resume_sampler)
+                    resume_sampler = None
+                stage_step = self._run_epoch(si, stage, epoch, sampler, data, runner, opt, sched, scaler, amp,
+                                             stage_step, total)
+                self._end_epoch(si, stage, epoch, sampler, opt, sched, scaler, stage_step)
+            self.teacher_calls += runner.calls
+            if cache is not None:
+                cache.flush()
+                st = dict(cache.stats)
+                st.update(stage=stage.name, teacher_forwards=runner.calls)
+                self.cache_stats.append(st)
+                self.log(f"teacher cache ({cfg.cache}) for {stage.name}: {st.get('bytes', 0) / 2**20:.1f} MiB, "
+                         f"hit rate {st.get('hit_rate', 0):.2f}, live teacher forwards {runner.calls}")
+                self._metric({"step": self.global_step, "stage": stage.name, "event": "cache", **st})
+            del cache, runner
+        return {"best": self.best}
+
+    def _run_epoch(self, si, stage, epoch, sampler, data, runner, opt, sched, scaler, amp, stage_step, total):
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        state = sampler.state_dict()
+        position = state.get("batches_done", state.get("position", 0))
+        bar = tqdm(total=len(sampler), initial=position, desc=f"{stage.name} e{epoch + 1}", file=sys.stderr,
+                   disable=not (cfg.progress and self.dist.main), dynamic_ncols=True, unit="batch")
+        self.module.train()
+        micro, window_samples, t_window = 0, 0, time.perf_counter()
+        acc_terms: dict[str, float] = {}
+        batches = batches_for_epoch(sampler, data, self.pad_id)
+        batch = next(batches, None)
+        while batch is not None:
+            nxt_batch = None
+            batch = batch.to(self.device)
+            t_out = runner(batch)
+            # Peek whether this is the epoch's last micro-batch: a partial accumulation window still steps.
+            last_micro = (micro + 1) % cfg.grad_accum == 0
+            if not last_micro:
+                nxt_batch = next(batches, None)
+                last_micro = nxt_batch is None
+            no_sync = self.dist.enabled and not last_micro
+            with self.model.no_sync() if no_sync else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    total_loss, terms = self.model(batch.input_ids, batch.attention_mask, batch.labels, t_out)
+                self._check_finite(terms, stage)
+                scaler.scale(total_loss / cfg.grad_accum).backward()
+            micro += 1
+            window_samples += batch.input_ids.shape[0]
+            for k, v in terms.items():
+                acc_terms[k] = acc_terms.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            bar.update(1)
+            if not last_micro:
+                batch = nxt_batch
+                continue
+            micro = 0
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if self.module.has_emd:
+                self.module.update_emd_weights(self.dist)
+            stage_step += 1
+            self.global_step += 1
+            if self.global_step % max(1, cfg.log_every) == 0 or stage_step == total:
+                dt = time.perf_counter() - t_window
+                rate = window_samples * self.dist.world_size / max(dt, 1e-9)
+                rec = {"step": self.global_step, "stage": stage.name, "epoch": epoch,
+                       "loss": sum(acc_terms.values()), **{f"loss_{k}": v for k, v in acc_terms.items()},
+                       "lr": sched.get_last_lr()[0], "samples_per_s": rate}
+                if self.module.has_emd:
+                    rec["emd_w_s"] = self.module.emd_w_s.tolist()
+                    rec["emd_w_t"] = self.module.emd_w_t.tolist()
+                self._metric(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", samples_s=f"{rate:.0f}")
+                window_samples, t_window = 0, time.perf_counter()
+            acc_terms = {}
+            if cfg.save_every and self.global_step % cfg.save_every == 0:
+                self.save_checkpoint(self._state(si, epoch, stage_step, sampler, opt, sched, scaler), "step")
+            batch = nxt_batch if nxt_batch is not None else next(batches, None)
+        bar.close()
+        return stage_step
+
+    def _state(self, si, epoch, stage_step, sampler, opt, sched, scaler) -> dict:
+        return {"stage": si, "epoch": epoch, "global_step": self.global_step, "stage_step": stage_step,
+                "sampler": sampler.state_dict() if sampler is not None else None,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                "best": self.best}
+
+    def _check_finite(self, terms, stage):
+        vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        if bool(torch.isfinite(vals).all()):
+            return
+        bad = {k: float(v.detach()) for k, v in terms.items() if not math.isfinite(float(v.detach()))}
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.global_step + 1} (stage {stage.name}): term "
+            f"{', '.join(f'{k}={v}' for k, v in bad.items())}; last good checkpoint: "
+            f"{self.last_ckpt or 'none (no checkpoint written yet)'}")
+
+    def _end_epoch(self, si, stage, epoch, sampler, opt, sched, scaler, stage_step):
+        rec = {"step": self.global_step, "stage": stage.name, "epoch": epoch, "event": "eval"}
+        student = self.module.student
+        if self.data.get("dev") is not None and hasattr(student, "classifier"):
+            acc = evaluate(student, self.data["dev"], 64, self.device, self.pad_id)
+            rec["dev_acc"] = acc
+            self.log(f"stage {stage.name} epoch {epoch + 1}: dev acc {acc:.4f}")
+            if si == self.last_head_stage and (self.best is None or acc > self.best["dev_acc"]):
+                self.best = {"dev_acc": acc, "stage": stage.name, "epoch": epoch, "step": self.global_step}
+                if self.dist.main:
+                    student.save_pretrained(self.out_dir / "best")
+                rec["best"] = True
+        self._metric(rec)
+        # The epoch-end checkpoint resumes at the next epoch (or the next stage).
+        last_epoch = epoch + 1 >= stage.epochs
+        st = self._state(si, epoch, stage_step, sampler, opt, sched, scaler)
+        if last_epoch:
+            st.update(stage=si + 1, epoch=0, stage_step=0, sampler=None)
+        else:
+            st.update(epoch=epoch + 1, sampler=None)
+        self.save_checkpoint(st, "epoch")
+
+    # ------------------------------------------------------------ finish
+
+    def finish(self, t_start: float) -> dict:
+        from transformers import AutoModelForSequenceClassification
+
+        cfg = self.cfg
+        student = self.module.student
+        final_dir = self.out_dir / "student"
+        if self.best is not None and (self.out_dir / "best").is_dir():
+            student = type(student).from_pretrained(self.out_dir / "best").to(self.device)
+            self.log(f"student: best dev checkpoint (stage {self.best['stage']}, epoch {self.best['epoch'] + 1}, "
+                     f"dev acc {self.best['dev_acc']:.4f})")
+        result: dict[str, Any] = {"output_dir": str(self.out_dir), "student_dir": str(final_dir)}
+        if not self.dist.main:
+            return result
+        student.save_pretrained(final_dir)
+        self.tokenizer.save_pretrained(final_dir)
+        teacher_kind = "finetuned" if "finetuned" in self.teachers else "pretrained"
+        t_path = self.teacher_paths[teacher_kind]
+        if cfg.mode == "task" and self.data.get("test") is not None:
+            teacher32 = AutoModelForSequenceClassification.from_pretrained(t_path).to(self.device)
+            result["teacher_test_acc"] = evaluate(teacher32, self.data["test"], 64, self.device, self.pad_id)
+            result["student_test_acc"] = evaluate(student, self.data["test"], 64, self.device, self.pad_id)
+            result["test_examples"] = len(self.data["test"])
+            ref = self.data["test"]
+        else:
+            from transformers import AutoModel
+
+            teacher32 = AutoModel.from_pretrained(t_path)
+            ref = self.data["test"] if self.data.get("test") is not None else self.data["general"]
+        result["teacher_params"] = count_params(teacher32)
+        result["student_params"] = count_params(student)
+        lengths = sorted(ref["length"])
+        median_len = int(lengths[len(lengths) // 2])
+        ids = next(r for r in ref if r["length"] == median_len)["input_ids"]
+        result["latency_tokens"] = median_len
+        result["teacher_latency_ms"] = cpu_latency_ms(teacher32, ids, cfg.latency_runs)
+        result["student_latency_ms"] = cpu_latency_ms(student, ids, cfg.latency_runs)
+        result["speedup"] = result["teacher_latency_ms"] / result["student_latency_ms"]
+        result["teacher_forwards"] = self.teacher_calls
+        result["cache"] = self.cache_stats
+        result["wall_s"] = time.time() - t_start
+        result["best"] = self.best
+        (self.out_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
+        self._metric({"step": self.global_step, "event": "final", **{k: v for k, v in result.items()
+                                                                     if k != "cache"}})
+        plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+        return result
+
+
+def plot_losses(metrics: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    recs = [r for r in recs if "loss" in r and "event" not in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    keys = sorted({k for r in recs for k in r if k.startswith("loss_")})
+    for k in ["loss", *keys]:
+        xs = [r["step"] for r in recs if k in r]
+        ys = [r[k] for r in recs if k in r]
+        if xs:
+            ax.plot(xs, ys, label=k, lw=1.5 if k == "loss" else 1)
+    for a, b in zip(recs, recs[1:], strict=False):
+        if a["stage"] != b["stage"]:
+            ax.axvline(b["step"], color="grey", ls=":", lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.legend(fontsize=8)
+    ax.set_title("fastkd distillation losses")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: TrainConfig, log=print) -> dict:
+    """Set up (every check before training), train, evaluate and save; returns the final metrics."""
+    t0 = time.time()
+    trainer = Trainer(cfg, log)
+    trainer.setup()
+    trainer.train()
+    result = trainer.finish(t0)
+    result["trainer"] = trainer
+    return result
+
+
+def report(result: dict, note: str) -> str:
+    lines = []
+    if note:
+        lines.append(note)
+    if "teacher_test_acc" in result:
+        lines.append(f"teacher test accuracy: {result['teacher_test_acc']:.4f} ({result['test_examples']} sentences)")
+        lines.append(f"student test accuracy: {result['student_test_acc']:.4f}")
+    if "student_params" in result:
+        ratio = result["teacher_params"] / result["student_params"]
+        lines.append(f"student size: {result['student_params'] / 1e6:.2f}M params (teacher "
+                     f"{result['teacher_params'] / 1e6:.2f}M, {ratio:.2f}x smaller)")
+        lines.append(f"speed-up: {result['speedup']:.2f}x (CPU batch-1 latency, {result['latency_tokens']} tokens: "
+                     f"teacher {result['teacher_latency_ms']:.1f} ms, student {result['student_latency_ms']:.1f} ms)")
+    lines.append(f"student saved to: {result['student_dir']} (metrics.jsonl, loss.png in {result['output_dir']})")
+    lines.append(f"wall time: {result.get('wall_s', 0):.0f}s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        t0 = time.time()
+        trainer = Trainer(cfg)
+        trainer.setup()
+        trainer.train()
+        result = trainer.finish(t0)
+    except (ValueError, MappingError, FileNotFoundError, NonFiniteLossError) as e:
+        print(f"fastkd.train: error: {e}", file=sys.stderr)
+        return 2
+    if trainer.dist.main:
+        print(report(result, trainer.subset_note))
+    if trainer.dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

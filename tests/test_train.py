@@ -1,0 +1,349 @@
+"""End-to-end trainer tests on a tiny random BERT teacher and tiny local TSVs (seconds each on a CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastkd import train
+from fastkd.models import tiny_bert_config
+
+WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "a", "movie", "film", "was",
+         "is", "very", "plot", "acting", "really", "not", "so"]
+POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
+
+
+def write_tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_sentences(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        filler = [rng.choice(WORDS[8:]) for _ in range(rng.randint(1, 12))]
+        filler.insert(rng.randint(0, len(filler)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append((" ".join(filler), label))
+    return rows
+
+
+def write_task(folder: Path, n_train=48, n_dev=16, n_test=16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 1), ("dev", n_dev, 2), ("test", n_test, 3)):
+        lines = ["sentence\tlabel"] + [f"{t}\t{y}" for t, y in make_sentences(n, seed)]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def make_teacher(folder: Path, *, head: bool = True, num_labels: int = 2, **cfg_overrides) -> Path:
+    from transformers import BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    cfg = tiny_bert_config(**cfg_overrides)
+    cfg.num_labels = num_labels
+    model = BertForSequenceClassification(cfg) if head else BertModel(cfg)
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"teacher": make_teacher(root / "teacher"), "data": write_task(root / "data"), "root": root}
+
+
+def args_for(tiny, out: Path, method: str, *extra: str) -> list[str]:
+    return ["--method", method, "--teacher", str(tiny["teacher"]), "--task", str(tiny["data"] / "train.tsv"),
+            "--dev", str(tiny["data"] / "dev.tsv"), "--test", str(tiny["data"] / "test.tsv"), "--output-dir",
+            str(out), "--student-layers", "2", "--student-hidden", "32", "--student-heads", "4", "--student-ffn",
+            "64", "--batch-size", "8", "--epochs", "1", "--log-every", "1", "--latency-runs", "2", "--no-progress",
+            "--cache", "off", "--max-length", "24", *extra]
+
+
+def run_cli(argv: list[str]) -> dict:
+    cfg = train.parse_config(argv)
+    res = train.run(cfg, log=lambda *_: None)
+    return res
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.parametrize("method", ["kd", "tinybert", "minilm", "minilmv2", "pkd-last", "pkd-skip", "bert-emd"])
+def test_each_method_end_to_end(tiny, tmp_path, method):
+    out = tmp_path / "run"
+    extra = ["--set", "minilmv2.relation_heads=8"] if method == "minilmv2" else []
+    res = run_cli(args_for(tiny, out, method, *extra))
+    recipe = res["trainer"].recipe
+    metrics = read_metrics(out)
+    steps = [m for m in metrics if "loss" in m and "event" not in m]
+    # Every stage trained and logged every loss term of its recipe, all finite.
+    for stage in recipe.stages:
+        mine = [m for m in steps if m["stage"] == stage.name]
+        assert mine, f"stage {stage.name} logged no step"
+        for term in stage.terms:
+            vals = [m[f"loss_{term.kind}"] for m in mine]
+            assert all(torch.isfinite(torch.tensor(v)) for v in vals), (term.kind, vals)
+    assert 0.0 <= res["student_test_acc"] <= 1.0 and res["test_examples"] == 16
+    assert res["student_params"] < res["teacher_params"]
+    # The saved student is a sequence classifier transformers loads directly, with a tokenizer.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    student = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert student.config.num_hidden_layers == 2 and student.config.num_labels == 2
+    AutoTokenizer.from_pretrained(out / "student")
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_tinybert_two_stages_and_learning(tiny, tmp_path):
+    out = tmp_path / "run"
+    run_cli(args_for(tiny, out, "tinybert", "--set", "tinybert.inter_epochs=2", "--epochs", "2"))
+    steps = [m for m in read_metrics(out) if "loss" in m and "event" not in m]
+    stages = [m["stage"] for m in steps]
+    assert stages[0] == "intermediate" and stages[-1] == "prediction"
+    assert stages == sorted(stages, key=["intermediate", "prediction"].index)  # stage 1 then stage 2
+    inter = [m for m in steps if m["stage"] == "intermediate"]
+    assert set(inter[0]) >= {"loss_emb_mse", "loss_hidden_mse", "loss_att_mse", "lr", "samples_per_s"}
+    assert "loss_soft_ce" not in inter[0]
+    # The intermediate losses drop over the stage (the student learns to match the teacher).
+    assert inter[-1]["loss"] < inter[0]["loss"]
+
+
+def test_ernie_tiny_four_stages_and_finetuned_teacher(tiny, tmp_path, monkeypatch):
+    # A teacher without a task head: fastkd fine-tunes it first and caches the result on disk.
+    teacher = make_teacher(tmp_path / "bare", head=False)
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    general = tmp_path / "general.txt"
+    general.write_text("\n".join(t for t, _ in make_sentences(24, 9)) + "\n")
+    out = tmp_path / "run"
+    argv = args_for(tiny, out, "ernie-tiny", "--general-corpus", str(general), "--finetune-epochs", "1")
+    argv[argv.index("--teacher") + 1] = str(teacher)
+    run_cli(argv)
+    steps = [m for m in read_metrics(out) if "loss" in m and "event" not in m]
+    names = list(dict.fromkeys(m["stage"] for m in steps))
+    assert names == ["general", "general-enhanced", "task-adaptive", "task-specific"]
+    assert "loss_hard_ce" in [m for m in steps if m["stage"] == "task-specific"][0]
+    assert "loss_soft_ce" not in [m for m in steps if m["stage"] == "task-adaptive"][0]
+    cached = list((tmp_path / "cache" / "teachers").iterdir())
+    assert len(cached) == 1 and (cached[0] / "fastkd-finetune.json").is_file()
+    stamp = (cached[0] / "config.json").stat().st_mtime_ns
+    # A second run reuses the cached fine-tuned teacher (same key), it does not fine-tune again.
+    out2 = tmp_path / "run2"
+    argv[argv.index("--output-dir") + 1] = str(out2)
+    argv[argv.index("--method") + 1] = "kd"
+    logs = []
+    cfg = train.parse_config(argv)
+    train.run(cfg, log=logs.append)
+    assert any("reusing the fine-tuned teacher" in x for x in logs)
+    assert (cached[0] / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_bert_emd_layer_weights_update(tiny, tmp_path):
+    out = tmp_path / "run"
+    run_cli(args_for(tiny, out, "bert-emd", "--epochs", "2"))
+    steps = [m for m in read_metrics(out) if "emd_w_s" in m]
+    assert len(steps) >= 4
+    w0 = torch.tensor(steps[0]["emd_w_s"])
+    wn = torch.tensor(steps[-1]["emd_w_s"])
+    assert len(steps[0]["emd_w_t"]) == 4 and len(steps[0]["emd_w_s"]) == 2
+    for m in steps:  # histograms: positive, summing to one
+        assert abs(sum(m["emd_w_s"]) - 1) < 1e-4 and abs(sum(m["emd_w_t"]) - 1) < 1e-4
+        assert min(m["emd_w_s"]) > 0 and min(m["emd_w_t"]) > 0
+    assert not torch.allclose(w0, wn) or not torch.allclose(torch.tensor(steps[0]["emd_w_t"]),
+                                                             torch.tensor(steps[-1]["emd_w_t"]))
+    assert not torch.allclose(torch.tensor(steps[-1]["emd_w_t"]), torch.full((4,), 0.25))
+
+
+def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, monkeypatch):
+    """Epoch 2 with the cache: same losses as a live teacher (fp16 storage tolerance), no teacher forward."""
+    calls = {"n": 0}
+    real_call = train.TeacherRunner.__call__
+
+    def counting(self, batch):
+        before = self.calls
+        out = real_call(self, batch)
+        calls["n"] += self.calls - before
+        return out
+
+    monkeypatch.setattr(train.TeacherRunner, "__call__", counting)
+    results = {}
+    for mode in ("off", "memory"):
+        calls["n"] = 0
+        out = tmp_path / mode
+        argv = args_for(tiny, out, "tinybert", "--epochs", "2", "--set", "tinybert.pred_epochs=1")
+        argv[argv.index("--cache") + 1] = mode
+        res = run_cli(argv)
+        results[mode] = (read_metrics(out), calls["n"], res)
+    live, cached = results["off"][0], results["memory"][0]
+    steps_per_epoch = len([m for m in live if m.get("stage") == "intermediate" and m.get("epoch") == 0
+                           and "event" not in m])
+    n_stage_steps = sum(1 for m in live if m.get("stage") in ("intermediate", "prediction") and "event" not in m)
+    assert results["off"][1] == n_stage_steps  # live teacher: one forward per step
+    assert results["memory"][1] == steps_per_epoch * 2  # cached: epoch 1 of each stage only
+    cache_recs = [m for m in cached if m.get("event") == "cache"]
+    assert cache_recs and all(abs(r["hit_rate"] - 0.5) < 1e-9 for r in cache_recs)
+    for a, b in zip(live, cached, strict=True):
+        if "loss" in a and "event" not in a:
+            for k in a:
+                if k.startswith("loss"):
+                    assert abs(a[k] - b[k]) <= 2e-2 * abs(a[k]) + 1e-4, (k, a, b)
+
+
+def test_disk_cache_reused_across_runs(tiny, tmp_path):
+    calls = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        argv = args_for(tiny, out, "kd", "--cache-dir", str(tmp_path / "c"))
+        argv[argv.index("--cache") + 1] = "disk"
+        res = run_cli(argv)
+        calls.append(res["teacher_forwards"])
+    assert calls[0] > 0 and calls[1] == 0
+
+
+# ---------------------------------------------------------------- errors before training
+
+
+def expect_error(tiny, tmp_path, match, *argv_changes, extra=()):
+    argv = args_for(tiny, tmp_path / "err", "tinybert", *extra)
+    for k, v in argv_changes:
+        argv[argv.index(k) + 1] = v
+    with pytest.raises(ValueError, match=match):
+        run_cli(argv)
+    assert not (tmp_path / "err" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_error_unknown_method(tiny, tmp_path):
+    with pytest.raises(ValueError, match="--method: expected one of"):
+        train.parse_config(["--method", "distilbert"])
+    assert train.main(["--method", "nope"]) == 2
+
+
+def test_error_heads_mismatch(tiny, tmp_path):
+    expect_error(tiny, tmp_path, r"same head count.*--student-heads 4", ("--student-heads", "2"))
+
+
+def test_error_too_deep(tiny, tmp_path):
+    expect_error(tiny, tmp_path, r"--student-layers to at most 4", ("--student-layers", "6"))
+
+
+def test_error_pkd_width(tiny, tmp_path):
+    expect_error(tiny, tmp_path, r"--student-hidden 32", ("--method", "pkd-skip"), ("--student-hidden", "16"))
+
+
+def test_error_missing_data(tiny, tmp_path):
+    expect_error(tiny, tmp_path, r"Tried", ("--task", "sst2"), ("--dev", str(tmp_path / "nowhere.tsv")))
+
+
+def test_error_missing_task_dir(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTKD_DATA_DIR", str(tmp_path / "nodata"))
+    monkeypatch.setenv("FASTKD_OFFLINE", "1")
+    argv = args_for(tiny, tmp_path / "err", "kd")
+    for flag in ("--dev", "--test"):
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    argv[argv.index("--task") + 1] = "sst2"
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nodata")):
+        run_cli(argv)
+
+
+def test_error_label_set(tiny, tmp_path):
+    teacher = make_teacher(tmp_path / "t3", num_labels=3)
+    expect_error(tiny, tmp_path, r"task head has 3 labels.*has 2", ("--teacher", str(teacher)))
+
+
+def test_error_output_dir_holds_another_run(tiny, tmp_path):
+    out = tmp_path / "err"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"identity": {"method": "kd"}, "started": "yesterday"}))
+    expect_error(tiny, tmp_path, r"already holds another run \(method kd")
+    (out / "run.json").unlink()
+    (out / "notes.txt").write_text("x")
+    expect_error(tiny, tmp_path, r"already holds other files")
+
+
+def test_error_bad_override(tiny, tmp_path):
+    expect_error(tiny, tmp_path, r"tinybert has no setting 'att_wieght'", extra=("--set", "tinybert.att_wieght=2"))
+
+
+def test_nan_loss_stops_naming_step_term_and_checkpoint(tiny, tmp_path, monkeypatch):
+    real = train.losses.attention_mse
+    state = {"n": 0}
+
+    def poisoned(*a, **k):
+        state["n"] += 1
+        v = real(*a, **k)
+        return v * float("nan") if state["n"] > 6 else v  # 2 pairs per step: step 4 goes bad
+
+    monkeypatch.setattr(train.losses, "attention_mse", poisoned)
+    argv = args_for(tiny, tmp_path / "nan", "tinybert", "--save-every", "2")
+    with pytest.raises(train.NonFiniteLossError, match=r"step 4 .*att_mse=nan.*step-2\.pt"):
+        run_cli(argv)
+
+
+def test_config_file_and_set_override(tiny, tmp_path):
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text("tinybert:\n  att_weight: 3\n  hidden_weight: 0.5\ntrain:\n  batch_size: 4\n")
+    cfg = train.parse_config(["--config", str(cfgfile), "--set", "tinybert.att_weight=2"])
+    assert cfg.batch_size == 4
+    from fastkd.recipes import make_params
+
+    p = make_params("tinybert", cfg.overrides)
+    assert p.att_weight == 2.0 and p.hidden_weight == 0.5
+
+
+def _ddp_worker(rank, world, port, argv, q):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        cfg = train.parse_config(argv)
+        trainer = train.Trainer(cfg, log=lambda *_: None)
+        trainer.setup()
+        trainer.train()
+        sd = {k: v.clone() for k, v in trainer.module.student.state_dict().items()}
+        q.put((rank, None, sum(float(v.double().sum()) for v in sd.values()), trainer.global_step))
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception as e:  # report to the parent instead of hanging it
+        q.put((rank, repr(e), None, None))
+
+
+def test_ddp_two_processes_gloo(tiny, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = args_for(tiny, tmp_path / "ddp", "bert-emd")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, argv, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(q.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [g[1] for g in got] == [None, None], got
+    # 48 examples, batch 8, 2 ranks: 3 steps per rank; both ranks hold identical weights (synced gradients).
+    assert got[0][3] == got[1][3] == 3
+    assert got[0][2] == pytest.approx(got[1][2], rel=0, abs=1e-6)
+    assert (tmp_path / "ddp" / "metrics.jsonl").is_file()
