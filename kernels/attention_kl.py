@@ -35,7 +35,6 @@ from fastkd import reference as ref
 __all__ = ["AttentionKLConfig", "attention_kl", "default_config"]
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @dataclass(frozen=True)
