@@ -80,3 +80,47 @@ def test_sinkhorn(measure, impl, P, M, N):
             fn = lambda: [_linprog_emd(c64[p], a64[p], b64[p]) for p in range(k)]
     measure(fn, "sinkhorn", params, rounds=3 if P > 1 else 5, note=note,
             time_scale=P / params.get("timed_problems", P))
+
+
+# ---------------------------------------------------------------- the cost matrices that feed the transport
+
+
+@pytest.mark.parametrize("impl", ["gram", "looped_reference"])
+@pytest.mark.parametrize("B, L", [(32, 64), (32, 128)])
+def test_layer_costs(measure, impl, B, L):
+    """TinyBERT-4 student (4 layers, 312 wide, 12 heads of 26) vs the MiniLM teacher (6 layers, 384, 12 × 32):
+    both M×N cost matrices, forward + backward (what a BERT-EMD step pays before the transport)."""
+    from fastkd.kernels.layer_costs import layer_costs
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    M, N, H, d_s, d_t = 4, 6, 12, 312, 384
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, grad=False):
+        x = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+        return x.requires_grad_(grad)
+
+    h_s, h_t = r(M, B, L, d_s, grad=True), r(N, B, L, d_t)
+    weight, bias = r(d_t, d_s, grad=True), r(d_t, grad=True)
+    q_s, k_s = r(M, B, H, L, d_s // H, grad=True), r(M, B, H, L, d_s // H, grad=True)
+    q_t, k_t = r(N, B, H, L, d_t // H), r(N, B, H, L, d_t // H)
+    mask = (torch.arange(L)[None, :] < torch.randint(L // 2, L + 1, (B,), generator=g)[:, None]).to(device)
+
+    def looped():
+        hid = torch.stack([torch.stack([ref.hidden_mse(h_s[i], h_t[j], weight, bias, mask) for j in range(N)])
+                           for i in range(M)])
+        att = torch.stack([torch.stack([ref.attention_mse(q_s[i], k_s[i], q_t[j], k_t[j], mask)
+                                        for j in range(N)]) for i in range(M)])
+        return hid, att
+
+    fn = (lambda: layer_costs(h_s, h_t, weight, bias, q_s, k_s, q_t, k_t, mask)) if impl == "gram" else looped
+
+    def step():
+        hid, att = fn()
+        (hid.sum() + att.sum()).backward()
+
+    nbytes = sum(x.numel() * x.element_size() for x in (h_s, h_t, q_s, k_s, q_t, k_t))
+    measure(step, "layer_costs", {"impl": impl, "M": M, "N": N, "B": B, "L": L, "dtype": dtype, "device": device},
+            bytes_moved=nbytes, allow_oom=impl != "gram", rounds=3,
+            note="fwd+bwd; bytes_moved = one read of every layer's inputs")

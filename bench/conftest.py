@@ -50,6 +50,8 @@ skip_unless_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (Tr
 def pytest_collect_file(file_path: Path, parent):
     """Collect ``bench_*.py`` files as test modules (pytest's default pattern is ``test_*.py``)."""
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        if parent.session.isinitpath(file_path):
+            return None  # named on the command line: pytest's python plugin collects it already
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
