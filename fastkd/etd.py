@@ -430,7 +430,7 @@ def compute_importance(teacher: nn.Module, data: Iterable[Mapping], *, num_batch
                                   n, F, D, device)
             for k, v in score.items():
                 if not bool(torch.isfinite(v).all()):
-                    raise ValueError(f"data: batch {used} gave non-finite {k} importance (loss {float(loss)}); "
+                    raise ValueError(f"data: batch {used} gave non-finite {k} importance (loss {float(loss.detach())}); "
                                      f"check the inputs and the teacher's dtype")
                 acc[k] += v.cpu()
             used += 1
