@@ -48,6 +48,7 @@ from fastkd.recipes import (
 CPU_TRAIN_EXAMPLES = 2000  # the CPU default subset (the full data on a GPU)
 CPU_DEV_EXAMPLES = 872
 CPU_MAX_EPOCHS = 1
+_STEP_DELAY = float(os.environ.get("FASTKD_STEP_DELAY", "0") or 0)  # seconds after each step (tests only)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -1200,6 +1201,8 @@ class Trainer:
             acc_terms = {}
             if cfg.save_every and self.global_step % cfg.save_every == 0:
                 self.save_checkpoint(self._state(si, epoch, stage_step, sampler, opt, sched, scaler), "step")
+            if _STEP_DELAY:  # crash-recovery tests slow the run down so a kill lands mid-epoch
+                time.sleep(_STEP_DELAY)
             batch = nxt_batch if nxt_batch is not None else next(batches, None)
         bar.close()
         return stage_step
