@@ -44,7 +44,7 @@ MAX_SIDE = 128  # M and N per problem: the whole padded M×N block must fit one 
 # after ~200–300 iterations on typical problems; the plan differs from the reference's by ~2e-5 (relative) and
 # rounding makes the marginals exact either way.
 DEFAULT_TOL = 1e-5
-_NEG = -1.0e30
+_NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
