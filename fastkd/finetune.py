@@ -115,8 +115,8 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             loss = F.cross_entropy(logits.float(), batch.labels)
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"teacher fine-tuning: loss is {float(loss)} at step {step}")
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"teacher fine-tuning: loss is {float(loss.detach())} at step {step}")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()

@@ -372,9 +372,15 @@ def _latent_terms(p, shapes: Shapes, method: str) -> list[LossTerm]:
 
 
 def default_relation_heads(shapes: Shapes) -> int:
-    if shapes.student_hidden % 48 == 0 and shapes.teacher_hidden % 48 == 0:
-        return 48
-    return shapes.student_heads
+    """MiniLMv2's recommendation (48 relation heads for base-size teachers, 64 for large) when it divides both
+    widths, else the student's head count, else the largest common divisor up to 64."""
+    def fits(h):
+        return shapes.student_hidden % h == 0 and shapes.teacher_hidden % h == 0
+
+    for h in (48, 64, shapes.student_heads):
+        if fits(h):
+            return h
+    return next(h for h in range(64, 0, -1) if fits(h))
 
 
 # ---------------------------------------------------------------- recipes

@@ -46,7 +46,7 @@ from fastkd.recipes import (
 )
 
 CPU_TRAIN_EXAMPLES = 2000  # the CPU default subset (the full data on a GPU)
-CPU_DEV_EXAMPLES = 872
+CPU_DEV_EXAMPLES = 500
 CPU_MAX_EPOCHS = 1
 _STEP_DELAY = float(os.environ.get("FASTKD_STEP_DELAY", "0") or 0)  # seconds after each step (tests only)
 
@@ -954,8 +954,10 @@ class Trainer:
                         f"({list(tconf.id2label.values())}) but {cfg.task} has {len(names)} ({names}); use a "
                         f"teacher fine-tuned on this task or its pretrained encoder (fastkd then fine-tunes it)")
             else:
+                # CPU profile: one epoch at a higher lr, word embeddings frozen (their AdamW update dominates).
                 ft = FinetuneConfig(epochs=cfg.finetune_epochs or (1 if self.on_cpu else 3), seed=cfg.seed,
-                                    batch_size=cfg.batch_size, freeze_word_embeddings=self.on_cpu)
+                                    lr=1e-4 if self.on_cpu else 5e-5, batch_size=cfg.batch_size,
+                                    freeze_word_embeddings=self.on_cpu)
                 root = Path(cfg.cache_dir) if cfg.cache_dir else None
                 train_ds = self.data["task"]
                 fp = data_digest(list(train_ds["text"]), list(train_ds["label"]))
