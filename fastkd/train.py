@@ -1054,6 +1054,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.cache == "off":
             return None
+        if cfg.cache == "memory" and stage.epochs < 2:
+            self.log(f"teacher cache: stage {stage.name} runs one epoch, so a memory cache would never be read; "
+                     f"not storing (use --cache disk to keep activations for later runs)")
+            return None
         cls = get_cache_cls()
         try:
             from fastkd.cache import fingerprint_dataset, fingerprint_tokenizer

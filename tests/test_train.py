@@ -60,6 +60,15 @@ def make_teacher(folder: Path, *, head: bool = True, num_labels: int = 2, **cfg_
     return folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core box they only oversubscribe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
@@ -108,6 +117,22 @@ def test_each_method_end_to_end(tiny, tmp_path, method):
     assert student.config.num_hidden_layers == 2 and student.config.num_labels == 2
     AutoTokenizer.from_pretrained(out / "student")
     assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_general_mode_on_unlabelled_text(tiny, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(t for t, _ in make_sentences(40, 5)) + "\n")
+    out = tmp_path / "run"
+    argv = args_for(tiny, out, "minilmv2", "--mode", "general", "--general-corpus", str(corpus), "--set",
+                    "minilmv2.relation_heads=8")
+    res = run_cli(argv)
+    steps = [m for m in read_metrics(out) if "loss" in m and "event" not in m]
+    assert {m["stage"] for m in steps} == {"distill"} and len(steps) == 5  # 40 texts / batch 8
+    assert "student_test_acc" not in res
+    from transformers import AutoModel
+
+    student = AutoModel.from_pretrained(out / "student")  # the encoder, ready for any task head
+    assert student.config.num_hidden_layers == 2
 
 
 def test_tinybert_two_stages_and_learning(tiny, tmp_path):

@@ -1,0 +1,94 @@
+"""Trainer throughput for TinyBERT task distillation (the intermediate stage: embedding + hidden + attention
+losses, the heaviest stage): one full optimizer step (teacher activations, student forward, losses, backward,
+clip, AdamW) per call, reported as samples/s with peak memory.
+
+Cases: losses eager (``FASTKD_BACKEND=torch``) vs fused (Triton) × teacher fp32 live vs fp16 live vs cached
+(teacher forward replaced by a cache read of its fp16 activations). Teacher: the packaged MiniLM-L6-H384 with a
+2-label head; student 3 × 384 (12 heads, FFN 1536), copied teacher layers. GPU: batch 32 × length 128, bf16
+AMP. CPU: one small case pair (batch 8 × length 32, eager, fp32 live vs cached); the rest skip with a reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.conftest import HAS_CUDA
+
+CASES = [(backend, teacher) for backend in ("eager", "fused") for teacher in ("fp32", "fp16", "cached")]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fastkd.models import default_teacher_path
+
+    path = tmp_path_factory.mktemp("bench-teacher")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(default_teacher_path(), num_labels=2)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(default_teacher_path()).save_pretrained(path)
+    return path
+
+
+def _data_file(folder, n: int, length: int):
+    import random
+
+    rng = random.Random(0)
+    words = ["good", "bad", "movie", "film", "plot", "great", "awful", "really", "the", "a", "acting", "story"]
+    lines = ["sentence\tlabel"] + [" ".join(rng.choice(words) for _ in range(length)) + f"\t{i % 2}"
+                                   for i in range(n)]
+    f = folder / "train.tsv"
+    f.write_text("\n".join(lines) + "\n")
+    return f
+
+
+@pytest.mark.parametrize("backend,teacher", CASES)
+def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, backend, teacher):
+    if not HAS_CUDA and (backend == "fused" or teacher == "fp16"):
+        pytest.skip("CPU: fused Triton losses and fp16 teachers are GPU cases (interpreter/half matmuls are no "
+                    "timing on a CPU)")
+    from fastkd import train
+
+    monkeypatch.setenv("FASTKD_BACKEND", "torch" if backend == "eager" else "triton")
+    batch, length = (32, 126) if HAS_CUDA else (8, 30)  # + [CLS], [SEP]
+    data = _data_file(tmp_path, batch, length)
+    argv = ["--method", "tinybert", "--teacher", str(teacher_dir), "--task", str(data), "--dev", str(data),
+            "--test", str(data), "--output-dir", str(tmp_path / "out"), "--batch-size", str(batch),
+            "--max-length", "128", "--epochs", "1", "--no-progress", "--teacher-dtype",
+            "fp32" if teacher == "fp32" else "fp16", "--cache", "memory" if teacher == "cached" else "off"]
+    cfg = train.parse_config(argv)
+    tr = train.Trainer(cfg, log=lambda *_: None)
+    tr.setup()
+    stage = tr.recipe.stages[0]
+    tr.module.set_stage(stage)
+    fields = train.plan_fields(train.capture_plan(stage.terms, "teacher"), tr.shapes.teacher_layers)
+    cache = tr._make_cache(0, stage, fields)
+    runner = train.TeacherRunner(tr.teachers[stage.teacher], fields, cache, tr.device)
+    sampler = train.get_sampler_cls()(list(tr.data["task"]["length"]), batch, shuffle=False)
+    b = next(iter(train.batches_for_epoch(sampler, tr.data["task"], tr.pad_id))).to(tr.device)
+    runner(b)  # fills the cache when there is one
+    assert teacher != "cached" or cache.get(b.index, b.attention_mask.sum(1).cpu()) is not None
+    amp = tr._amp()
+    opt = torch.optim.AdamW(tr.module.parameters(), lr=1e-5, fused=HAS_CUDA)
+
+    def step():
+        t_out = runner(b)
+        with torch.autocast(tr.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, _ = tr.module(b.input_ids, b.attention_mask, b.labels, t_out)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tr.module.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    calls_before = runner.calls
+    rec = measure(step, "trainer_tinybert_intermediate_step",
+                  {"backend": backend, "teacher": teacher, "batch": batch, "length": length + 2,
+                   "amp": str(amp).replace("torch.", "") if amp else "off"}, rounds=None if HAS_CUDA else 3)
+    if teacher == "cached":
+        assert runner.calls == calls_before  # the teacher forward never ran while timing
+    if rec.get("median_ms"):
+        rec["extra"]["samples_per_s"] = batch / (rec["median_ms"] * 1e-3)
+        print(f"\n{backend:>5} teacher={teacher:<6}: {rec['extra']['samples_per_s']:.1f} samples/s, "
+              f"peak mem {rec.get('peak_mem_mib')} MiB")
