@@ -222,11 +222,17 @@ def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, mon
     assert results["memory"][1] == steps_per_epoch * 2  # cached: epoch 1 of each stage only
     cache_recs = [m for m in cached if m.get("event") == "cache"]
     assert cache_recs and all(abs(r["hit_rate"] - 0.5) < 1e-9 for r in cache_recs)
-    for a, b in zip(live, cached, strict=True):
-        if "loss" in a and "event" not in a:
-            for k in a:
-                if k.startswith("loss"):
-                    assert abs(a[k] - b[k]) <= 2e-2 * abs(a[k]) + 1e-4, (k, a, b)
+    live_steps = [m for m in live if "loss" in m and "event" not in m]
+    cached_steps = [m for m in cached if "loss" in m and "event" not in m]
+    for a, b in zip(live_steps, cached_steps, strict=True):
+        assert (a["step"], a["stage"]) == (b["step"], b["stage"])
+        for k in a:
+            if k.startswith("loss"):
+                # fp16 storage of the teacher's activations: ~1e-3 relative per value
+                assert abs(a[k] - b[k]) <= 2e-2 * abs(a[k]) + 1e-4, (k, a, b)
+    # Epoch 1 reads no cache, so its losses are identical; epoch 2 reads fp16 activations: close, not equal.
+    first = [(a, b) for a, b in zip(live_steps, cached_steps, strict=True) if a["epoch"] == 0]
+    assert all(a["loss"] == b["loss"] for a, b in first[:steps_per_epoch])
 
 
 def test_disk_cache_reused_across_runs(tiny, tmp_path):
