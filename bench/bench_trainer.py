@@ -56,7 +56,7 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
     data = _data_file(tmp_path, batch, length)
     argv = ["--method", "tinybert", "--teacher", str(teacher_dir), "--task", str(data), "--dev", str(data),
             "--test", str(data), "--output-dir", str(tmp_path / "out"), "--batch-size", str(batch),
-            "--max-length", "128", "--epochs", "1", "--no-progress", "--teacher-dtype",
+            "--max-length", "128", "--epochs", "2", "--no-progress", "--teacher-dtype",
             "fp32" if teacher == "fp32" else "fp16", "--cache", "memory" if teacher == "cached" else "off"]
     cfg = train.parse_config(argv)
     tr = train.Trainer(cfg, log=lambda *_: None)

@@ -830,9 +830,13 @@ class Trainer:
         mine = {k: getattr(cfg, k) for k in _IDENTITY}
         if not self.dist.main:  # rank 0 checks (and then writes) the folder
             return out, mine
+        if cfg.resume and not run_file.is_file() and not (out.exists() and any(out.iterdir())):
+            self.log(f"resume: {out} holds no run yet (killed before its first checkpoint?); starting it")
+            cfg.resume = False
         if cfg.resume:
             if not run_file.is_file():
-                raise ValueError(f"--resume: {out} holds no run to resume (no {RUN_FILE}); drop --resume")
+                raise ValueError(f"--resume: {out} holds files but no run to resume (no {RUN_FILE}); choose the "
+                                 f"run's own --output-dir")
             saved = json.loads(run_file.read_text())["identity"]
             diff = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(mine)).items() if saved.get(k) != v}
             if diff:
