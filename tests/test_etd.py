@@ -244,6 +244,14 @@ def test_any_target_size(gen, sizes, strategy):
             assert not pad_q.any() and not pad_o.any() and pad_k.abs().min() > 0
 
 
+def test_explicit_layers(gen):
+    teacher = _tiny_bert(gen)
+    student, plan = etd.extract_student(teacher, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
+                                        strategy="rand", layers=[1, 3], return_plan=True)
+    assert plan.layers == [1, 3]
+    assert torch.equal(student.encoder.layer[1].output.dense.weight, teacher.encoder.layer[3].output.dense.weight)
+
+
 def test_uniform_layers():
     assert etd.uniform_layers(6, 3) == [0, 2, 4]
     assert etd.uniform_layers(12, 4) == [0, 3, 6, 9]
@@ -263,6 +271,9 @@ def test_uniform_layers():
     (dict(strategy="magnitude"), "strategy: expected one of"),
     (dict(strategy="impt"), "data: strategy 'impt' needs"),
     (dict(seed="x"), "seed: expected an int"),
+    (dict(num_layers=2, layers=[0, 4]), "layers: expected 2 increasing distinct teacher layer indices"),
+    (dict(num_layers=2, layers=[2, 1]), "layers: expected 2 increasing"),
+    (dict(num_layers=2, layers=[1]), "layers: expected 2 increasing"),
 ])
 def test_impossible_targets_raise(gen, kwargs, match):
     teacher = _tiny_bert(gen)
