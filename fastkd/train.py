@@ -912,17 +912,34 @@ class Trainer:
         self.shapes = shapes
         tokenizer = AutoTokenizer.from_pretrained(teacher_path)
         self.tokenizer = tokenizer
+        # Fingerprint it before any call: a fast tokenizer's serialised state records the last truncation
+        # settings, which differ when datasets serves a tokenised split from its cache (no call at all).
+        try:
+            from fastkd.cache import fingerprint_tokenizer
+
+            self.tokenizer_fp = fingerprint_tokenizer(tokenizer)
+        except ImportError:
+            self.tokenizer_fp = type(tokenizer).__name__ + str(len(tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         n_train = cfg.max_train_examples if cfg.max_train_examples is not None else (
             CPU_TRAIN_EXAMPLES if self.on_cpu else None)
         n_dev = cfg.max_dev_examples if cfg.max_dev_examples is not None else (
             CPU_DEV_EXAMPLES if self.on_cpu else None)
         self.subset_note = ""
-        if self.on_cpu and (cfg.max_train_examples is None or cfg.epochs is None):
-            self.subset_note = (f"CPU default profile: training on a {n_train}-example subset per data source, "
-                                f"dev subset {n_dev}, at most {CPU_MAX_EPOCHS} epoch(s) per stage, teacher in "
-                                f"fp32 (half-precision matmuls are slow on CPUs); a GPU run uses the full data")
-            self.log(self.subset_note)
+        if self.on_cpu:
+            parts = []
+            if cfg.max_train_examples is None:
+                parts.append(f"a {n_train}-example training subset per data source")
+            if cfg.max_dev_examples is None:
+                parts.append(f"a {n_dev}-example dev subset")
+            if cfg.epochs is None:
+                parts.append(f"at most {CPU_MAX_EPOCHS} epoch(s) per stage")
+            if parts:
+                self.subset_note = ("CPU default profile (this machine has no GPU): " + ", ".join(parts)
+                                    + "; a GPU run uses the full data and the papers' epochs")
+                self.log(self.subset_note)
+            if cfg.teacher_dtype == "auto":
+                self.log("teacher: fp32 on the CPU (half-precision matmuls are slow on CPUs); fp16 on CUDA")
 
         # Data (missing data fails here, naming the paths tried).
         needs_general = any(s.data == "general" for s in self.recipe.stages)
@@ -1058,19 +1075,21 @@ class Trainer:
         cfg = self.cfg
         if cfg.cache == "off":
             return None
+        if cfg.cache == "memory" and self.dist.enabled and stage.epochs > 1:
+            self.log("teacher cache: under DDP each rank sees other examples every epoch, so a memory cache hits "
+                     "about 1/world_size of the time; use --cache disk to share activations between ranks")
         if cfg.cache == "memory" and stage.epochs < 2:
             self.log(f"teacher cache: stage {stage.name} runs one epoch, so a memory cache would never be read; "
                      f"not storing (use --cache disk to keep activations for later runs)")
             return None
         cls = get_cache_cls()
         try:
-            from fastkd.cache import fingerprint_dataset, fingerprint_tokenizer
+            from fastkd.cache import fingerprint_dataset
 
-            data_fp, tok_fp = fingerprint_dataset(self.data[stage.data]), fingerprint_tokenizer(self.tokenizer)
+            data_fp = fingerprint_dataset(self.data[stage.data])
         except ImportError:
             data_fp = f"{cfg.task}:{stage.data}:{len(self.data[stage.data])}:{cfg.seed}:{cfg.max_train_examples}"
-            tok_fp = type(self.tokenizer).__name__ + str(len(self.tokenizer))
-        key = cls.make_key(teacher=self.teacher_digest[stage.teacher], data=data_fp, tokenizer=tok_fp,
+        key = cls.make_key(teacher=self.teacher_digest[stage.teacher], data=data_fp, tokenizer=self.tokenizer_fp,
                            max_length=cfg.max_length, dtype=str(self._dtype()), fields=fields)
         root = Path(cfg.cache_dir) if cfg.cache_dir else None
         if cls is _FallbackCache:
@@ -1136,6 +1155,15 @@ class Trainer:
                     resume_sampler = None
                 stage_step = self._run_epoch(si, stage, epoch, sampler, data, runner, opt, sched, scaler, amp,
                                              stage_step, total)
+                if cache is not None and cfg.cache == "disk":
+                    # Ranks see different examples each epoch: share what each stored through the disk shards.
+                    cache.flush()
+                    if self.dist.enabled:
+                        import torch.distributed as tdist
+
+                        tdist.barrier()
+                        if hasattr(cache, "refresh"):
+                            cache.refresh()
                 self._end_epoch(si, stage, epoch, sampler, opt, sched, scaler, stage_step)
             self.teacher_calls += runner.calls
             if cache is not None:
