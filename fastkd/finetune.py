@@ -81,7 +81,8 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     the folder of the cached fine-tuned ``*ForSequenceClassification`` model (reused when the key matches)."""
     from transformers import AutoModelForSequenceClassification
 
-    from fastkd.train import batches_for_epoch, get_sampler_cls, lr_lambda
+    from fastkd.batching import LengthBucketSampler
+    from fastkd.train import batches_for_epoch, lr_lambda
 
     key = finetune_key(teacher_path, data_fingerprint, label_names, max_length, cfg)
     folder = (root or cache_root()) / "teachers" / key
@@ -103,7 +104,7 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    sampler = get_sampler_cls()(list(train_ds["length"]), cfg.batch_size, seed=cfg.seed, shuffle=True)
+    sampler = LengthBucketSampler(train_ds["length"], cfg.batch_size, seed=cfg.seed, shuffle=True)
     total = max(1, cfg.epochs * len(sampler))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(cfg.warmup * total)))
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastkd import losses
+from fastkd.batching import LengthBucketSampler, collate, make_loader
+from fastkd.cache import TeacherCache, fingerprint_dataset, fingerprint_tokenizer
 from fastkd.capture import ActivationCapture
+from fastkd.data import load_texts, tokenize
+from fastkd.emd import update_layer_weights
 from fastkd.recipes import (
     METHODS,
     LossTerm,
@@ -55,205 +60,19 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-# ---------------------------------------------------------------- data / batching / cache (T2's modules)
+# ---------------------------------------------------------------- batches
 
 
-def _fallback_tokenize(ds, tokenizer, max_length: int):
-    def enc(batch):
-        ids = tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]
-        return {"input_ids": ids, "length": [len(x) for x in ids]}
+def batches_for_epoch(sampler: LengthBucketSampler, dataset, pad_token_id: int, *, num_workers: int = 0,
+                      pin_memory: bool = False):
+    """Collated, dynamically padded batches for the sampler's current epoch (from its resume point).
 
-    return ds.map(enc, batched=True)
-
-
-def tokenize(ds, tokenizer, max_length: int):
-    try:
-        from fastkd.data import tokenize as t2_tokenize
-    except ImportError:
-        return _fallback_tokenize(ds, tokenizer, max_length)
-    return t2_tokenize(ds, tokenizer, max_length)
-
-
-def load_texts(source: str, split: str = "train"):
-    try:
-        from fastkd.data import load_texts as t2_load_texts
-    except ImportError:
-        from fastkd.data import TASKS, load_task
-
-        if source in TASKS:
-            return load_task(source, split)
-        raise
-    return t2_load_texts(source, split)
-
-
-@dataclass
-class _FallbackBatch:
-    index: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor | None
-
-    def to(self, device):
-        return dataclasses.replace(self, index=self.index, input_ids=self.input_ids.to(device, non_blocking=True),
-                                   attention_mask=self.attention_mask.to(device, non_blocking=True),
-                                   labels=None if self.labels is None else self.labels.to(device))
-
-
-def _fallback_collate(features, pad_token_id):
-    L = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), L), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(features), L), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        mask[i, :n] = 1
-    labels = torch.tensor([f["label"] for f in features]) if "label" in features[0] else None
-    return _FallbackBatch(torch.tensor([f["index"] for f in features]), ids, mask, labels)
-
-
-class _FallbackSampler:
-    """Length-bucketed, shuffled, deterministic batches of indices, resumable mid-epoch."""
-
-    def __init__(self, lengths, batch_size, *, seed=0, shuffle=True, drop_last=False, rank=0, world_size=1):
-        self.lengths, self.batch_size, self.seed, self.shuffle = list(lengths), batch_size, seed, shuffle
-        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.epoch, self.position = 0, 0
-
-    def _batches(self):
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        n = len(self.lengths)
-        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        chunk = self.batch_size * 50  # sort within chunks of 50 batches: similar lengths, still random
-        batches = []
-        for c in range(0, n, chunk):
-            part = sorted(order[c:c + chunk], key=lambda i: self.lengths[i])
-            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        if self.shuffle:
-            perm = torch.randperm(len(batches), generator=g).tolist()
-            batches = [batches[i] for i in perm]
-        usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
-        return batches[self.rank:usable:self.world_size]
-
-    def set_epoch(self, epoch):
-        self.epoch, self.position = epoch, 0
-
-    def __iter__(self):
-        batches = self._batches()
-        while self.position < len(batches):
-            b = batches[self.position]
-            self.position += 1
-            yield b
-
-    def __len__(self):
-        return len(self._batches())
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, d):
-        self.epoch, self.position = d["epoch"], d["position"]
-
-
-def get_sampler_cls():
-    try:
-        from fastkd.batching import LengthBucketSampler
-
-        return LengthBucketSampler
-    except ImportError:
-        return _FallbackSampler
-
-
-def get_collate():
-    try:
-        from fastkd.batching import collate
-
-        return collate
-    except ImportError:
-        return _fallback_collate
-
-
-class _FallbackCache:
-    """In-memory / torch.save teacher cache with TeacherCache's interface (used until fastkd.cache lands)."""
-
-    def __init__(self, mode, root, key):
-        self.mode, self.key = mode, key
-        self.path = Path(root) / f"{key}.pt" if (mode == "disk" and root is not None) else None
-        self.store: dict[int, dict[str, torch.Tensor]] = {}
-        if self.path is not None and self.path.is_file():
-            self.store = torch.load(self.path)
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def make_key(**parts) -> str:
-        import hashlib
-
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-    def get(self, index, lengths):
-        if self.mode == "off" or any(int(i) not in self.store for i in index):
-            self.misses += len(index)
-            return None
-        self.hits += len(index)
-        L = int(lengths.max())
-        out = {}
-        for name in self.store[int(index[0])]:
-            items = [self.store[int(i)][name] for i in index]
-            seq = items[0][1]
-            if seq is None:
-                out[name] = torch.stack([t for t, _ in items])
-            else:
-                padded = []
-                for t, _ in items:
-                    pad = [0, 0] * (t.dim() - seq - 1) + [0, L - t.shape[seq]]
-                    padded.append(F.pad(t, pad))
-                out[name] = torch.stack(padded)
-        return out
-
-    def put(self, index, lengths, tensors, seq_dims):
-        if self.mode == "off":
-            return
-        for b, i in enumerate(index.tolist()):
-            n = int(lengths[b])
-            ex = {}
-            for name, t in tensors.items():
-                s = seq_dims[name]
-                x = t[b]
-                if s is not None:
-                    x = x.narrow(s - 1, 0, n)
-                ex[name] = (x.to("cpu", torch.float16).clone(), None if s is None else s - 1)
-            self.store[i] = ex
-
-    def flush(self):
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.store, self.path)
-
-    @property
-    def stats(self):
-        total = self.hits + self.misses
-        nbytes = sum(t.numel() * t.element_size() for ex in self.store.values() for t, _ in ex.values())
-        return {"hits": self.hits, "misses": self.misses, "bytes": nbytes, "hit_rate": self.hits / max(1, total)}
-
-
-def get_cache_cls():
-    try:
-        from fastkd.cache import TeacherCache
-
-        return TeacherCache
-    except ImportError:
-        return _FallbackCache
-
-
-def batches_for_epoch(sampler, dataset, pad_token_id: int):
-    """Collated batches for the sampler's current epoch (from its current position)."""
-    collate = get_collate()
-    cols = [c for c in ("input_ids", "label") if c in dataset.column_names]
-    for idx in sampler:
-        rows = dataset[list(idx)]
-        feats = [{"index": i, **{c: rows[c][j] for c in cols}} for j, i in enumerate(idx)]
-        yield collate(feats, pad_token_id)
+    Creating a DataLoader iterator draws a seed from the global torch RNG; that draw is undone so an epoch
+    resumed mid-way sees the same dropout masks as an uninterrupted run (the RNG state is checkpointed)."""
+    rng = torch.get_rng_state()
+    it = iter(make_loader(dataset, sampler, pad_token_id, num_workers=num_workers, pin_memory=pin_memory))
+    torch.set_rng_state(rng)
+    return it
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -417,7 +236,7 @@ def student_config(teacher_config, cfg: TrainConfig):
 
 def etd_batches(dataset, batch_size: int, pad_token_id: int, seed: int):
     """Labelled (when known) batches as dicts for fastkd.etd's importance pass."""
-    sampler = get_sampler_cls()(list(dataset["length"]), batch_size, seed=seed, shuffle=True)
+    sampler = LengthBucketSampler(dataset["length"], batch_size, seed=seed, shuffle=True)
     for b in batches_for_epoch(sampler, dataset, pad_token_id):
         d = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
         if b.labels is not None:
@@ -551,18 +370,6 @@ def _to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, L, H * d)
 
 
-def emd_update(plan: torch.Tensor, cost: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor):
-    """BERT-EMD's cost attention: c_i = Σ_j f_ij d_ij, w̄_i = c_i / w_i, w_i ∝ (Σ w̄) / w̄_i, normalised;
-    the same over j for the teacher."""
-    def side(c, w):
-        wbar = (c / w.clamp_min(1e-12)).clamp_min(1e-12)
-        new = wbar.sum() / wbar
-        return new / new.sum()
-
-    plan, cost = plan.double(), cost.double()
-    return side((plan * cost).sum(1), w_s.double()).float(), side((plan * cost).sum(0), w_t.double()).float()
-
-
 class DistillModule(nn.Module):
     """Student + the recipe's trainable extras (TinyBERT's fit_dense); forward returns (total, terms)."""
 
@@ -652,33 +459,18 @@ class DistillModule(nn.Module):
 
     def _emd(self, kind, s, t, mask):
         n_s, n_t = self.shapes.student_layers, self.shapes.teacher_layers
-        cost = None
-        if hasattr(losses, "layer_costs"):  # all M×N costs from Gram matrices (kernels engineer's)
-            if kind == "emd_att":
-                q_s = torch.stack([s[f"q.{i}"] for i in range(n_s)])
-                k_s = torch.stack([s[f"k.{i}"] for i in range(n_s)])
-                q_t = torch.stack([t[f"q.{j}"] for j in range(n_t)]).to(q_s.dtype)
-                k_t = torch.stack([t[f"k.{j}"] for j in range(n_t)]).to(k_s.dtype)
-                cost = losses.layer_costs(q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, mask=mask)[1]
-            else:
-                h_s = torch.stack([s[f"hidden.{i}"] for i in range(n_s)])
-                _, w, b = self._project(h_s[0])
-                h_t = torch.stack([t[f"hidden.{j}"] for j in range(n_t)]).to(h_s.dtype)
-                cost = losses.layer_costs(h_s=h_s, h_t=h_t, weight=w, bias=b, mask=mask)[0]
-        else:  # loop the pairwise losses
-            rows = []
-            for i in range(n_s):
-                row = []
-                for j in range(n_t):
-                    if kind == "emd_att":
-                        q_s, k_s = s[f"q.{i}"], s[f"k.{i}"]
-                        row.append(losses.attention_mse(q_s, k_s, t[f"q.{j}"].to(q_s.dtype),
-                                                        t[f"k.{j}"].to(k_s.dtype), mask))
-                    else:
-                        h, w, b = self._project(s[f"hidden.{i}"])
-                        row.append(losses.hidden_mse(h, t[f"hidden.{j}"].to(h.dtype), w, b, mask))
-                rows.append(torch.stack(row))
-            cost = torch.stack(rows)
+        # All M×N costs at once from Gram matrices (fastkd.losses.layer_costs), not M·N loss calls.
+        if kind == "emd_att":
+            q_s = torch.stack([s[f"q.{i}"] for i in range(n_s)])
+            k_s = torch.stack([s[f"k.{i}"] for i in range(n_s)])
+            q_t = torch.stack([t[f"q.{j}"] for j in range(n_t)]).to(q_s.dtype)
+            k_t = torch.stack([t[f"k.{j}"] for j in range(n_t)]).to(k_s.dtype)
+            cost = losses.layer_costs(q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, mask=mask)[1]
+        else:
+            h_s = torch.stack([s[f"hidden.{i}"] for i in range(n_s)])
+            _, w, b = self._project(h_s[0])
+            h_t = torch.stack([t[f"hidden.{j}"] for j in range(n_t)]).to(h_s.dtype)
+            cost = losses.layer_costs(h_s=h_s, h_t=h_t, weight=w, bias=b, mask=mask)[0]
         cost = cost.float()  # [M, N]
         loss, plan = losses.emd_loss(cost[None], self.emd_w_s[None].float(), self.emd_w_t[None].float(),
                                      eps=self.emd_eps, iters=self.emd_iters)
@@ -698,10 +490,6 @@ class DistillModule(nn.Module):
                 pc = torch.stack([plan, cost])
                 tdist.all_reduce(pc)
                 plan, cost = pc[0] / dist.world_size, pc[1] / dist.world_size
-            try:
-                from fastkd.emd import update_layer_weights
-            except ImportError:
-                update_layer_weights = emd_update
             ws, wt = update_layer_weights(plan, cost, self.emd_w_s, self.emd_w_t)
             new_s.append(ws)
             new_t.append(wt)
@@ -720,7 +508,6 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device, pad_token_id: i
     model.eval()
     lengths = list(dataset["length"])
     order = sorted(range(len(dataset)), key=lambda i: lengths[i])
-    collate = get_collate()
     correct = 0
     for c in range(0, len(order), batch_size):
         idx = order[c:c + batch_size]
@@ -871,7 +658,9 @@ class Trainer:
         if "label" not in train.column_names:
             raise ValueError(f"--task: {cfg.task} has no labels; task mode needs labelled data "
                              f"(use --mode general for unlabelled text)")
-        names = list(TASKS[cfg.task].labels) if cfg.task in TASKS else None
+        from fastkd.data import label_names
+
+        names = list(TASKS[cfg.task].labels) if cfg.task in TASKS else label_names(train)
         n_labels = len(names) if names else int(max(train["label"])) + 1
         names = names or [str(i) for i in range(n_labels)]
         for split_name, ds in (("train", train), ("dev", dev), ("test", test)):
@@ -914,12 +703,7 @@ class Trainer:
         self.tokenizer = tokenizer
         # Fingerprint it before any call: a fast tokenizer's serialised state records the last truncation
         # settings, which differ when datasets serves a tokenised split from its cache (no call at all).
-        try:
-            from fastkd.cache import fingerprint_tokenizer
-
-            self.tokenizer_fp = fingerprint_tokenizer(tokenizer)
-        except ImportError:
-            self.tokenizer_fp = type(tokenizer).__name__ + str(len(tokenizer))
+        self.tokenizer_fp = fingerprint_tokenizer(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         n_train = cfg.max_train_examples if cfg.max_train_examples is not None else (
             CPU_TRAIN_EXAMPLES if self.on_cpu else None)
@@ -969,6 +753,13 @@ class Trainer:
         finetuned_path = teacher_path
         if cfg.mode == "task":
             if pretrained_has_head:
+                t_names = [str(tconf.id2label[i]) for i in sorted(tconf.id2label)]
+                named = not any(re.fullmatch(r"LABEL_\d+|\d+", n) for n in t_names + names)
+                if tconf.num_labels == len(names) and named and [n.lower() for n in t_names] != [
+                        n.lower() for n in names]:
+                    raise ValueError(
+                        f"--teacher: its task head predicts {t_names} but {cfg.task}'s labels are {names} (in id "
+                        f"order); use a teacher fine-tuned on this task or its pretrained encoder")
                 if tconf.num_labels != len(names):
                     raise ValueError(
                         f"--teacher: its task head has {tconf.num_labels} labels "
@@ -1082,19 +873,12 @@ class Trainer:
             self.log(f"teacher cache: stage {stage.name} runs one epoch, so a memory cache would never be read; "
                      f"not storing (use --cache disk to keep activations for later runs)")
             return None
-        cls = get_cache_cls()
-        try:
-            from fastkd.cache import fingerprint_dataset
-
-            data_fp = fingerprint_dataset(self.data[stage.data])
-        except ImportError:
-            data_fp = f"{cfg.task}:{stage.data}:{len(self.data[stage.data])}:{cfg.seed}:{cfg.max_train_examples}"
-        key = cls.make_key(teacher=self.teacher_digest[stage.teacher], data=data_fp, tokenizer=self.tokenizer_fp,
-                           max_length=cfg.max_length, dtype=str(self._dtype()), fields=fields)
+        data_fp = fingerprint_dataset(self.data[stage.data])
+        key = TeacherCache.make_key(teacher=self.teacher_digest[stage.teacher], data=data_fp,
+                                    tokenizer=self.tokenizer_fp, max_length=cfg.max_length,
+                                    dtype=str(self._dtype()), fields=fields)
         root = Path(cfg.cache_dir) if cfg.cache_dir else None
-        if cls is _FallbackCache:
-            return cls(cfg.cache, root, key)
-        return cls(cfg.cache, root, key, rank=self.dist.rank)
+        return TeacherCache(cfg.cache, root, key, rank=self.dist.rank)
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -1128,8 +912,8 @@ class Trainer:
             data = self.data[stage.data]
             if stage.needs_labels and "label" not in data.column_names:
                 raise ValueError(f"stage {stage.name}: needs labels but its data has none")
-            sampler = get_sampler_cls()(list(data["length"]), cfg.batch_size, seed=cfg.seed + si, shuffle=True,
-                                        rank=self.dist.rank, world_size=self.dist.world_size)
+            sampler = LengthBucketSampler(data["length"], cfg.batch_size, seed=cfg.seed + si, shuffle=True,
+                                          rank=self.dist.rank, world_size=self.dist.world_size)
             steps_per_epoch = max(1, math.ceil(len(sampler) / cfg.grad_accum))
             total = steps_per_epoch * stage.epochs
             params = [p for p in self.module.parameters() if p.requires_grad]
@@ -1181,18 +965,20 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        state = sampler.state_dict()
-        position = state.get("batches_done", state.get("position", 0))
-        bar = tqdm(total=len(sampler), initial=position, desc=f"{stage.name} e{epoch + 1}", file=sys.stderr,
+        # DataLoader workers draw batches ahead, so the resume point is the count this loop consumed.
+        consumed = sampler.state_dict()["batches_done"]
+        bar = tqdm(total=len(sampler), initial=consumed, desc=f"{stage.name} e{epoch + 1}", file=sys.stderr,
                    disable=not (cfg.progress and self.dist.main), dynamic_ncols=True, unit="batch")
         self.module.train()
         micro, window_samples, t_window = 0, 0, time.perf_counter()
         acc_terms: dict[str, float] = {}
-        batches = batches_for_epoch(sampler, data, self.pad_id)
+        cuda = self.device.type == "cuda"
+        batches = batches_for_epoch(sampler, data, self.pad_id, num_workers=2 if cuda else 0, pin_memory=cuda)
         batch = next(batches, None)
         while batch is not None:
             nxt_batch = None
-            batch = batch.to(self.device)
+            consumed += 1
+            batch = batch.to(self.device, non_blocking=cuda)
             t_out = runner(batch)
             # Peek whether this is the epoch's last micro-batch: a partial accumulation window still steps.
             last_micro = (micro + 1) % cfg.grad_accum == 0
@@ -1238,16 +1024,17 @@ class Trainer:
                 window_samples, t_window = 0, time.perf_counter()
             acc_terms = {}
             if cfg.save_every and self.global_step % cfg.save_every == 0:
-                self.save_checkpoint(self._state(si, epoch, stage_step, sampler, opt, sched, scaler), "step")
+                self.save_checkpoint(self._state(si, epoch, stage_step, sampler, opt, sched, scaler, consumed),
+                                     "step")
             if _STEP_DELAY:  # crash-recovery tests slow the run down so a kill lands mid-epoch
                 time.sleep(_STEP_DELAY)
             batch = nxt_batch if nxt_batch is not None else next(batches, None)
         bar.close()
         return stage_step
 
-    def _state(self, si, epoch, stage_step, sampler, opt, sched, scaler) -> dict:
+    def _state(self, si, epoch, stage_step, sampler, opt, sched, scaler, consumed: int | None = None) -> dict:
         return {"stage": si, "epoch": epoch, "global_step": self.global_step, "stage_step": stage_step,
-                "sampler": sampler.state_dict() if sampler is not None else None,
+                "sampler": sampler.state_dict(consumed) if sampler is not None else None,
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                 "best": self.best}
 

@@ -297,6 +297,25 @@ def test_error_label_set(tiny, tmp_path):
     expect_error(tiny, tmp_path, r"task head has 3 labels.*has 2", ("--teacher", str(teacher)))
 
 
+def test_error_label_names(tiny, tmp_path):
+    teacher = make_teacher(tmp_path / "t_named")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(teacher)
+    cfg.id2label, cfg.label2id = {0: "World", 1: "Sports"}, {"World": 0, "Sports": 1}
+    cfg.save_pretrained(teacher)
+    data = tmp_path / "named"
+    data.mkdir()
+    for split in ("train", "dev", "test"):
+        rows = (tiny["data"] / f"{split}.tsv").read_text().splitlines()
+        named = [rows[0]] + [r.rsplit("\t", 1)[0] + "\t" + ("positive" if r.endswith("1") else "negative")
+                             for r in rows[1:]]
+        (data / f"{split}.tsv").write_text("\n".join(named) + "\n")
+    expect_error(tiny, tmp_path, r"predicts \['World', 'Sports'\] but .* \['negative', 'positive'\]",
+                 ("--teacher", str(teacher)), ("--task", str(data / "train.tsv")), ("--dev", str(data / "dev.tsv")),
+                 ("--test", str(data / "test.tsv")))
+
+
 def test_error_output_dir_holds_another_run(tiny, tmp_path):
     out = tmp_path / "err"
     out.mkdir()
