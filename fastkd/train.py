@@ -244,7 +244,19 @@ def etd_batches(dataset, batch_size: int, pad_token_id: int, seed: int):
         yield d
 
 
-def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num_batches: int = 64) -> nn.Module:
+def mapped_teacher_layers(recipe: Recipe, n_s: int) -> list[int] | None:
+    """The teacher layers a recipe maps student layers 0..n_s-1 onto (TinyBERT/ERNIE-Tiny's uniform mapping),
+    so ETD extracts each student layer from the teacher layer it will be distilled against; None when no
+    term maps every student layer."""
+    for stage in recipe.stages:
+        for term in stage.terms:
+            if term.kind in ("hidden_mse", "att_mse") and sorted(i for i, _ in term.pairs) == list(range(n_s)):
+                return [t for _, t in sorted(term.pairs)]
+    return None
+
+
+def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num_batches: int = 64,
+                 layers: list[int] | None = None) -> nn.Module:
     """The student: ETD extraction (``--etd impt|rand``, fastkd.etd) or, with ``--etd none``, the teacher's
     class with uniformly chosen teacher layers copied when widths match (PKD's init), else random init."""
     torch.manual_seed(cfg.seed)
@@ -254,10 +266,11 @@ def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num
         except ImportError as e:
             raise ValueError(f"--etd {cfg.etd}: fastkd.etd is not available ({e}); use --etd none") from e
         log(f"student: extracting with ETD ({cfg.etd}) from the teacher"
-            + (f" (importance over {num_batches} batches)" if cfg.etd == "impt" else ""))
+            + (f" (importance over {num_batches} batches)" if cfg.etd == "impt" else "")
+            + (f", teacher layers {layers} (the recipe's layer mapping)" if layers else ", uniform depth"))
         return extract_student(teacher, num_layers=cfg.student_layers, hidden_size=cfg.student_hidden,
                                num_heads=cfg.student_heads, intermediate_size=cfg.student_ffn, strategy=cfg.etd,
-                               data=data, seed=cfg.seed, num_batches=num_batches)
+                               data=data, seed=cfg.seed, num_batches=num_batches, layers=layers)
     tc = teacher.config
     student = type(teacher)(student_config(tc, cfg))
     same_width = (cfg.student_hidden, cfg.student_heads, cfg.student_ffn) == (
@@ -804,7 +817,8 @@ class Trainer:
         etd_ds = self.data["task"] if cfg.mode == "task" else self.data["general"]
         student = make_student(src32.to(self.device), cfg, data=etd_batches(etd_ds, cfg.batch_size, self.pad_id,
                                                                              cfg.seed),
-                               log=self.log, num_batches=16 if self.on_cpu else 64)
+                               log=self.log, num_batches=16 if self.on_cpu else 64,
+                               layers=mapped_teacher_layers(self.recipe, cfg.student_layers))
         del src32
         self.module = DistillModule(student, shapes, self.recipe).to(self.device)
         self.model = self.module
