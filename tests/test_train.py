@@ -137,7 +137,9 @@ def test_general_mode_on_unlabelled_text(tiny, tmp_path):
 
 def test_tinybert_two_stages_and_learning(tiny, tmp_path):
     out = tmp_path / "run"
-    run_cli(args_for(tiny, out, "tinybert", "--set", "tinybert.inter_epochs=2", "--epochs", "2"))
+    # A random-init student (--etd none) with a learning rate a tiny model can move with in 12 steps.
+    run_cli(args_for(tiny, out, "tinybert", "--set", "tinybert.inter_epochs=2", "--set", "tinybert.inter_lr=1e-3",
+                     "--epochs", "2"))
     steps = [m for m in read_metrics(out) if "loss" in m and "event" not in m]
     stages = [m["stage"] for m in steps]
     assert stages[0] == "intermediate" and stages[-1] == "prediction"
@@ -146,7 +148,7 @@ def test_tinybert_two_stages_and_learning(tiny, tmp_path):
     assert set(inter[0]) >= {"loss_emb_mse", "loss_hidden_mse", "loss_att_mse", "lr", "samples_per_s"}
     assert "loss_soft_ce" not in inter[0]
     # The intermediate losses drop over the stage (the student learns to match the teacher).
-    assert inter[-1]["loss"] < inter[0]["loss"]
+    assert inter[-1]["loss"] < 0.8 * inter[0]["loss"]
 
 
 def test_ernie_tiny_four_stages_and_finetuned_teacher(tiny, tmp_path, monkeypatch):
