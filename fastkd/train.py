@@ -637,7 +637,16 @@ class Trainer:
         if cfg.dev:
             dev = load_texts(cfg.dev, "dev")
         elif cfg.task in TASKS:
-            dev = load_texts(cfg.task, "dev")
+            from fastkd.data import DataNotFoundError
+
+            try:
+                dev = load_texts(cfg.task, "dev")
+            except DataNotFoundError:
+                # No dev split (AG News ships train/test only): hold out a fixed slice of train for model
+                # selection, so the test split stays unseen.
+                held = train.train_test_split(test_size=min(1000, len(train) // 10), seed=0)
+                train, dev = held["train"], held["test"]
+                self.log(f"data: no {cfg.task} dev split; holding out {len(dev)} train examples as dev")
         else:
             dev = None
         if cfg.test:
