@@ -14,6 +14,7 @@ left is the kernel's own error. Tolerances (‖out − ref‖/‖ref‖):
 Without a GPU the kernels run in Triton's interpreter (small 16×16 tiles, so L = 17 and 40 cross tile edges).
 """
 
+import functools
 import math
 import os
 
@@ -26,9 +27,11 @@ import pytest  # noqa: E402
 from fastkd.kernels import attention_kl as akl  # noqa: E402
 
 from fastkd import losses  # noqa: E402
+from tests.conftest import make_mask as _make_mask  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+make_mask = functools.partial(_make_mask, device=DEVICE)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 VALUE_TOL = 1e-5
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}
@@ -79,19 +82,6 @@ def fused_loss_and_grads(q_s, k_s, q_t, k_t, mask, upstream, **kw):
 
 def randn(shape, dtype, gen, scale=1.0):
     return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
-
-
-def make_mask(kind, B, L, gen):
-    if kind == "none":
-        return None
-    lens = torch.randint(1, L + 1, (B,), generator=gen)
-    if kind == "single":  # one sequence with a single valid token, the other random
-        lens[0] = 1
-    m = torch.arange(L)[None] < lens[:, None]
-    if kind == "holes":  # arbitrary valid positions (not a prefix), at least one per row
-        m = torch.rand(B, L, generator=gen) < 0.5
-        m[:, L // 2] = True
-    return m.to(DEVICE)
 
 
 def assert_close(out, ref, tol, what):

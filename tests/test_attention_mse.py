@@ -7,6 +7,7 @@ fp32, 2e-3 in fp16 and 1.6e-2 in bf16 (the gradients are returned in the input d
 output, 2^-11 and 2^-8 relative, plus one of the fp32 Gram/tile products).
 """
 
+import functools
 import math
 import os
 
@@ -19,9 +20,11 @@ import fastkd.kernels.attention_mse as kernel  # noqa: E402
 import pytest  # noqa: E402
 
 from fastkd import losses  # noqa: E402
+from tests.conftest import make_mask as _make_mask  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+make_mask = functools.partial(_make_mask, device=DEVICE)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LOSS_TOL = 1e-5
@@ -31,19 +34,6 @@ UPSTREAM = 1.7  # grad of the loss ≠ 1, so a dropped grad_output factor fails
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
     monkeypatch.setenv("FASTKD_BACKEND", "triton")
-
-
-def make_mask(kind, B, L, gen):
-    if kind == "none":
-        return None
-    lens = torch.randint(1, L + 1, (B,), generator=gen)
-    if kind == "single":
-        lens[0] = 1  # one valid token
-    m = torch.arange(L)[None] < lens[:, None]
-    if kind == "holes":  # arbitrary valid positions, not a prefix
-        m = torch.rand(B, L, generator=gen) < 0.6
-        m[:, -1] = True
-    return m.to(DEVICE)
 
 
 def float64_attention_mse(q_s, k_s, q_t, k_t, mask):

@@ -7,6 +7,7 @@ fp16, 1.6e-2 in bf16 (R is rounded to the input dtype for the tensor-core produc
 gradients are returned in the input dtype).
 """
 
+import functools
 import os
 
 import torch
@@ -17,9 +18,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastkd import losses  # noqa: E402
+from tests.conftest import make_mask as _make_mask  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+make_mask = functools.partial(_make_mask, device=DEVICE)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LOSS_TOL = 1e-5
@@ -29,19 +32,6 @@ UPSTREAM = 1.7
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
     monkeypatch.setenv("FASTKD_BACKEND", "triton")
-
-
-def make_mask(kind, B, L, gen):
-    if kind == "none":
-        return None
-    lens = torch.randint(1, L + 1, (B,), generator=gen)
-    if kind == "single":
-        lens[0] = 1
-    m = torch.arange(L)[None] < lens[:, None]
-    if kind == "holes":
-        m = torch.rand(B, L, generator=gen) < 0.6
-        m[:, -1] = True
-    return m.to(DEVICE)
 
 
 def float64_hidden_mse(h_s, h_t, weight, bias, mask):

@@ -11,23 +11,10 @@ import pytest
 import torch
 
 from fastkd import losses
-from tests.conftest import rel_err
+from tests.conftest import make_mask, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = 1e-5
-
-
-def make_mask(kind, B, L, gen):
-    if kind == "none":
-        return None
-    lens = torch.randint(1, L + 1, (B,), generator=gen)
-    if kind == "single":
-        lens[0] = 1
-    m = torch.arange(L)[None] < lens[:, None]
-    if kind == "holes":  # not a prefix: arbitrary valid positions, at least one per row
-        m = torch.rand(B, L, generator=gen) < 0.6
-        m[:, 0] = True
-    return m
 
 
 def valid_idx(mask, b, L):
