@@ -8,7 +8,9 @@ GPU; they are on by default and can be switched off for production training loop
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -24,6 +26,18 @@ def set_value_checks(enabled: bool) -> None:
 
 def value_checks_enabled() -> bool:
     return _value_checks
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Within the block, turn the data-dependent checks on or off (e.g. off in a trainer whose masks come from
+    its own collator, so each loss call costs no device-to-host sync)."""
+    global _value_checks
+    previous, _value_checks = _value_checks, bool(enabled)
+    try:
+        yield
+    finally:
+        _value_checks = previous
 
 
 def check_float(name: str, x: torch.Tensor, ndim: int | tuple[int, ...] | None = None, what: str = "") -> None:
