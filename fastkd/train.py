@@ -339,17 +339,19 @@ class TeacherRunner:
         self.teacher, self.fields, self.cache, self.device = teacher, fields, cache, device
         self.calls = 0
 
-    def __call__(self, batch) -> dict[str, torch.Tensor]:
-        lengths = batch.attention_mask.sum(1).cpu()
+    def __call__(self, batch, host=None) -> dict[str, torch.Tensor]:
+        """``host``: the batch's CPU copy, so cache look-ups cost no device-to-host sync."""
+        host = batch if host is None else host
+        lengths = host.attention_mask.sum(1).cpu()
         if self.cache is not None:
-            got = self.cache.get(batch.index, lengths)
+            got = self.cache.get(host.index, lengths)
             if got is not None:
                 return {k: v.to(self.device, non_blocking=True) for k, v in got.items()}
         self.calls += 1
         with torch.inference_mode(), capture_fields(self.teacher, self.fields) as read:
             out = read(self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask))
         if self.cache is not None:
-            self.cache.put(batch.index, lengths, out, {k: seq_dim(k) for k in out})
+            self.cache.put(host.index, lengths, out, {k: seq_dim(k) for k in out})
         return out
 
 
@@ -984,8 +986,8 @@ class Trainer:
         while batch is not None:
             nxt_batch = None
             consumed += 1
-            batch = batch.to(self.device, non_blocking=cuda)
-            t_out = runner(batch)
+            host, batch = batch, batch.to(self.device, non_blocking=cuda)
+            t_out = runner(batch, host)
             # Peek whether this is the epoch's last micro-batch: a partial accumulation window still steps.
             last_micro = (micro + 1) % cfg.grad_accum == 0
             if not last_micro:

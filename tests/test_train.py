@@ -201,9 +201,9 @@ def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, mon
     calls = {"n": 0}
     real_call = train.TeacherRunner.__call__
 
-    def counting(self, batch):
+    def counting(self, batch, host=None):
         before = self.calls
-        out = real_call(self, batch)
+        out = real_call(self, batch, host)
         calls["n"] += self.calls - before
         return out
 
