@@ -434,7 +434,10 @@ def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task"
         terms = [LossTerm("soft_ce", p.alpha, temperature=p.temperature, times_t2=True),
                  LossTerm("hard_ce", 1.0 - p.alpha)]
         if pairs:
-            terms.append(LossTerm("pkd", p.beta, pairs))
+            # PKD's code takes F.mse_loss over the stacked normalised [CLS] vectors, i.e. the mean over layers,
+            # batch and features; losses.pkd_mse sums over features and layers, so β is divided by K·d to keep
+            # the paper's β = 500 meaning what it meant there.
+            terms.append(LossTerm("pkd", p.beta / (len(pairs) * shapes.student_hidden), pairs))
         stages = [Stage("pkd", terms, p.epochs, p.lr)]
     elif method == "bert-emd":
         _need_equal_heads(shapes, method)

@@ -245,14 +245,19 @@ def etd_batches(dataset, batch_size: int, pad_token_id: int, seed: int):
         yield d
 
 
-def mapped_teacher_layers(recipe: Recipe, n_s: int) -> list[int] | None:
+def mapped_teacher_layers(recipe: Recipe, n_s: int, n_t: int) -> list[int] | None:
     """The teacher layers a recipe maps student layers 0..n_s-1 onto (TinyBERT/ERNIE-Tiny's uniform mapping),
     so ETD extracts each student layer from the teacher layer it will be distilled against; None when no
     term maps every student layer."""
     for stage in recipe.stages:
         for term in stage.terms:
-            if term.kind in ("hidden_mse", "att_mse") and sorted(i for i, _ in term.pairs) == list(range(n_s)):
+            students = sorted(i for i, _ in term.pairs)
+            if term.kind in ("hidden_mse", "att_mse") and students == list(range(n_s)):
                 return [t for _, t in sorted(term.pairs)]
+            if term.kind == "pkd" and students == list(range(n_s - 1)):
+                # PKD maps all but the last student layer; the last one is distilled through the logits, so it
+                # comes from the teacher's last layer.
+                return [t for _, t in sorted(term.pairs)] + [n_t - 1]
     return None
 
 
@@ -812,7 +817,7 @@ class Trainer:
         student = make_student(src32.to(self.device), cfg, data=etd_batches(etd_ds, cfg.batch_size, self.pad_id,
                                                                              cfg.seed),
                                log=self.log, num_batches=16 if self.on_cpu else 64,
-                               layers=mapped_teacher_layers(self.recipe, cfg.student_layers))
+                               layers=mapped_teacher_layers(self.recipe, cfg.student_layers, shapes.teacher_layers))
         del src32
         self.module = DistillModule(student, shapes, self.recipe).to(self.device)
         self.model = self.module

@@ -50,7 +50,9 @@ def test_pkd_layers_from_the_paper():
     last = build_recipe("pkd-last", Shapes(12, 3, 768, 768, 12, 12))  # 12 -> 3: teacher layers 9, 10
     assert kinds(last.stages[0])["pkd"].pairs == [(0, 9), (1, 10)]
     k = kinds(skip.stages[0])
-    assert (k["soft_ce"].weight, k["hard_ce"].weight, k["pkd"].weight) == (0.7, pytest.approx(0.3), 500.0)
+    # β = 500 applies to PKD's mean over (layers, batch, features); pkd_mse sums features and layers.
+    assert (k["soft_ce"].weight, k["hard_ce"].weight) == (0.7, pytest.approx(0.3))
+    assert k["pkd"].weight == pytest.approx(500.0 / (5 * SAME_WIDTH.student_hidden))
     assert k["soft_ce"].temperature == 10.0 and k["soft_ce"].times_t2
 
 
@@ -164,3 +166,14 @@ def test_capture_plan_records_only_what_terms_read():
     assert v2["qkv"] == {11: "kqv"} and not v2["hidden"]
     emd = capture_plan(build_recipe("bert-emd", BASE).stages[0].terms, "teacher")
     assert emd["all_hidden"] and emd["all_qk"]
+
+
+def test_etd_extracts_the_teacher_layers_each_recipe_distils_against():
+    from fastkd.train import mapped_teacher_layers
+
+    shapes = Shapes(6, 3, 384, 384, 12, 12)
+    assert mapped_teacher_layers(build_recipe("tinybert", shapes), 3, 6) == [1, 3, 5]
+    # PKD-Last compares students 0, 1 with teacher 3, 4; the last student layer feeds the logits (teacher 5).
+    assert mapped_teacher_layers(build_recipe("pkd-last", shapes), 3, 6) == [3, 4, 5]
+    assert mapped_teacher_layers(build_recipe("pkd-skip", shapes), 3, 6) == [1, 3, 5]
+    assert mapped_teacher_layers(build_recipe("kd", shapes), 3, 6) is None
