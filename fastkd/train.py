@@ -262,9 +262,9 @@ def mapped_teacher_layers(recipe: Recipe, n_s: int, n_t: int) -> list[int] | Non
 
 
 def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num_batches: int = 64,
-                 layers: list[int] | None = None) -> nn.Module:
-    """The student: ETD extraction (``--etd impt|rand``, fastkd.etd) or, with ``--etd none``, the teacher's
-    class randomly initialised."""
+                 layers: list[int] | None = None) -> tuple[nn.Module, torch.Tensor | None]:
+    """(student, kept teacher hidden dims or None): ETD extraction (``--etd impt|rand``, fastkd.etd) or, with
+    ``--etd none``, the teacher's class randomly initialised."""
     torch.manual_seed(cfg.seed)
     if cfg.etd != "none":
         from fastkd.etd import extract_student
@@ -272,13 +272,15 @@ def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num
         log(f"student: extracting with ETD ({cfg.etd}) from the teacher"
             + (f" (importance over {num_batches} batches)" if cfg.etd == "impt" else "")
             + (f", teacher layers {layers} (the recipe's layer mapping)" if layers else ", uniform depth"))
-        return extract_student(teacher, num_layers=cfg.student_layers, hidden_size=cfg.student_hidden,
-                               num_heads=cfg.student_heads, intermediate_size=cfg.student_ffn, strategy=cfg.etd,
-                               data=data, seed=cfg.seed, num_batches=num_batches, layers=layers)
+        student, plan = extract_student(teacher, num_layers=cfg.student_layers, hidden_size=cfg.student_hidden,
+                                        num_heads=cfg.student_heads, intermediate_size=cfg.student_ffn,
+                                        strategy=cfg.etd, data=data, seed=cfg.seed, num_batches=num_batches,
+                                        layers=layers, return_plan=True)
+        return student, plan.hidden
     # --etd none is plain random initialisation: the baseline ETD's savings are measured against.
     # (PKD's "first k teacher layers" init is what --etd rand gives at the teacher's own width.)
     log("student: --etd none: random initialisation")
-    return type(teacher)(student_config(teacher.config, cfg))
+    return type(teacher)(student_config(teacher.config, cfg)), None
 
 
 def count_params(model: nn.Module) -> int:
@@ -372,12 +374,19 @@ def _to_tokens(x: torch.Tensor) -> torch.Tensor:
 class DistillModule(nn.Module):
     """Student + the recipe's trainable extras (TinyBERT's fit_dense); forward returns (total, terms)."""
 
-    def __init__(self, student: nn.Module, shapes: Shapes, recipe: Recipe):
+    def __init__(self, student: nn.Module, shapes: Shapes, recipe: Recipe, kept_hidden: torch.Tensor | None = None):
         super().__init__()
         self.student = student
         self.shapes = shapes
         self.fit = nn.Linear(shapes.student_hidden, shapes.teacher_hidden) \
             if shapes.student_hidden != shapes.teacher_hidden else None
+        if self.fit is not None and kept_hidden is not None:
+            # An ETD student's hidden dim j is the teacher's dim kept_hidden[j]: start the projection as that
+            # selection, so the hidden losses begin from what extraction preserved instead of a random map.
+            with torch.no_grad():
+                self.fit.weight.zero_()
+                self.fit.weight[kept_hidden.long(), torch.arange(shapes.student_hidden)] = 1.0
+                self.fit.bias.zero_()
         self.has_emd = any(t.kind.startswith("emd_") for s in recipe.stages for t in s.terms)
         n_s, n_t = shapes.student_layers, shapes.teacher_layers
         self.register_buffer("emd_w_s", torch.full((n_s,), 1.0 / n_s))
@@ -814,12 +823,12 @@ class Trainer:
             self.teacher_paths["finetuned" if "finetuned" in self.teachers else "pretrained"],
             attn_implementation="sdpa")
         etd_ds = self.data["task"] if cfg.mode == "task" else self.data["general"]
-        student = make_student(src32.to(self.device), cfg, data=etd_batches(etd_ds, cfg.batch_size, self.pad_id,
-                                                                             cfg.seed),
-                               log=self.log, num_batches=16 if self.on_cpu else 64,
-                               layers=mapped_teacher_layers(self.recipe, cfg.student_layers, shapes.teacher_layers))
+        batches = etd_batches(etd_ds, cfg.batch_size, self.pad_id, cfg.seed)
+        student, kept_hidden = make_student(
+            src32.to(self.device), cfg, data=batches, log=self.log, num_batches=16 if self.on_cpu else 64,
+            layers=mapped_teacher_layers(self.recipe, cfg.student_layers, shapes.teacher_layers))
         del src32
-        self.module = DistillModule(student, shapes, self.recipe).to(self.device)
+        self.module = DistillModule(student, shapes, self.recipe, kept_hidden).to(self.device)
         self.model = self.module
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP

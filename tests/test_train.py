@@ -405,3 +405,36 @@ def test_ddp_two_processes_gloo(tiny, tmp_path):
     assert got[0][4] == got[1][4] == [0.5]
     assert got[0][2] == pytest.approx(got[1][2], rel=0, abs=1e-6)
     assert (tmp_path / "ddp" / "metrics.jsonl").is_file()
+
+
+def test_etd_student_projection_starts_as_the_kept_hidden_dims():
+    from transformers import BertModel
+
+    from fastkd.recipes import Shapes, build_recipe
+
+    shapes = Shapes(4, 2, 32, 16, 4, 4)
+    student = BertModel(tiny_bert_config(hidden_size=16, num_hidden_layers=2, intermediate_size=32))
+    kept = torch.tensor([1, 4, 5, 7, 9, 11, 12, 13, 17, 20, 22, 25, 26, 28, 30, 31])
+    module = train.DistillModule(student, shapes, build_recipe("tinybert", shapes), kept)
+    h_s = torch.randn(3, 16)
+    projected = module.fit(h_s)
+    assert torch.equal(projected[:, kept], h_s)  # dim j lands on the teacher dim it was extracted from
+    dropped = torch.ones(32, dtype=torch.bool)
+    dropped[kept] = False
+    assert torch.equal(projected[:, dropped], torch.zeros(3, 16))
+    # Random init (--etd none) keeps nn.Linear's random projection.
+    assert not torch.equal(train.DistillModule(student, shapes, build_recipe("tinybert", shapes)).fit.bias,
+                           torch.zeros(32))
+
+
+@pytest.mark.parametrize("etd", ["impt", "rand"])
+def test_etd_narrower_student_end_to_end(tiny, tmp_path, etd):
+    """A student narrower than the teacher (hidden 16 of 32, head dim 4 of 8), extracted by ETD, trains."""
+    out = tmp_path / "run"
+    argv = args_for(tiny, out, "tinybert", "--etd", etd)
+    argv[argv.index("--student-hidden") + 1] = "16"
+    res = run_cli(argv)
+    assert 0.0 <= res["student_test_acc"] <= 1.0
+    assert res["student_params"] < res["teacher_params"]
+    steps = [m for m in read_metrics(out) if "loss" in m and "event" not in m]
+    assert {m["stage"] for m in steps} == {"intermediate", "prediction"}
