@@ -150,7 +150,10 @@ def table() -> str:
              "articles). Speed-up: CPU batch-1 latency of the teacher over the student at the median test "
              "length. Steps to reach: the first step at which the run's smoothed first-stage distillation loss "
              f"(trailing mean of {SMOOTH} logged steps) reaches the random-init (`--etd none`) run's final "
-             "smoothed loss, as a share of that stage's steps.", ""]
+             "smoothed loss, as a share of that stage's steps. At the teacher's own width (3×384) ETD-Impt and "
+             "ETD-Rand keep the same units — every head, neuron and dimension — and take depth from the recipe's "
+             "layer mapping, so their rows coincide; they differ at 3×192. `--etd none` is random initialisation "
+             "(no pre-training), which one CPU-subset epoch cannot bring past the majority class.", ""]
     subsets = sorted({r["subset"] for r in recs.values() if r and r.get("subset")})
     if subsets:
         lines += ["Data used on the CPU (the trainer's own note):", ""] + [f"- {s}" for s in subsets] + [""]
