@@ -206,6 +206,27 @@ def targets(recs: dict) -> list[str]:
                        f"{'met' if pct >= goal else 'missed'}.")
         else:
             out.append(f"- {task}: no 3×384 run recorded yet; target ≥ {goal}% not measured.")
+    for r, rec in recs.items():
+        base = recs.get(Row(r.task, r.method, r.size, "none"))
+        if r.etd != "impt" or r.method not in ("tinybert", "minilm") or not (rec and base):
+            continue
+        curve, base_curve = distill_curve(rec.get("metrics", [])), smoothed(distill_curve(base.get("metrics", [])))
+        if not (curve and base_curve):
+            continue
+        s = steps_to_reach(curve, base_curve[-1][1])
+        share = None if s is None else 100 * s / curve[-1][0]
+        verdict = "missed (not reached)" if share is None else ("met" if share <= 30 else "missed")
+        out.append(f"- {r.name}: ETD-Impt reaches the random-init final distillation loss at "
+                   f"{'—' if share is None else f'{share:.0f}%'} of the steps; target ≤ 30%: {verdict}.")
+    teachers = {}
+    for r, rec in recs.items():
+        acc = ((rec or {}).get("result") or {}).get("teacher_test_acc")
+        if acc is not None:
+            teachers.setdefault(r.task, acc)
+    seen = ", ".join(f"{t} test accuracy {a:.4f}" for t, a in teachers.items())
+    out += ["", f"The teachers are fine-tuned by fastkd on the CPU subset too ({seen}), below what a full "
+            "fine-tune of this MiniLM reaches; the retention percentages are relative to these teachers. A GPU "
+            "run of the same commands uses the full data."]
     return out
 
 
