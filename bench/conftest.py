@@ -34,6 +34,8 @@ from typing import Any
 import pytest
 import torch
 
+from fastkd.device import cpu_model, device_name
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 HAS_CUDA = torch.cuda.is_available()
@@ -97,22 +99,8 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _device_name() -> str:
-    return torch.cuda.get_device_name() if HAS_CUDA else _cpu_model()
-
-
 def device_slug() -> str:
-    name = _device_name() if HAS_CUDA else f"cpu-{platform.machine()}"
+    name = device_name() if HAS_CUDA else f"cpu-{platform.machine()}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -238,7 +226,7 @@ def copy_bandwidth() -> float:
             return r["gbps"]
     nbytes = (1 << 30) if HAS_CUDA else (64 << 20)
     m = _measure_copy_gbps(nbytes)
-    rec = CaseRecord(case="copy_bandwidth", params={"nbytes": nbytes}, device=_device_name(),
+    rec = CaseRecord(case="copy_bandwidth", params={"nbytes": nbytes}, device=device_name(),
                      median_ms=m["median_ms"], bytes_moved=m["bytes_moved"], gbps=m["gbps"], pct_copy_bw=100.0,
                      timer="do_bench" if HAS_CUDA else "perf_counter",
                      note="torch copy_ between two buffers on one device; read + write bytes counted")
@@ -274,7 +262,7 @@ def measure(benchmark, request, copy_bandwidth):
         """``time_scale``: multiply the measured time (e.g. P/k when only k of P looped problems were timed);
         the unscaled median is kept as ``extra["measured_ms"]``."""
         params = dict(params or {})
-        rec = CaseRecord(case=case, params=params, device=_device_name(), bytes_moved=bytes_moved, flops=flops,
+        rec = CaseRecord(case=case, params=params, device=device_name(), bytes_moved=bytes_moved, flops=flops,
                          note=note)
         status: dict[str, Any] = {}
         guard = oom_ok(status) if allow_oom else contextlib.nullcontext(status)
@@ -388,7 +376,7 @@ def _git_commit() -> str | None:
 
 def environment() -> dict[str, Any]:
     env = {
-        "device": _device_name(),
+        "device": device_name(),
         "device_slug": device_slug(),
         "cuda": HAS_CUDA,
         "driver": _nvml().driver() if HAS_CUDA else None,
@@ -397,7 +385,7 @@ def environment() -> dict[str, Any]:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),

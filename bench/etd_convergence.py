@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ import torch
 from fastkd import losses
 from fastkd.capture import ActivationCapture
 from fastkd.data import load_task
+from fastkd.device import device_name
 from fastkd.etd import compute_importance, extract_student, student_config, text_batches, uniform_layers
 from fastkd.models import load_encoder
 
@@ -99,16 +99,6 @@ def steps_to_reach(curve: list[float], target: float) -> int | None:
         if v <= target:
             return i
     return None
-
-
-def device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
