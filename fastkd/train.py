@@ -117,6 +117,10 @@ class TrainConfig:
     cache: str = "memory"  # off | memory | disk
     cache_dir: str | None = None
     finetune_epochs: int | None = None  # teacher fine-tuning epochs (default 3 on a GPU, 1 on a CPU)
+    # Training examples for the teacher's fine-tune: None = the student's training data (the CPU subset on a
+    # CPU), 0 = all of the task's training data, N = a seeded N-example subset. The fine-tune is cached, so a
+    # stronger teacher costs once per (teacher, data, settings).
+    finetune_examples: int | None = None
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at epoch ends)
     keep_checkpoints: int = 2
     resume: bool = False
@@ -147,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("warmup", "weight_decay", "max_grad_norm"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    for name in ("epochs", "max_train_examples", "max_dev_examples", "finetune_epochs"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    for name in ("epochs", "max_train_examples", "max_dev_examples", "finetune_epochs", "finetune_examples"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help="teacher fine-tune data: 0 = all training examples (default: the student's data)"
+                       if name == "finetune_examples" else None)
     p.add_argument("--teacher-dtype", default=d.teacher_dtype, choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--cache", default=d.cache, choices=["off", "memory", "disk"])
@@ -185,6 +191,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                  "student_ffn"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(cfg, name)}")
+    if cfg.finetune_examples is not None and cfg.finetune_examples < 0:
+        raise ValueError(f"--finetune-examples: expected 0 (all training data) or a positive count, got "
+                         f"{cfg.finetune_examples}")
     return cfg
 
 
@@ -585,7 +594,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 RUN_FILE = "run.json"
 # Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
 _IDENTITY = ("method", "mode", "task", "teacher", "etd", "student_layers", "student_hidden", "student_heads",
-             "student_ffn", "batch_size", "grad_accum", "seed", "epochs", "max_train_examples", "overrides")
+             "student_ffn", "batch_size", "grad_accum", "seed", "epochs", "max_train_examples", "overrides",
+             "finetune_epochs", "finetune_examples")
 
 
 class Trainer:
@@ -752,6 +762,11 @@ class Trainer:
         names = None
         if cfg.mode == "task":
             train, dev, test, names = self._load_task_data(tokenizer)
+            if cfg.finetune_examples is not None:
+                n_ft = cfg.finetune_examples or None
+                self.data["finetune"] = tokenize(self._subset(train, n_ft, cfg.seed), tokenizer, cfg.max_length)
+                self.log(f"teacher fine-tune data: {len(self.data['finetune'])} training examples "
+                         f"(--finetune-examples {cfg.finetune_examples})")
             train = self._subset(train, n_train, cfg.seed)
             dev = self._subset(dev, n_dev, cfg.seed) if dev is not None else None
             self.data["task"] = tokenize(train, tokenizer, cfg.max_length)
@@ -792,7 +807,7 @@ class Trainer:
                                     lr=1e-4 if self.on_cpu else 5e-5, batch_size=cfg.batch_size,
                                     freeze_word_embeddings=self.on_cpu)
                 root = Path(cfg.cache_dir) if cfg.cache_dir else None
-                train_ds = self.data["task"]
+                train_ds = self.data.get("finetune", self.data["task"])
                 fp = data_digest(list(train_ds["text"]), list(train_ds["label"]))
                 if self.dist.main:
                     finetuned_path = finetune_teacher(teacher_path, tokenizer, train_ds, self.data.get("dev"),
