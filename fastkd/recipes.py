@@ -27,7 +27,7 @@ TERM_KINDS = (
     "att_kl",  # MiniLM attention-distribution KL over `pairs` (needs equal head counts)
     "value_kl",  # MiniLM value-relation KL over `pairs`
     "qkv_relation",  # MiniLMv2 Q-Q/K-K/V-V relation KL (1/3 each) with `relation_heads` heads
-    "pkd",  # Patient-KD normalised [CLS] MSE over `pairs` (needs equal widths)
+    "pkd",  # Patient-KD normalised [CLS] MSE over `pairs` (a narrower student's [CLS] goes through W first)
     "emd_att",  # BERT-EMD many-to-many attention-score EMD
     "emd_hidden",  # BERT-EMD many-to-many hidden-state EMD
     "soft_ce",  # prediction-layer loss soft_cross_entropy(s/T, t/T), scaled by `t2` ** 2 when t2 is True
@@ -149,6 +149,10 @@ class PKDParams:
     epochs: int = 4
     lr: float = 1e-5
     layer_map: str | None = None
+    # PKD's students are as wide as the teacher. For a narrower one, fastkd maps the student's [CLS] through the
+    # learned projection W (TinyBERT's fit_dense; for an ETD student it starts as the kept-dimension selection)
+    # before normalising. False keeps the paper's equal-width requirement.
+    project_width: bool = True
 
 
 @dataclass
@@ -253,6 +257,8 @@ def _coerce(value: Any, annotation: str, name: str) -> Any:
         return float(value)
     elif annotation.startswith("str"):
         return str(value)
+    elif annotation.startswith("bool") and isinstance(value, bool):
+        return value
     raise ValueError(f"{name}: expected {annotation}, got {value!r}")
 
 
@@ -421,10 +427,11 @@ def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task"
                         p.epochs, p.lr),
                   Stage("finetune", [LossTerm("hard_ce", 1.0)], p.finetune_epochs, p.finetune_lr)]
     elif method in ("pkd-last", "pkd-skip"):
-        if shapes.student_hidden != shapes.teacher_hidden:
+        if shapes.student_hidden != shapes.teacher_hidden and not p.project_width:
             raise MappingError(f"{method}: the patience loss compares normalised [CLS] vectors, so widths must "
                                f"match; the teacher's hidden size is {shapes.teacher_hidden}, the student's "
-                               f"{shapes.student_hidden}. Set --student-hidden {shapes.teacher_hidden}")
+                               f"{shapes.student_hidden}. Set --student-hidden {shapes.teacher_hidden} or "
+                               f"--set pkd.project_width=true (a learned projection of the student's [CLS])")
         if p.layer_map:
             pairs = parse_layer_map(p.layer_map, shapes)
         elif method == "pkd-skip":
@@ -436,8 +443,8 @@ def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task"
         if pairs:
             # PKD's code takes F.mse_loss over the stacked normalised [CLS] vectors, i.e. the mean over layers,
             # batch and features; losses.pkd_mse sums over features and layers, so β is divided by K·d to keep
-            # the paper's β = 500 meaning what it meant there.
-            terms.append(LossTerm("pkd", p.beta / (len(pairs) * shapes.student_hidden), pairs))
+            # the paper's β = 500 meaning what it meant there (d: the compared width, the teacher's).
+            terms.append(LossTerm("pkd", p.beta / (len(pairs) * shapes.teacher_hidden), pairs))
         stages = [Stage("pkd", terms, p.epochs, p.lr)]
     elif method == "bert-emd":
         _need_equal_heads(shapes, method)

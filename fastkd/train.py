@@ -461,6 +461,9 @@ class DistillModule(nn.Module):
             elif k == "pkd":
                 hs = torch.stack([s[f"hidden.{i}"][:, 0] for i, _ in term.pairs])
                 ht = torch.stack([t[f"hidden.{j}"][:, 0] for _, j in term.pairs])
+                if self.fit is not None:  # a narrower student (recipe's project_width): compare W·[CLS]
+                    _, w, b = self._project(hs)
+                    hs = torch.nn.functional.linear(hs, w, b)
                 val = losses.pkd_mse(hs, like(ht, hs))
             elif k in ("emd_att", "emd_hidden"):
                 val = self._emd(k, s, t, mask)

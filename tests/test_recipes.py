@@ -140,7 +140,7 @@ def test_every_method_builds_and_validates(method):
 
 def test_mapping_errors_say_what_to_change():
     with pytest.raises(MappingError, match="--student-hidden 768"):
-        build_recipe("pkd-skip", BASE)
+        build_recipe("pkd-skip", BASE, make_params("pkd-skip", {"pkd.project_width": "false"}))
     with pytest.raises(MappingError, match="--student-heads 12"):
         build_recipe("tinybert", Shapes(12, 4, 768, 312, 12, 4))
     with pytest.raises(MappingError, match="relation_heads=7 must divide"):

@@ -180,6 +180,23 @@ def test_ernie_tiny_four_stages_and_finetuned_teacher(tiny, tmp_path, monkeypatc
     assert (cached[0] / "config.json").stat().st_mtime_ns == stamp
 
 
+def test_finetune_examples_sets_the_teachers_data(tiny, tmp_path, monkeypatch):
+    """--finetune-examples decouples the teacher's fine-tune data from the student's (smaller) subset."""
+    teacher = make_teacher(tmp_path / "bare", head=False)
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    for n_ft, expected in (("0", 48), ("20", 20)):  # 0 = all 48 training examples
+        argv = args_for(tiny, tmp_path / f"run{n_ft}", "kd", "--max-train-examples", "16", "--finetune-examples",
+                        n_ft, "--finetune-epochs", "1")
+        argv[argv.index("--teacher") + 1] = str(teacher)
+        res = run_cli(argv)
+        assert res["trainer"].data["task"].num_rows == 16
+        folder = res["trainer"].teacher_paths["finetuned"]
+        assert json.loads((folder / "fastkd-finetune.json").read_text())["examples"] == expected
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 2  # different data, different cache key
+    with pytest.raises(ValueError, match="--finetune-examples: expected 0"):
+        train.parse_config(["--finetune-examples", "-3"])
+
+
 def test_bert_emd_layer_weights_update(tiny, tmp_path):
     out = tmp_path / "run"
     run_cli(args_for(tiny, out, "bert-emd", "--epochs", "2"))
@@ -275,7 +292,21 @@ def test_error_too_deep(tiny, tmp_path):
 
 
 def test_error_pkd_width(tiny, tmp_path):
-    expect_error(tiny, tmp_path, r"--student-hidden 32", ("--method", "pkd-skip"), ("--student-hidden", "16"))
+    expect_error(tiny, tmp_path, r"--student-hidden 32", ("--method", "pkd-skip"), ("--student-hidden", "16"),
+                 extra=("--set", "pkd.project_width=false"))
+
+
+def test_pkd_narrow_student_projects_cls(tiny, tmp_path):
+    """A narrower PKD student compares W·[CLS] with the teacher's [CLS]; W learns from the patience loss."""
+    out = tmp_path / "run"
+    res = run_cli(args_for(tiny, out, "pkd-skip", "--etd", "rand", "--student-hidden", "16", "--student-ffn", "32"))
+    module = res["trainer"].module
+    assert module.fit is not None and module.fit.in_features == 16 and module.fit.out_features == 32
+    steps = [m for m in read_metrics(out) if "loss_pkd" in m]
+    assert steps and all(0.0 < m["loss_pkd"] < float("inf") for m in steps)
+    # ETD started W as the kept-dimension selection (16 ones, zeros elsewhere). Weight decay cannot make a zero
+    # non-zero, so non-zero entries beyond the 16 mean the patience loss's gradient reached W.
+    assert int((module.fit.weight.detach() != 0).sum()) > 16
 
 
 def test_error_missing_data(tiny, tmp_path):
