@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "bench" / "results" / "grid"
+REPRO = ROOT / "bench" / "results" / "grid-repro"  # rows run a second time, to show the table reproduces
 DOC = ROOT / "docs" / "results.md"
 METHODS = ["kd", "tinybert", "minilm", "minilmv2", "pkd-last", "pkd-skip", "bert-emd", "ernie-tiny"]
 # 3 × 192 students keep 12 heads (head dim 16): TinyBERT's, MiniLM's and BERT-EMD's attention losses compare
@@ -47,12 +49,12 @@ class Row:
     def name(self) -> str:
         return f"{self.task}-{self.method}-{self.size}-{self.etd}"
 
-    def argv(self) -> list[str]:
+    def argv(self, runs: str = "runs/grid") -> list[str]:
         layers, hidden, heads, ffn = SIZES[self.size]
         return ["python", "-m", "fastkd.train", "--method", self.method, "--task", self.task, "--etd", self.etd,
                 "--student-layers", str(layers), "--student-hidden", str(hidden), "--student-heads", str(heads),
                 "--student-ffn", str(ffn), *TEACHER_ARGS.get(self.task, []), "--seed", "0", "--no-progress",
-                "--output-dir", f"runs/grid/{self.name}"]
+                "--output-dir", f"{runs}/{self.name}"]
 
 
 def planned_rows() -> list[Row]:
@@ -81,19 +83,19 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run_row(row: Row) -> None:
-    out = GRID / row.name
+def run_row(row: Row, dest: Path = GRID, runs: str = "runs/grid") -> None:
+    out = dest / row.name
     out.mkdir(parents=True, exist_ok=True)
-    run_dir = ROOT / "runs" / "grid" / row.name
+    run_dir = ROOT / runs / row.name
     if run_dir.exists():  # an interrupted earlier attempt: start clean rather than resume a different commit
         import shutil
 
         shutil.rmtree(run_dir)
-    meta = {"command": shlex.join(row.argv()), "commit": git_commit(), "device": device_name(),
+    meta = {"command": shlex.join(row.argv(runs)), "commit": git_commit(), "device": device_name(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.time()
     with open(out / "log.txt", "w") as log:
-        proc = subprocess.run(row.argv(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(row.argv(runs), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     meta.update(returncode=proc.returncode, wall_s=round(time.time() - t0, 1))
     for f in ("result.json", "metrics.jsonl"):
         if (run_dir / f).is_file():
@@ -108,8 +110,8 @@ def is_current(row: Row) -> bool:
     return meta.is_file() and json.loads(meta.read_text())["command"] == shlex.join(row.argv())
 
 
-def load(row: Row) -> dict | None:
-    d = GRID / row.name
+def load(row: Row, root: Path = GRID) -> dict | None:
+    d = root / row.name
     if not (d / "meta.json").is_file():
         return None
     rec = {"meta": json.loads((d / "meta.json").read_text())}
@@ -120,6 +122,8 @@ def load(row: Row) -> dict | None:
     log = (d / "log.txt").read_text() if (d / "log.txt").is_file() else ""
     rec["error"] = next((x for x in log.splitlines() if "error:" in x), None)
     rec["subset"] = next((x.strip() for x in log.splitlines() if "subset" in x.lower()), "")
+    ft = re.search(r"teacher fine-tune data: (\d+) training examples", log)
+    rec["finetune_examples"] = int(ft.group(1)) if ft else None
     return rec
 
 
@@ -163,7 +167,10 @@ def table() -> str:
              "smoothed loss, as a share of that stage's steps. At the teacher's own width (3×384) ETD-Impt and "
              "ETD-Rand keep the same units — every head, neuron and dimension — and take depth from the recipe's "
              "layer mapping, so their rows coincide; they differ at 3×192. `--etd none` is random initialisation "
-             "(no pre-training), which one CPU-subset epoch cannot bring past the majority class.", ""]
+             "(no pre-training), which one CPU-subset epoch cannot bring past the majority class. PKD's students "
+             "are as wide as the teacher; at 3×192 fastkd maps the student's [CLS] through a learned projection "
+             "(initialised as ETD's kept-dimension selection) before the patience loss — fastkd's extension, "
+             "`--set pkd.project_width=false` restores the paper's equal-width rule.", ""]
     subsets = sorted({r["subset"] for r in recs.values() if r and r.get("subset")})
     if subsets:
         lines += ["Data used on the CPU (the trainer's own note):", ""] + [f"- {s}" for s in subsets] + [""]
@@ -228,16 +235,46 @@ def targets(recs: dict) -> list[str]:
         verdict = "missed (not reached)" if share is None else ("met" if share <= 30 else "missed")
         out.append(f"- {r.name}: ETD-Impt reaches the random-init final distillation loss at "
                    f"{'—' if share is None else f'{share:.0f}%'} of the steps; target ≤ 30%: {verdict}.")
-    teachers = {}
+    teachers: dict[str, tuple[float, int | None]] = {}
     for r, rec in recs.items():
         acc = ((rec or {}).get("result") or {}).get("teacher_test_acc")
-        if acc is not None:
-            teachers.setdefault(r.task, acc)
-    seen = ", ".join(f"{t} test accuracy {a:.4f}" for t, a in teachers.items())
-    out += ["", f"The teachers are fine-tuned by fastkd on the CPU subset too ({seen}), below what a full "
-            "fine-tune of this MiniLM reaches; the retention percentages are relative to these teachers. A GPU "
-            "run of the same commands uses the full data."]
+        if acc is not None and is_current(r):
+            teachers.setdefault(r.task, (acc, rec.get("finetune_examples")))
+    out.append("")
+    for task, (acc, n) in teachers.items():
+        args = " ".join(TEACHER_ARGS.get(task, []))
+        data = f"all {n:,} training examples" if n else "the student's training subset"
+        out.append(f"- {task} teacher: the packaged MiniLM fine-tuned by fastkd on {data} (`{args}`; one epoch "
+                   f"unless `--finetune-epochs` says otherwise), test accuracy {acc:.4f}; the retention "
+                   f"percentages are relative to it.")
+    stale = [r.name for r, rec in recs.items() if rec and not is_current(r)]
+    if stale:
+        out.append(f"- Rows recorded with an older command (an earlier teacher), still to be re-run: "
+                   f"{', '.join(stale)}. Their retention is relative to their own teacher (shown in the row).")
+    out += reproduction()
     return out
+
+
+def reproduction() -> list[str]:
+    """Rows run a second time with the same command (into runs/grid-repro): recorded vs re-run accuracy."""
+    lines = []
+    for row in planned_rows():
+        again, first = load(row, REPRO), load(row)
+        if not (again and first and "student_test_acc" in (again.get("result") or {})
+                and "student_test_acc" in (first.get("result") or {})):
+            continue
+        a, b = first["result"]["student_test_acc"], again["result"]["student_test_acc"]
+        ta, tb = first["result"]["teacher_test_acc"], again["result"]["teacher_test_acc"]
+        same_cmd = first["meta"]["command"] == again["meta"]["command"].replace("runs/grid-repro/", "runs/grid/")
+        lines.append(f"| {row.name} | {a:.4f} | {b:.4f} | {abs(a - b):.4f} | {ta:.4f} / {tb:.4f} | "
+                     f"{first['meta']['commit']} / {again['meta']['commit']} | {'yes' if same_cmd else 'NO'} |")
+    if not lines:
+        return []
+    return ["", "## Reproduction", "",
+            "Rows run a second time by `python bench/results_grid.py --reproduce ROW` (same command, output under "
+            "`runs/grid-repro/`, records under `bench/results/grid-repro/`):", "",
+            "| row | test acc (table) | test acc (re-run) | difference | teacher acc (table / re-run) | commits | "
+            "same command |", "| --- | --- | --- | --- | --- | --- | --- |"] + lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,8 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-table", action="store_true")
     ap.add_argument("--rows", default="", help="substring filter on row names")
     ap.add_argument("--rerun", action="store_true", help="rerun rows that are already recorded")
+    ap.add_argument("--reproduce", default="", help="comma-separated row names to run a second time")
     args = ap.parse_args(argv)
-    if not args.only_table:
+    for name in filter(None, args.reproduce.split(",")):
+        row = next((r for r in planned_rows() if r.name == name), None)
+        if row is None:
+            ap.error(f"--reproduce: no planned row named {name!r}")
+        run_row(row, REPRO, "runs/grid-repro")
+    if not args.only_table and not args.reproduce:
         for row in planned_rows():
             if args.rows and args.rows not in row.name:
                 continue
