@@ -18,10 +18,10 @@ else
   export PYTHONPATH=$PWD
 fi
 export FASTKD_DATA_DIR=${FASTKD_DATA_DIR:-$PWD/shared/data}
-export FASTKD_BENCH_RESULTS="$OUT/bench.json"
+export FASTKD_BENCH_RESULTS="$OUT/bench"  # a folder: conftest writes <device>-<date>.json into it
 { nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; \
   git rev-parse HEAD; } > "$OUT/env.txt" 2>&1
 python3 -m pytest tests/test_attention_kl.py tests/test_attention_mse.py tests/test_hidden_mse.py \
   tests/test_sinkhorn.py tests/test_layer_costs.py tests/test_losses.py -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5
 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider 2>&1 | tee "$OUT/bench.log" | tail -5
-python3 bench/summarize.py "$OUT/bench.json" > "$OUT/bench.md" 2>&1; tail -40 "$OUT/bench.md"
+python3 bench/summarize.py "$OUT/bench" > "$OUT/bench.md" 2>&1; tail -40 "$OUT/bench.md"

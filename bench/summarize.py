@@ -81,17 +81,49 @@ def summarize(data: dict[str, Any], baseline: str | None = None, case_filter: st
             else:
                 row.append(_fmt(c.get(k)))
         lines.append("| " + " | ".join(row) + " |")
+    lines += trainer_summary(cases)
     return "\n".join(lines) + "\n"
+
+
+TRAINER_CASE = "trainer_tinybert_intermediate_step"
+TRAINER_TARGET = 2.0  # the full fastkd configuration vs the eager fp32 live-teacher baseline, same batch size
+
+
+def trainer_summary(cases: list[dict[str, Any]]) -> list[str]:
+    """Samples/s of each trainer case relative to the eager fp32 baseline (eager losses, fp32 live teacher, AMP
+    off), and whether the full configuration (fused losses, cached teacher, AMP) meets the target."""
+    rows = [c for c in cases if c.get("case") == TRAINER_CASE and c.get("median_ms")]
+    base = next((c for c in rows if c["params"].get("backend") == "eager" and c["params"].get("teacher") == "fp32"
+                 and c["params"].get("amp") == "off"), None)
+    if not rows or base is None:
+        return []
+    out = ["", "Trainer throughput (TinyBERT intermediate step; baseline: eager losses, fp32 live teacher, AMP off):",
+           "", "| losses | teacher | AMP | samples/s | × baseline | peak MiB |", "|---|---|---|---|---|---|"]
+    for c in rows:
+        p = c["params"]
+        out.append(f"| {p.get('backend')} | {p.get('teacher')} | {p.get('amp')} | "
+                   f"{p['batch'] * 1e3 / c['median_ms']:,.1f} | {base['median_ms'] / c['median_ms']:.2f}× | "
+                   f"{_fmt(c.get('peak_mem_mib'))} |")
+    full = next((c for c in rows if c["params"].get("backend") == "fused" and c["params"].get("teacher") == "cached"
+                 and c["params"].get("amp") != "off"), None)
+    if full is not None:
+        ratio = base["median_ms"] / full["median_ms"]
+        out += ["", f"Full fastkd configuration: {ratio:.2f}× the baseline at batch {full['params']['batch']}; "
+                    f"target ≥ {TRAINER_TARGET:g}×: {'met' if ratio >= TRAINER_TARGET else 'missed'}."]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", type=Path, help="a results JSON from bench/results/")
+    ap.add_argument("results", type=Path, help="a results JSON from bench/results/ (or a folder of them)")
     ap.add_argument("--baseline", help="KEY=VALUE: add a speedup column relative to the row with params[KEY]=VALUE")
     ap.add_argument("--case", help="only cases whose name contains this")
     ap.add_argument("-o", "--output", type=Path, help="write the table here instead of stdout")
     args = ap.parse_args(argv)
-    table = summarize(json.loads(args.results.read_text()), args.baseline, args.case)
+    files = sorted(args.results.glob("*.json")) if args.results.is_dir() else [args.results]
+    if not files:
+        ap.error(f"results: no *.json in {args.results}")
+    table = "\n".join(summarize(json.loads(f.read_text()), args.baseline, args.case) for f in files)
     if args.output:
         args.output.write_text(table)
     else:
