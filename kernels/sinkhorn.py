@@ -85,8 +85,11 @@ def _sinkhorn_kernel(
 
     scale = tl.maximum(tl.max(tl.max(tl.abs(C), axis=1), axis=0), 1e-30)
     Cn = C / scale
-    la = tl.where(a > 0, tl.log(tl.maximum(a, 1e-38)), _NEG)
-    lb = tl.where(b > 0, tl.log(tl.maximum(b, 1e-38)), _NEG)
+    # Every float literal here is an fp32 normal: triton < 3.9 types a literal outside [2^-126, 2^128) as fp64 and
+    # promotes the tensor with it (1e-38 here once made the whole loop fp64 and, in triton 3.6's interpreter, a
+    # bf16 plan of zeros).
+    la = tl.where(a > 0, tl.log(tl.maximum(a, 1e-30)), _NEG)
+    lb = tl.where(b > 0, tl.log(tl.maximum(b, 1e-30)), _NEG)
 
     f = tl.zeros([BLOCK_M], dtype=tl.float32)
     g = tl.zeros([BLOCK_N], dtype=tl.float32)
