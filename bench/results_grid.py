@@ -281,15 +281,18 @@ def reproduction() -> list[str]:
         a, b = first["result"]["student_test_acc"], again["result"]["student_test_acc"]
         ta, tb = first["result"]["teacher_test_acc"], again["result"]["teacher_test_acc"]
         same_cmd = first["meta"]["command"] == again["meta"]["command"].replace("runs/grid-repro/", "runs/grid/")
+        sa, sb = first["result"]["speedup"], again["result"]["speedup"]
         lines.append(f"| {row.name} | {a:.4f} | {b:.4f} | {abs(a - b):.4f} | {ta:.4f} / {tb:.4f} | "
-                     f"{first['meta']['commit']} / {again['meta']['commit']} | {'yes' if same_cmd else 'NO'} |")
+                     f"{sa:.2f}× / {sb:.2f}× | {first['meta']['commit']} / {again['meta']['commit']} | "
+                     f"{'yes' if same_cmd else 'NO'} |")
     if not lines:
         return []
     return ["", "## Reproduction", "",
             "Rows run a second time by `python bench/results_grid.py --reproduce ROW` (same command, output under "
             "`runs/grid-repro/`, records under `bench/results/grid-repro/`):", "",
-            "| row | test acc (table) | test acc (re-run) | difference | teacher acc (table / re-run) | commits | "
-            "same command |", "| --- | --- | --- | --- | --- | --- | --- |"] + lines
+            "| row | test acc (table) | test acc (re-run) | difference | teacher acc (table / re-run) | "
+            "CPU speed-up (table / re-run) | commits | same command |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"] + lines
 
 
 def main(argv: list[str] | None = None) -> int:
