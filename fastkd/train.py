@@ -110,8 +110,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     epochs: int | None = None  # overrides every stage's epochs
-    max_train_examples: int | None = None  # default: all on a GPU, CPU_TRAIN_EXAMPLES on a CPU
-    max_dev_examples: int | None = None
+    max_train_examples: int | None = None  # default: all on a GPU, CPU_TRAIN_EXAMPLES on a CPU; 0: all
+    max_dev_examples: int | None = None  # default: all on a GPU, CPU_DEV_EXAMPLES on a CPU; 0: all
     teacher_dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
     amp: str = "auto"  # auto (bf16 if supported, else fp16 + GradScaler on CUDA; off on CPU) | bf16 | fp16 | off
     cache: str = "memory"  # off | memory | disk
@@ -191,9 +191,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                  "student_ffn"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(cfg, name)}")
-    if cfg.finetune_examples is not None and cfg.finetune_examples < 0:
-        raise ValueError(f"--finetune-examples: expected 0 (all training data) or a positive count, got "
-                         f"{cfg.finetune_examples}")
+    for name in ("max_train_examples", "max_dev_examples", "finetune_examples"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')}: expected 0 (all the data) or a positive count, got "
+                             f"{getattr(cfg, name)}")
     return cfg
 
 
@@ -739,9 +740,10 @@ class Trainer:
         # settings, which differ when datasets serves a tokenised split from its cache (no call at all).
         self.tokenizer_fp = fingerprint_tokenizer(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        n_train = cfg.max_train_examples if cfg.max_train_examples is not None else (
+        # None: the CPU default subset (all data on a GPU); 0: all data, on any device.
+        n_train = (cfg.max_train_examples or None) if cfg.max_train_examples is not None else (
             CPU_TRAIN_EXAMPLES if self.on_cpu else None)
-        n_dev = cfg.max_dev_examples if cfg.max_dev_examples is not None else (
+        n_dev = (cfg.max_dev_examples or None) if cfg.max_dev_examples is not None else (
             CPU_DEV_EXAMPLES if self.on_cpu else None)
         self.subset_note = ""
         if self.on_cpu:

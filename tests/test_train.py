@@ -195,6 +195,17 @@ def test_finetune_examples_sets_the_teachers_data(tiny, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 2  # different data, different cache key
     with pytest.raises(ValueError, match="--finetune-examples: expected 0"):
         train.parse_config(["--finetune-examples", "-3"])
+    with pytest.raises(ValueError, match="--max-train-examples: expected 0"):
+        train.parse_config(["--max-train-examples", "-1"])
+
+
+def test_max_train_examples_zero_means_all(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "CPU_TRAIN_EXAMPLES", 10)  # the CPU default subset, shrunk below the 48 examples
+    sizes = {}
+    for flag in (None, "0"):
+        argv = args_for(tiny, tmp_path / f"run{flag}", "kd", *(["--max-train-examples", flag] if flag else []))
+        sizes[flag] = run_cli(argv)["trainer"].data["task"].num_rows
+    assert sizes == {None: 10, "0": 48}
 
 
 def test_bert_emd_layer_weights_update(tiny, tmp_path):
