@@ -767,7 +767,7 @@ class Trainer:
         names = None
         if cfg.mode == "task":
             train, dev, test, names = self._load_task_data(tokenizer)
-            if cfg.finetune_examples is not None:
+            if cfg.finetune_examples is not None and not _has_task_head(tconf):  # only a fine-tune reads it
                 n_ft = cfg.finetune_examples or None
                 self.data["finetune"] = tokenize(self._subset(train, n_ft, cfg.seed), tokenizer, cfg.max_length)
                 self.log(f"teacher fine-tune data: {len(self.data['finetune'])} training examples "
