@@ -234,13 +234,18 @@ def targets(all_recs: dict) -> list[str]:
     recs = {r: rec for r, rec in all_recs.items() if rec and is_current(r)}
     out = []
     for task, goal in (("sst2", 97.0), ("agnews", 98.0)):
-        best = [(100 * rec["result"]["student_test_acc"] / rec["result"]["teacher_test_acc"], r.name)
+        best = [(100 * rec["result"]["student_test_acc"] / rec["result"]["teacher_test_acc"], r.name, r)
                 for r, rec in recs.items() if rec and r.task == task and r.size == "384"
                 and "student_test_acc" in (rec.get("result") or {})]
         if best:
-            pct, name = max(best)
+            pct, name, _ = max(best)
+            subset = [b for b in best if b[2].n_train is None]  # the trainer's CPU subset only
+            note = ""
+            if subset and max(subset)[1] != name:
+                sp, sn, _ = max(subset)
+                note = f" On the CPU subset alone the best is {sp:.1f}% ({sn}): {'met' if sp >= goal else 'missed'}."
             out.append(f"- {task}: best 3×384 student keeps {pct:.1f}% of the teacher ({name}); target ≥ {goal}%: "
-                       f"{'met' if pct >= goal else 'missed'}.")
+                       f"{'met' if pct >= goal else 'missed'}.{note}")
         else:
             out.append(f"- {task}: no 3×384 run with the current teacher recorded yet; target ≥ {goal}% not measured.")
     for r, rec in recs.items():
