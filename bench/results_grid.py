@@ -162,6 +162,19 @@ def steps_to_reach(curve, target: float) -> int | None:
     return next((s for s, v in smoothed(curve) if v <= target), None)
 
 
+def reach(r: Row, recs: dict) -> tuple[int | None, int] | None:
+    """(first step at which row r's smoothed first-stage loss reaches the random-init row's final smoothed loss,
+    or None if never; that stage's steps), or None when there is nothing to compare (a none row, a more-data row,
+    missing records)."""
+    rec, base = recs.get(r), recs.get(Row(r.task, r.method, r.size, "none"))
+    if r.etd == "none" or r.n_train is not None or not (rec and base):
+        return None
+    curve, base_curve = distill_curve(rec.get("metrics", [])), smoothed(distill_curve(base.get("metrics", [])))
+    if not (curve and base_curve):
+        return None
+    return steps_to_reach(curve, base_curve[-1][1]), curve[-1][0]
+
+
 def table() -> str:
     rows = planned_rows()
     recs = {r: load(r) for r in rows}
@@ -210,20 +223,15 @@ def table() -> str:
                          f"`{meta['command']}` |")
             continue
         acc, tacc = res["student_test_acc"], res["teacher_test_acc"]
-        reach = ""
-        base = recs.get(Row(r.task, r.method, r.size, "none"))
-        if r.etd != "none" and r.n_train is None and base and base.get("metrics") and rec.get("metrics"):
-            base_curve = smoothed(distill_curve(base["metrics"]))
-            curve = distill_curve(rec["metrics"])
-            if base_curve and curve:
-                s = steps_to_reach(curve, base_curve[-1][1])
-                total = curve[-1][0]
-                reach = f"{s} / {total} ({100 * s / total:.0f}%)" if s is not None else f"not reached in {total}"
+        reached = reach(r, recs)
+        reach_txt = "" if reached is None else (f"{reached[0]} / {reached[1]} ({100 * reached[0] / reached[1]:.0f}%)"
+                                               if reached[0] is not None else f"not reached in {reached[1]}")
         tuned = f" + {rec['finetune_s']}s fine-tuning the teacher (cached for later rows)" if rec["finetune_s"] else ""
         lines.append(
             f"| {r.task} | {r.method} | {student} | {r.etd} | {acc:.4f} (teacher {tacc:.4f}) | "
             f"{100 * acc / tacc:.1f}% | {res['student_params'] / 1e6:.1f}M | {res['speedup']:.2f}× | "
-            f"{meta['wall_s'] - rec['finetune_s']:.0f}s ({meta['device']}){tuned} | {reach} | `{meta['command']}` |")
+            f"{meta['wall_s'] - rec['finetune_s']:.0f}s ({meta['device']}){tuned} | {reach_txt} | "
+            f"`{meta['command']}` |")
     lines += ["", "## Targets", ""]
     lines += targets(recs)
     return "\n".join(lines) + "\n"
@@ -248,22 +256,20 @@ def targets(all_recs: dict) -> list[str]:
                        f"{'met' if pct >= goal else 'missed'}.{note}")
         else:
             out.append(f"- {task}: no 3×384 run with the current teacher recorded yet; target ≥ {goal}% not measured.")
-    for r, rec in recs.items():
-        base = recs.get(Row(r.task, r.method, r.size, "none"))
-        if r.etd != "impt" or r.method not in ("tinybert", "minilm") or r.n_train is not None or not (rec and base):
+    for r in recs:
+        if r.etd != "impt" or r.method not in ("tinybert", "minilm"):
             continue
-        curve, base_curve = distill_curve(rec.get("metrics", [])), smoothed(distill_curve(base.get("metrics", [])))
-        if not (curve and base_curve):
+        reached = reach(r, recs)
+        if reached is None:
             continue
-        s = steps_to_reach(curve, base_curve[-1][1])
-        share = None if s is None else 100 * s / curve[-1][0]
+        share = None if reached[0] is None else 100 * reached[0] / reached[1]
         verdict = "missed (not reached)" if share is None else ("met" if share <= 30 else "missed")
         out.append(f"- {r.name}: ETD-Impt reaches the random-init final distillation loss at "
                    f"{'—' if share is None else f'{share:.0f}%'} of the steps; target ≤ 30%: {verdict}.")
     teachers: dict[str, tuple[float, int | None]] = {}
     for r, rec in recs.items():
         acc = ((rec or {}).get("result") or {}).get("teacher_test_acc")
-        if acc is not None and is_current(r):
+        if acc is not None:  # recs holds current rows only
             teachers.setdefault(r.task, (acc, rec.get("finetune_examples")))
     out.append("")
     for task, (acc, n) in teachers.items():
