@@ -30,7 +30,8 @@ def teacher_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("bench-teacher")
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(default_teacher_path(), num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(default_teacher_path(), num_labels=2,
+                                                               dtype=torch.float32)
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(default_teacher_path()).save_pretrained(path)
     return path

@@ -682,7 +682,7 @@ def _load_teacher(path):
     cfg = AutoConfig.from_pretrained(path)
     has_head = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
     cls = AutoModelForSequenceClassification if has_head else AutoModel
-    return cls.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return cls.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
 def main(argv: list[str] | None = None) -> int:

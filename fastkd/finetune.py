@@ -97,7 +97,7 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     num_labels = len(label_names)
     model = AutoModelForSequenceClassification.from_pretrained(
         teacher_path, num_labels=num_labels, id2label=dict(enumerate(label_names)),
-        label2id={n: i for i, n in enumerate(label_names)}, attn_implementation="sdpa")
+        label2id={n: i for i, n in enumerate(label_names)}, dtype=torch.float32, attn_implementation="sdpa")
     model.to(device).train()
     if cfg.freeze_word_embeddings:
         model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)

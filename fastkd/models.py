@@ -50,9 +50,9 @@ def load_encoder(name_or_path=None, *, num_labels: int | None = None, dtype: tor
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    kwargs = {"attn_implementation": attn_implementation}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    # fp32 unless asked: transformers >= 5 otherwise loads a checkpoint in the dtype it was saved in (many
+    # are fp16), which a student extracted from it or a fine-tune would silently inherit.
+    kwargs = {"attn_implementation": attn_implementation, "dtype": torch.float32 if dtype is None else dtype}
     if num_labels is None:
         model = AutoModel.from_pretrained(path, **kwargs)
     else:

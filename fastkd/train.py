@@ -841,7 +841,7 @@ class Trainer:
         source = self.teachers["finetuned"] if "finetuned" in self.teachers else self.teachers["pretrained"]
         src32 = source if tdtype == torch.float32 else type(source).from_pretrained(
             self.teacher_paths["finetuned" if "finetuned" in self.teachers else "pretrained"],
-            attn_implementation="sdpa")
+            dtype=torch.float32, attn_implementation="sdpa")
         etd_ds = self.data["task"] if cfg.mode == "task" else self.data["general"]
         batches = etd_batches(etd_ds, cfg.batch_size, self.pad_id, cfg.seed)
         student, kept_hidden = make_student(
@@ -1125,7 +1125,7 @@ class Trainer:
         student = self.module.student
         final_dir = self.out_dir / "student"
         if self.best is not None and (self.out_dir / "best").is_dir():
-            student = type(student).from_pretrained(self.out_dir / "best").to(self.device)
+            student = type(student).from_pretrained(self.out_dir / "best", dtype=torch.float32).to(self.device)
             self.log(f"student: best dev checkpoint (stage {self.best['stage']}, epoch {self.best['epoch'] + 1}, "
                      f"dev acc {self.best['dev_acc']:.4f})")
         result: dict[str, Any] = {"output_dir": str(self.out_dir), "student_dir": str(final_dir)}
@@ -1136,7 +1136,7 @@ class Trainer:
         teacher_kind = "finetuned" if "finetuned" in self.teachers else "pretrained"
         t_path = self.teacher_paths[teacher_kind]
         if cfg.mode == "task" and self.data.get("test") is not None:
-            teacher32 = AutoModelForSequenceClassification.from_pretrained(t_path).to(self.device)
+            teacher32 = AutoModelForSequenceClassification.from_pretrained(t_path, dtype=torch.float32).to(self.device)
             result["teacher_test_acc"] = evaluate(teacher32, self.data["test"], 64, self.device, self.pad_id)
             result["student_test_acc"] = evaluate(student, self.data["test"], 64, self.device, self.pad_id)
             result["test_examples"] = len(self.data["test"])
@@ -1144,7 +1144,7 @@ class Trainer:
         else:
             from transformers import AutoModel
 
-            teacher32 = AutoModel.from_pretrained(t_path)
+            teacher32 = AutoModel.from_pretrained(t_path, dtype=torch.float32)
             ref = self.data["test"] if self.data.get("test") is not None else self.data["general"]
         result["teacher_params"] = count_params(teacher32)
         result["student_params"] = count_params(student)

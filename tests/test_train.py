@@ -180,6 +180,30 @@ def test_ernie_tiny_four_stages_and_finetuned_teacher(tiny, tmp_path, monkeypatc
     assert (cached[0] / "config.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.parametrize("saved", [torch.float16, torch.bfloat16])
+def test_half_precision_teacher_checkpoint_gives_fp32_student(tiny, tmp_path, monkeypatch, saved):
+    """Many checkpoints are saved in fp16/bf16, and transformers >= 5 loads a checkpoint in its stored dtype.
+    The teacher's fine-tune and the student extracted from it must still be fp32 (AMP does the half precision)."""
+    from transformers import BertModel
+
+    teacher = make_teacher(tmp_path / "half", head=False)
+    BertModel.from_pretrained(teacher, dtype=saved).save_pretrained(teacher)  # overwrite in half precision
+    from safetensors import safe_open
+
+    with safe_open(str(teacher / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == saved
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    argv = args_for(tiny, tmp_path / "run", "tinybert", "--finetune-examples", "0", "--finetune-epochs", "1")
+    argv[argv.index("--teacher") + 1] = str(teacher)
+    res = run_cli(argv)
+    tr = res["trainer"]
+    assert {p.dtype for p in tr.module.student.parameters()} == {torch.float32}
+    with safe_open(str(tr.teacher_paths["finetuned"] / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # fine-tuned in fp32
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run") if "loss" in m and "event" not in m]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+
+
 def test_finetune_examples_sets_the_teachers_data(tiny, tmp_path, monkeypatch):
     """--finetune-examples decouples the teacher's fine-tune data from the student's (smaller) subset."""
     teacher = make_teacher(tmp_path / "bare", head=False)
