@@ -26,8 +26,8 @@ def teacher_inputs():
 
 def test_captured_qk_reproduce_eager_attention_probs(teacher_inputs):
     path, batch = teacher_inputs
-    sdpa = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    eager = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    sdpa = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    eager = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     layers = [0, 2, 5]
     with torch.no_grad():
         out, cap = capture(sdpa, batch, layers, qkv="qkv", embeddings=True)

@@ -54,7 +54,7 @@ def _valid(out, mask):
 
 @pytest.fixture(scope="module")
 def minilm():
-    model = BertModel.from_pretrained(default_teacher_path()).eval()
+    model = BertModel.from_pretrained(default_teacher_path(), dtype=torch.float32).eval()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_teacher_path())

@@ -29,8 +29,9 @@ def _argv(teacher: Path, data: Path, out: Path) -> list[str]:
 
 
 def _env(delay: float) -> dict:
-    env = dict(os.environ, FASTKD_STEP_DELAY=str(delay), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
+    # The checkout first, then whatever the caller had on PYTHONPATH (e.g. wheels installed with --target).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, FASTKD_STEP_DELAY=str(delay), OMP_NUM_THREADS="1", PYTHONPATH=path)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -57,8 +58,9 @@ def setup(tmp_path_factory):
 def test_kill9_mid_epoch_then_resume_matches_uninterrupted(setup):
     teacher, data, root = setup
     ref_out, crash_out = root / "uninterrupted", root / "crashed"
-    subprocess.run(_argv(teacher, data, ref_out), env=_env(0), cwd=REPO, check=True, timeout=300,
-                   capture_output=True)
+    ref = subprocess.run(_argv(teacher, data, ref_out), env=_env(0), cwd=REPO, timeout=300, capture_output=True,
+                         text=True)
+    assert ref.returncode == 0, ref.stderr[-3000:]
 
     # 48 examples / batch 8 = 6 steps per epoch; a checkpoint every 4 steps: step 4 is mid-epoch 1.
     proc = subprocess.Popen(_argv(teacher, data, crash_out), env=_env(1.0), cwd=REPO, stdout=subprocess.DEVNULL,
