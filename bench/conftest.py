@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -292,6 +293,8 @@ def measure(benchmark, request, copy_bandwidth):
         benchmark.extra_info.update({k: v for k, v in out.items() if v is not None and k != "extra"})
         if not benchmark.disabled:  # --benchmark-disable runs each case once, untimed: nothing to record
             _RECORDS.append(out)
+            # Written case by case too: a run stopped by a time limit keeps what it measured.
+            write_results([out], results_path())
         return out
 
     return _measure
@@ -363,7 +366,12 @@ def _version(mod: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
+    """HEAD (``+dirty`` when tracked files differ), or ``FASTKD_GIT_COMMIT`` where the checkout has no .git (the
+    device machine gets a copy of the working tree; bench/gpu_session.sh sets it)."""
+    if os.environ.get("FASTKD_GIT_COMMIT"):
+        return os.environ["FASTKD_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,

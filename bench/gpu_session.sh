@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should show, in one device call (see bench/README.md, "On a lent GPU"):
-#   1. the kernel tests compiled natively (no interpreter),
-#   2. pytest bench/ --benchmark-only (fused vs eager vs torch.compile, Sinkhorn, trainer throughput).
-# Prepare the carried folders first with `bash bench/prepare_gpu_carry.sh`; it prints the device call.
-# Logs and result JSON go to $OUT (the device tool's folder) or bench/results/gpu-run.
+# What a lent GPU should show, within one device call's 10-minute limit (bench/README.md, "On a lent GPU").
+#   bash bench/gpu_session.sh [STAGE ...]      default: trainer tests kernels sinkhorn, in that order
+# Stages, most important first:
+#   trainer   bench/bench_trainer.py: the trainer's samples/s, eager fp32 baseline vs fastkd (issue #5's figure)
+#   tests     the kernel tests compiled natively (no interpreter), in parallel processes when pytest-xdist is there
+#   kernels   bench of the fused attention KL / attention MSE / hidden MSE vs eager vs torch.compile
+#   sinkhorn  bench of the batched Sinkhorn and BERT-EMD's layer costs
+# Each stage runs under `timeout` with what is left of FASTKD_GPU_BUDGET_S (default 560 s), so the script always
+# ends with a summary before the device kills it; a stage cut short keeps the cases it measured (they are written
+# one by one). Results accumulate in .gpu-results/ (ignored; it survives between calls on a warm machine) and are
+# copied to $OUT, so a session can call again with the stages still missing.
+# Prepare the carried folders first with `bash bench/prepare_gpu_carry.sh`: it prints the device call.
 # Without a CUDA GPU (scripts/check_gpu_image.sh replays this on a CPU) the kernel tests run in Triton's
 # interpreter and the GPU-only benchmark cases skip.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
-mkdir -p "$OUT"
+BUDGET=${FASTKD_GPU_BUDGET_S:-560}
+STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=(trainer tests kernels sinkhorn)
+mkdir -p "$OUT" .gpu-results
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # The GPU image has torch/triton/transformers but not datasets (and two of its needs): their wheels travel in
 # .whl/. fastkd itself is used from the checkout (fastkd/__init__.py maps kernels/ to fastkd.kernels there).
@@ -21,20 +30,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 [ -d .teacher ] && export FASTKD_TEACHER_DIR=$PWD/.teacher  # half-precision copy of the packaged teacher
 if [ -d .data ]; then export FASTKD_DATA_DIR=$PWD/.data; else export FASTKD_DATA_DIR=${FASTKD_DATA_DIR:-$PWD/shared/data}; fi
+# The device gets a copy of the working tree, perhaps without .git: prepare_gpu_carry.sh records the commit.
+commit=$(git rev-parse HEAD 2>/dev/null) || commit=$(cat .whl/fastkd-commit.txt 2>/dev/null) || commit=unknown
+export FASTKD_GIT_COMMIT=${FASTKD_GIT_COMMIT:-$commit}
 if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   unset TRITON_INTERPRET
 else
   export TRITON_INTERPRET=1
   echo "gpu_session: no CUDA device: kernel tests run in Triton's interpreter, GPU benchmark cases skip"
 fi
-export FASTKD_BENCH_RESULTS="$OUT/bench"  # a folder: conftest writes <device>-<date>.json into it
+export FASTKD_BENCH_RESULTS=$PWD/.gpu-results  # a folder: conftest writes <device>-<date>.json into it
 
 { nvidia-smi || echo "nvidia-smi: not available"
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
 '| triton', triton.__version__, '| cuda', torch.cuda.is_available())"
   python3 -m pip list 2>/dev/null | grep -iE "^(transformers|tokenizers|safetensors|huggingface.hub|numpy|datasets|\
-pyarrow|fsspec|dill|multiprocess|pytest|pytest.benchmark|nvidia.ml.py) "
-  git rev-parse HEAD; } > "$OUT/env.txt" 2>&1
+pyarrow|fsspec|dill|multiprocess|pytest|pytest.benchmark|pytest.xdist|nvidia.ml.py) "
+  echo "fastkd commit $FASTKD_GIT_COMMIT"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
 # Fail in seconds, not after the tests, when something the runs need is missing.
@@ -45,9 +57,31 @@ from fastkd.models import default_teacher_path
 print("gpu_session: imports ok; teacher at", default_teacher_path())
 EOF
 
-python3 -m pytest tests/test_attention_kl.py tests/test_attention_mse.py tests/test_hidden_mse.py \
-  tests/test_sinkhorn.py tests/test_layer_costs.py tests/test_losses.py -q -p no:cacheprovider 2>&1 \
-  | tee "$OUT/tests.log" | tail -5
-python3 -m pytest bench/ ${FASTKD_BENCH_ARGS:---benchmark-only} -q -p no:cacheprovider 2>&1 \
-  | tee "$OUT/bench.log" | tail -5
-python3 bench/summarize.py "$OUT/bench" > "$OUT/bench.md" 2>&1; tail -40 "$OUT/bench.md"
+start=$SECONDS
+stage() {  # stage NAME CAP_S CMD...: run CMD for at most CAP_S and what the budget leaves (25 s kept for the end)
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - (SECONDS - start) - 25 ))
+  (( cap > left )) && cap=$left
+  if (( cap < 30 )); then echo "gpu_session: $name skipped: ${left}s of the budget left" | tee "$OUT/$name.log"; return; fi
+  echo "gpu_session: $name (at most ${cap}s)"
+  timeout -k 10 "$cap" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  (( rc == 124 || rc == 137 )) && echo "gpu_session: $name stopped at its ${cap}s limit (cases measured so far are kept)" \
+    | tee -a "$OUT/$name.log"
+  tail -4 "$OUT/$name.log"
+}
+xdist=(); python3 -c "import xdist" 2>/dev/null && [ -z "${TRITON_INTERPRET:-}" ] && xdist=(-n 8)
+PYTEST=(python3 -m pytest -q -p no:cacheprovider)
+for s in "${STAGES[@]}"; do
+  case $s in
+    trainer) stage trainer 240 "${PYTEST[@]}" bench/bench_trainer.py ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
+    tests) stage tests 300 "${PYTEST[@]}" "${xdist[@]}" tests/test_attention_kl.py tests/test_attention_mse.py \
+             tests/test_hidden_mse.py tests/test_sinkhorn.py tests/test_layer_costs.py tests/test_losses.py ;;
+    kernels) stage kernels 560 "${PYTEST[@]}" bench/bench_attention_kl.py bench/bench_attention_mse.py \
+               bench/bench_hidden_mse.py ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
+    sinkhorn) stage sinkhorn 300 "${PYTEST[@]}" bench/bench_sinkhorn.py ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
+    *) echo "gpu_session: unknown stage '$s' (trainer, tests, kernels, sinkhorn)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT/bench" && cp .gpu-results/*.json "$OUT/bench/" 2>/dev/null
+python3 bench/summarize.py .gpu-results > "$OUT/bench.md" 2>&1; tail -40 "$OUT/bench.md"

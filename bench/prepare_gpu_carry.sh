@@ -6,8 +6,9 @@
 #              safetensors (91 MB) is over the device's 64 MiB carry limit; fastkd loads it back in fp32
 #   .data/     only with --data: a transfer copy of $FASTKD_DATA_DIR (SST-2, AG News), because ../shared beside the
 #              checkout does not travel. It is ignored by git and never committed; `--clean` removes it.
-# It ends by checking the total against the limit and printing the device call to make. `bash
-# bench/check_gpu_carry.sh` (or CONTRIBUTING.md) replays that call on this CPU in an image-like environment.
+# It ends by checking the total against the limit and printing the device call to make; run it again after a
+# commit (it records the commit that travels). `bash scripts/check_gpu_image.sh` replays that call on this CPU in
+# an environment like the GPU image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LIMIT_MIB=64
@@ -24,6 +25,11 @@ for name in datasets dill multiprocess; do
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "$name==$(version "$name")"
 done
+
+# The device may get the working tree without .git: record which commit (and whether it is dirty) travels.
+commit=$(git rev-parse HEAD)
+[ -n "$(git status --porcelain --untracked-files=no)" ] && commit="$commit+dirty"
+echo "$commit" > .whl/fastkd-commit.txt
 
 rm -rf .teacher
 python - <<'EOF'
@@ -53,3 +59,4 @@ echo "working tree ${tree_kib} KiB + carried ${carry_kib} KiB = ${total_mib} MiB
 [ "$total_mib" -lt "$LIMIT_MIB" ] || { echo "over the device's carry limit" >&2; exit 1; }
 carry='[".whl", ".teacher"'; [ -d .data ] && carry+=', ".data"'; carry+=']'
 echo "device call: run(carry=${carry}, command=\"bash bench/gpu_session.sh\", timeout_s=600)"
+echo "(stages still missing after a call: command=\"bash bench/gpu_session.sh kernels sinkhorn\", say)"
