@@ -121,6 +121,9 @@ class TrainConfig:
     # CPU), 0 = all of the task's training data, N = a seeded N-example subset. The fine-tune is cached, so a
     # stronger teacher costs once per (teacher, data, settings).
     finetune_examples: int | None = None
+    # Seed of the teacher's fine-tune (default: --seed). Fixing it lets runs with different --seed share one
+    # cached teacher, so a seed sweep measures the student's variance, not the teacher's.
+    finetune_seed: int | None = None
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at epoch ends)
     keep_checkpoints: int = 2
     resume: bool = False
@@ -151,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("warmup", "weight_decay", "max_grad_norm"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    for name in ("epochs", "max_train_examples", "max_dev_examples", "finetune_epochs", "finetune_examples"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help="teacher fine-tune data: 0 = all training examples (default: the student's data)"
-                       if name == "finetune_examples" else None)
+    helps = {"finetune_examples": "teacher fine-tune data: 0 = all training examples (default: the student's data)",
+             "finetune_seed": "seed of the teacher's fine-tune (default: --seed)"}
+    for name in ("epochs", "max_train_examples", "max_dev_examples", "finetune_epochs", "finetune_examples",
+                 "finetune_seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=helps.get(name))
     p.add_argument("--teacher-dtype", default=d.teacher_dtype, choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--cache", default=d.cache, choices=["off", "memory", "disk"])
@@ -599,7 +603,7 @@ RUN_FILE = "run.json"
 # Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
 _IDENTITY = ("method", "mode", "task", "teacher", "etd", "student_layers", "student_hidden", "student_heads",
              "student_ffn", "batch_size", "grad_accum", "seed", "epochs", "max_train_examples", "overrides",
-             "finetune_epochs", "finetune_examples")
+             "finetune_epochs", "finetune_examples", "finetune_seed")
 
 
 class Trainer:
@@ -706,6 +710,10 @@ class Trainer:
                                      f"({names})")
         return train, dev, test, names
 
+    @property
+    def finetune_seed(self) -> int:
+        return self.cfg.seed if self.cfg.finetune_seed is None else self.cfg.finetune_seed
+
     def _subset(self, ds, n: int | None, seed: int):
         if n is None or n >= len(ds):
             return ds
@@ -769,7 +777,8 @@ class Trainer:
             train, dev, test, names = self._load_task_data(tokenizer)
             if cfg.finetune_examples is not None and not _has_task_head(tconf):  # only a fine-tune reads it
                 n_ft = cfg.finetune_examples or None
-                self.data["finetune"] = tokenize(self._subset(train, n_ft, cfg.seed), tokenizer, cfg.max_length)
+                self.data["finetune"] = tokenize(self._subset(train, n_ft, self.finetune_seed), tokenizer,
+                                                 cfg.max_length)
                 self.log(f"teacher fine-tune data: {len(self.data['finetune'])} training examples "
                          f"(--finetune-examples {cfg.finetune_examples})")
             train = self._subset(train, n_train, cfg.seed)
@@ -808,8 +817,9 @@ class Trainer:
                         f"teacher fine-tuned on this task or its pretrained encoder (fastkd then fine-tunes it)")
             else:
                 # CPU profile: one epoch at a higher lr, word embeddings frozen (their AdamW update dominates).
-                ft = FinetuneConfig(epochs=cfg.finetune_epochs or (1 if self.on_cpu else 3), seed=cfg.seed,
-                                    lr=1e-4 if self.on_cpu else 5e-5, batch_size=cfg.batch_size,
+                ft = FinetuneConfig(epochs=cfg.finetune_epochs or (1 if self.on_cpu else 3),
+                                    seed=self.finetune_seed, lr=1e-4 if self.on_cpu else 5e-5,
+                                    batch_size=cfg.batch_size,
                                     freeze_word_embeddings=self.on_cpu)
                 root = Path(cfg.cache_dir) if cfg.cache_dir else None
                 train_ds = self.data.get("finetune", self.data["task"])

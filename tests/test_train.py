@@ -223,6 +223,24 @@ def test_finetune_examples_sets_the_teachers_data(tiny, tmp_path, monkeypatch):
         train.parse_config(["--max-train-examples", "-1"])
 
 
+def test_finetune_seed_shares_one_teacher_across_student_seeds(tiny, tmp_path, monkeypatch):
+    """--finetune-seed fixes the teacher's fine-tune, so a --seed sweep varies only the student (one cached
+    teacher); without it each seed fine-tunes its own teacher."""
+    teacher = make_teacher(tmp_path / "bare", head=False)
+    for sweep, fixed in (("fixed", ["--finetune-seed", "0"]), ("free", [])):
+        monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / sweep))
+        for seed in ("1", "2"):
+            argv = args_for(tiny, tmp_path / f"{sweep}{seed}", "kd", "--seed", seed, "--finetune-examples", "0",
+                            "--finetune-epochs", "1", *fixed)
+            argv[argv.index("--teacher") + 1] = str(teacher)
+            run_cli(argv)
+    assert len(list((tmp_path / "fixed" / "teachers").iterdir())) == 1
+    assert len(list((tmp_path / "free" / "teachers").iterdir())) == 2
+    seeds = [json.loads((tmp_path / f"fixed{s}" / "run.json").read_text())["identity"]["finetune_seed"]
+             for s in ("1", "2")]
+    assert seeds == [0, 0]
+
+
 def test_max_train_examples_zero_means_all(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "CPU_TRAIN_EXAMPLES", 10)  # the CPU default subset, shrunk below the 48 examples
     sizes = {}
