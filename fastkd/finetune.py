@@ -125,7 +125,7 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
             opt.zero_grad(set_to_none=True)
             step += 1
             if step % 50 == 0:
-                log(f"  fine-tune step {step}/{total} loss {float(loss):.4f} ({time.time() - t0:.0f}s)")
+                log(f"  fine-tune step {step}/{total} loss {float(loss.detach()):.4f} ({time.time() - t0:.0f}s)")
     model.eval()
     dev_acc = _accuracy(model, dev_ds, 64, device, tokenizer.pad_token_id) if dev_ds is not None else None
     log(f"teacher: fine-tuned in {time.time() - t0:.0f}s" + (f", dev acc {dev_acc:.4f}" if dev_acc is not None

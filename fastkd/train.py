@@ -1234,9 +1234,22 @@ def report(result: dict, note: str) -> str:
     return "\n".join(lines)
 
 
+def quiet_libraries() -> None:
+    """The CLI's output is fastkd's own lines and training progress bar. The libraries' per-call progress bars
+    (datasets' map/cast, transformers' weight loading and saving) and transformers' load report (which lists the
+    task head that fastkd adds on purpose as MISSING) would bury them; their errors still show."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
+        quiet_libraries()
         t0 = time.time()
         trainer = Trainer(cfg)
         trainer.setup()

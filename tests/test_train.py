@@ -431,6 +431,25 @@ def test_nan_loss_stops_naming_step_term_and_checkpoint(tiny, tmp_path, monkeypa
         run_cli(argv)
 
 
+def test_cli_output_is_fastkds_own(tiny, tmp_path, capfd):
+    """The CLI prints fastkd's lines; the libraries' progress bars and load reports stay quiet."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    try:
+        assert train.main(args_for(tiny, tmp_path / "run", "kd")) == 0
+    finally:
+        hf_logging.set_verbosity(before)
+        hf_logging.enable_progress_bar()
+        import datasets
+
+        datasets.enable_progress_bars()
+    out, err = capfd.readouterr()
+    assert "student test accuracy" in out and "student saved to" in out
+    for noise in ("Loading weights", "Writing model shards", "LOAD REPORT", "Map:", "Generating train split"):
+        assert noise not in out + err, noise
+
+
 def test_config_file_and_set_override(tiny, tmp_path):
     cfgfile = tmp_path / "c.yaml"
     cfgfile.write_text("tinybert:\n  att_weight: 3\n  hidden_weight: 0.5\ntrain:\n  batch_size: 4\n")
