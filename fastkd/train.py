@@ -362,6 +362,8 @@ class TeacherRunner:
 
     def __call__(self, batch, host=None) -> dict[str, torch.Tensor]:
         """``host``: the batch's CPU copy, so cache look-ups cost no device-to-host sync."""
+        if not self.fields:  # the stage's losses need nothing from the teacher: no forward at all
+            return {}
         host = batch if host is None else host
         lengths = host.attention_mask.sum(1).cpu()
         if self.cache is not None:
@@ -428,7 +430,11 @@ class DistillModule(nn.Module):
             s = read(out)
         logits = getattr(out, "logits", None)
         # The collator's masks always hold [CLS]: skip the per-call mask value checks (each is a host sync).
-        with value_checks(False):
+        # The losses run outside autocast: the teacher's tensors are half precision (an fp16/bf16 teacher or the
+        # cache), and under autocast torch.stack/cat refuse a dtype other than autocast's own ("Unexpected
+        # floating ScalarType in at::autocast::prioritize"), so fp16 teacher + bf16 AMP -- the GPU defaults --
+        # failed. Each loss computes in fp32 internally; the fused kernels take mixed dtypes.
+        with value_checks(False), torch.autocast(input_ids.device.type, enabled=False):
             return self._terms(s, teacher, logits, labels, mask)
 
     def _terms(self, s, t, logits, labels, mask):
@@ -916,7 +922,7 @@ class Trainer:
 
     def _make_cache(self, stage_idx: int, stage: Stage, fields: list[str]):
         cfg = self.cfg
-        if cfg.cache == "off":
+        if cfg.cache == "off" or not fields:  # a stage that needs nothing from the teacher (e.g. a fine-tune)
             return None
         if cfg.cache == "memory" and self.dist.enabled and stage.epochs > 1:
             self.log("teacher cache: under DDP each rank sees other examples every epoch, so a memory cache hits "

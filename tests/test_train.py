@@ -307,6 +307,37 @@ def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, mon
     assert all(a["loss"] == b["loss"] for a, b in first[:steps_per_epoch])
 
 
+@pytest.mark.parametrize("teacher_dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("method", ["tinybert", "minilm", "bert-emd", "pkd-skip"])
+def test_gpu_defaults_half_teacher_bf16_amp_memory_cache(tiny, tmp_path, monkeypatch, method, teacher_dtype):
+    """What a GPU run does by default -- a half-precision teacher, bf16 AMP, the memory cache over several epochs --
+    here on the CPU: every stage trains with finite losses, epoch 2 reads the cache, and a stage that needs nothing
+    from the teacher (MiniLM's fine-tune) neither caches nor runs it. (Under bf16 autocast, torch.stack of fp16
+    teacher tensors failed, and an empty capture crashed the cache.)"""
+    monkeypatch.setenv("FASTKD_BACKEND", "torch")
+    out = tmp_path / "run"
+    res = run_cli(args_for(tiny, out, method, "--teacher-dtype", teacher_dtype, "--amp", "bf16", "--cache", "memory",
+                           "--epochs", "2"))
+    tr, metrics = res["trainer"], read_metrics(out)
+    steps = [m for m in metrics if "loss" in m and "event" not in m]
+    caches = {m["stage"]: m for m in metrics if m.get("event") == "cache"}
+    forwards = 0
+    for stage in tr.recipe.stages:
+        mine = [m for m in steps if m["stage"] == stage.name]
+        assert mine and all(torch.isfinite(torch.tensor(m["loss"])) for m in mine), stage.name
+        fields = train.plan_fields(train.capture_plan(stage.terms, "teacher"), tr.shapes.teacher_layers)
+        if not fields:
+            assert stage.name not in caches
+            continue
+        per_epoch = len(mine) // 2
+        assert caches[stage.name]["teacher_forwards"] == per_epoch  # epoch 1 only
+        assert caches[stage.name]["hit_rate"] == pytest.approx(0.5)
+        forwards += per_epoch
+    assert res["teacher_forwards"] == forwards
+    assert any(not train.plan_fields(train.capture_plan(s.terms, "teacher"), tr.shapes.teacher_layers)
+               for s in tr.recipe.stages) == (method == "minilm")
+
+
 def test_disk_cache_reused_across_runs(tiny, tmp_path):
     calls = []
     for i in range(2):
