@@ -2,7 +2,8 @@
 # What a lent GPU should show, within one device call's 10-minute limit (bench/README.md, "On a lent GPU").
 #   bash bench/gpu_session.sh [STAGE ...]      default: trainer tests kernels sinkhorn, in that order
 # Stages, most important first:
-#   trainer   bench/bench_trainer.py: the trainer's samples/s, eager fp32 baseline vs fastkd (issue #5's figure)
+#   trainer   bench/bench_trainer.py: the trainer's samples/s, eager fp32 baseline vs fastkd (issue #5's figure),
+#             and bench/bench_teacher_cache.py: a live fp16 teacher forward vs a cache read of the same tensors
 #   tests     the kernel tests compiled natively (no interpreter), in parallel processes when pytest-xdist is there
 #   kernels   bench of the fused attention KL / attention MSE / hidden MSE vs eager vs torch.compile
 #   sinkhorn  bench of the batched Sinkhorn and BERT-EMD's layer costs
@@ -74,7 +75,8 @@ xdist=(); python3 -c "import xdist" 2>/dev/null && [ -z "${TRITON_INTERPRET:-}" 
 PYTEST=(python3 -m pytest -q -p no:cacheprovider)
 for s in "${STAGES[@]}"; do
   case $s in
-    trainer) stage trainer 240 "${PYTEST[@]}" bench/bench_trainer.py ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
+    trainer) stage trainer 240 "${PYTEST[@]}" bench/bench_trainer.py bench/bench_teacher_cache.py \
+               ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
     tests) stage tests 300 "${PYTEST[@]}" "${xdist[@]}" tests/test_attention_kl.py tests/test_attention_mse.py \
              tests/test_hidden_mse.py tests/test_sinkhorn.py tests/test_layer_costs.py tests/test_losses.py ;;
     kernels) stage kernels 560 "${PYTEST[@]}" bench/bench_attention_kl.py bench/bench_attention_mse.py \
