@@ -1,11 +1,12 @@
 """Does the teacher cache pay? What one batch of teacher activations costs: a live forward of the teacher (with the
-capture hooks) vs a read of the same tensors from the cache (memory or disk shards), moved to the device.
+capture hooks) vs a read of the same tensors from the cache: host memory or disk shards (assembled on the CPU and
+moved to the device) or the device cache (``--cache device``: one gather per field on the device).
 
 The fields are what TinyBERT's intermediate stage takes from the 6-layer MiniLM teacher (embeddings, hidden states
 and Q/K of three layers: 10 tensors). GPU: fp16 teacher, batch 32 × length 128 (lengths uniform in [64, 128]).
-CPU: fp32 teacher, batch 8 × length 32. A cache read assembles the padded batch on the host (per example, per
+CPU: fp32 teacher, batch 8 × length 32. A host-cache read assembles the padded batch on the CPU (per example, per
 field) and copies it to the device, so for a small teacher on a fast GPU it can cost more than the forward it
-replaces; this case says which, on the machine it runs on. ``bytes_moved`` is the size of the fields (fp16).
+replaces; these cases say which, on the machine they run on. ``bytes_moved`` is the size of the fields (fp16).
 """
 
 from __future__ import annotations
@@ -39,14 +40,18 @@ def teacher_batch():
     return model, host, host.to(device)
 
 
-@pytest.mark.parametrize("source", ["live", "memory", "disk"])
+@pytest.mark.parametrize("source", ["live", "memory", "disk", "device"])
 def test_teacher_activations(measure, teacher_batch, tmp_path, source):
     from fastkd.cache import TeacherCache
+    from fastkd.device_cache import DeviceCache
     from fastkd.train import TeacherRunner
 
     model, host, batch = teacher_batch
     device = batch.input_ids.device
-    cache = None if source == "live" else TeacherCache(source, tmp_path, "bench" + "0" * 19)
+    if source == "device":
+        cache = DeviceCache(host.lengths.tolist(), device)
+    else:
+        cache = None if source == "live" else TeacherCache(source, tmp_path, "bench" + "0" * 19)
     runner = TeacherRunner(model, FIELDS, cache, device)
     out = runner(batch, host)  # fills the cache when there is one
     assert sorted(out) == sorted(FIELDS)

@@ -3,9 +3,11 @@ losses, the heaviest stage): one full optimizer step (teacher activations, stude
 clip, AdamW) per call, reported as samples/s with peak memory.
 
 Cases: losses eager (``FASTKD_BACKEND=torch``) vs fused (Triton) × teacher fp32 live vs fp16 live vs cached
-(teacher forward replaced by a cache read of its fp16 activations). Teacher: the packaged MiniLM-L6-H384 with a
+(teacher forward replaced by a host-cache read of its fp16 activations) vs device (the same from
+``--cache device``). Teacher: the packaged MiniLM-L6-H384 with a
 2-label head; student 3 × 384 (12 heads, FFN 1536), copied teacher layers. GPU: batch 32 × length 128, bf16
-AMP. CPU: one small case pair (batch 8 × length 32, eager, fp32 live vs cached); the rest skip with a reason.
+AMP. CPU: a few small cases (batch 8 × length 32, eager, fp32 live vs cached vs device); the rest skip with a
+reason.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from bench.conftest import HAS_CUDA
 # cases use the trainer's default AMP (bf16 on a GPU), so the table separates what AMP buys from what fastkd's
 # fused losses, half-precision teacher and cache buy.
 CASES = [("eager", "fp32", "off")] + [(backend, teacher, "auto") for backend in ("eager", "fused")
-                                      for teacher in ("fp32", "fp16", "cached")]
+                                      for teacher in ("fp32", "fp16", "cached", "device")]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,8 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
     argv = ["--method", "tinybert", "--teacher", str(teacher_dir), "--task", str(data), "--dev", str(data),
             "--test", str(data), "--output-dir", str(tmp_path / "out"), "--batch-size", str(batch),
             "--max-length", "128", "--epochs", "2", "--no-progress", "--teacher-dtype",
-            "fp32" if teacher == "fp32" else "fp16", "--cache", "memory" if teacher == "cached" else "off",
+            "fp32" if teacher == "fp32" else "fp16",
+            "--cache", {"cached": "memory", "device": "device"}.get(teacher, "off"),
             "--amp", amp_flag]
     cfg = train.parse_config(argv)
     tr = train.Trainer(cfg, log=lambda *_: None)
@@ -77,7 +80,7 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
     sampler = train.LengthBucketSampler(tr.data["task"]["length"], batch, shuffle=False)
     b = next(iter(train.batches_for_epoch(sampler, tr.data["task"], tr.pad_id))).to(tr.device)
     runner(b)  # fills the cache when there is one
-    assert teacher != "cached" or cache.get(b.index, b.attention_mask.sum(1).cpu()) is not None
+    assert teacher not in ("cached", "device") or cache.get(b.index, b.attention_mask.sum(1).cpu()) is not None
     amp = tr._amp()
     opt = torch.optim.AdamW(tr.module.parameters(), lr=1e-5, fused=HAS_CUDA)
 
@@ -94,7 +97,7 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
     rec = measure(step, "trainer_tinybert_intermediate_step",
                   {"backend": backend, "teacher": teacher, "batch": batch, "length": length + 2,
                    "amp": str(amp).replace("torch.", "") if amp else "off"}, rounds=None if HAS_CUDA else 3)
-    if teacher == "cached":
+    if teacher in ("cached", "device"):
         assert runner.calls == calls_before  # the teacher forward never ran while timing
     if rec.get("median_ms"):
         rec["extra"]["samples_per_s"] = batch / (rec["median_ms"] * 1e-3)

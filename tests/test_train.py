@@ -279,7 +279,7 @@ def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, mon
 
     monkeypatch.setattr(train.TeacherRunner, "__call__", counting)
     results = {}
-    for mode in ("off", "memory"):
+    for mode in ("off", "memory", "device"):
         calls["n"] = 0
         out = tmp_path / mode
         argv = args_for(tiny, out, "tinybert", "--epochs", "2", "--set", "tinybert.pred_epochs=1")
@@ -287,6 +287,11 @@ def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, mon
         res = run_cli(argv)
         results[mode] = (read_metrics(out), calls["n"], res)
     live, cached = results["off"][0], results["memory"][0]
+    # The device cache holds the same fp16 values as the host cache: the same run, loss for loss.
+    on_device = results["device"][0]
+    assert results["device"][1] == results["memory"][1]
+    assert [m["loss"] for m in on_device if "loss" in m and "event" not in m] == \
+           [m["loss"] for m in cached if "loss" in m and "event" not in m]
     steps_per_epoch = len([m for m in live if m.get("stage") == "intermediate" and m.get("epoch") == 0
                            and "event" not in m])
     n_stage_steps = sum(1 for m in live if m.get("stage") in ("intermediate", "prediction") and "event" not in m)
@@ -307,16 +312,18 @@ def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, mon
     assert all(a["loss"] == b["loss"] for a, b in first[:steps_per_epoch])
 
 
+@pytest.mark.parametrize("cache", ["memory", "device"])
 @pytest.mark.parametrize("teacher_dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("method", ["tinybert", "minilm", "bert-emd", "pkd-skip"])
-def test_gpu_defaults_half_teacher_bf16_amp_memory_cache(tiny, tmp_path, monkeypatch, method, teacher_dtype):
+def test_gpu_defaults_half_teacher_bf16_amp_memory_cache(tiny, tmp_path, monkeypatch, method, teacher_dtype,
+                                                         cache):
     """What a GPU run does by default -- a half-precision teacher, bf16 AMP, the memory cache over several epochs --
     here on the CPU: every stage trains with finite losses, epoch 2 reads the cache, and a stage that needs nothing
     from the teacher (MiniLM's fine-tune) neither caches nor runs it. (Under bf16 autocast, torch.stack of fp16
     teacher tensors failed, and an empty capture crashed the cache.)"""
     monkeypatch.setenv("FASTKD_BACKEND", "torch")
     out = tmp_path / "run"
-    res = run_cli(args_for(tiny, out, method, "--teacher-dtype", teacher_dtype, "--amp", "bf16", "--cache", "memory",
+    res = run_cli(args_for(tiny, out, method, "--teacher-dtype", teacher_dtype, "--amp", "bf16", "--cache", cache,
                            "--epochs", "2"))
     tr, metrics = res["trainer"], read_metrics(out)
     steps = [m for m in metrics if "loss" in m and "event" not in m]
