@@ -43,6 +43,16 @@ class DeviceCache:
         self.hits = self.misses = 0
         self.note: str | None = None
 
+    @staticmethod
+    def bytes_needed(lengths: Sequence[int], token_elems: int, example_elems: int = 0,
+                     dtype: torch.dtype = torch.float16) -> int:
+        """What the buffers take for a dataset with ``lengths``: ``token_elems`` values per token summed over the
+        fields with a sequence dim (e.g. hidden size × number of such fields), ``example_elems`` per example over
+        the others (e.g. the number of labels for logits)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        elems = (int(lengths.sum()) + 1) * token_elems + len(lengths) * example_elems
+        return elems * torch.finfo(dtype).bits // 8
+
     # -- layout ------------------------------------------------------------------------------------------------
     def _allocate(self, tensors: dict[str, torch.Tensor], seq_dims: dict[str, int | tuple | None]) -> bool:
         shapes = {}

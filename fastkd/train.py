@@ -115,7 +115,7 @@ class TrainConfig:
     max_dev_examples: int | None = None  # default: all on a GPU, CPU_DEV_EXAMPLES on a CPU; 0: all
     teacher_dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
     amp: str = "auto"  # auto (bf16 if supported, else fp16 + GradScaler on CUDA; off on CPU) | bf16 | fp16 | off
-    cache: str = "memory"  # off | memory | disk | device
+    cache: str = "auto"  # auto (device on a GPU when it fits, else memory) | off | memory | disk | device
     cache_dir: str | None = None
     finetune_epochs: int | None = None  # teacher fine-tuning epochs (default 3 on a GPU, 1 on a CPU)
     # Training examples for the teacher's fine-tune: None = the student's training data (the CPU subset on a
@@ -162,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=helps.get(name))
     p.add_argument("--teacher-dtype", default=d.teacher_dtype, choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"])
-    p.add_argument("--cache", default=d.cache, choices=["off", "memory", "disk", "device"],
+    p.add_argument("--cache", default=d.cache, choices=["auto", "off", "memory", "disk", "device"],
                    help="teacher activations: host memory, disk shards (reused by later runs), or accelerator "
-                        "memory (device: one gather per field and batch)")
+                        "memory (device: one gather per field and batch); auto = device on a GPU when the "
+                        "dataset's activations fit half its free memory, else memory")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -923,28 +924,43 @@ class Trainer:
 
     # ------------------------------------------------------------ training
 
+    def _device_cache_budget(self) -> int | None:
+        """Bytes a device cache may take: half of what is free on the GPU, leaving the student's training room
+        (over it, --cache device runs the teacher live and auto picks the host cache); None without a GPU."""
+        return int(torch.cuda.mem_get_info(self.device)[0] * 0.5) if self.device.type == "cuda" else None
+
     def _make_cache(self, stage_idx: int, stage: Stage, fields: list[str]):
         cfg = self.cfg
         if cfg.cache == "off" or not fields:  # a stage that needs nothing from the teacher (e.g. a fine-tune)
             return None
-        if cfg.cache in ("memory", "device") and self.dist.enabled and stage.epochs > 1:
-            self.log(f"teacher cache: under DDP each rank sees other examples every epoch, so a {cfg.cache} cache "
-                     f"hits about 1/world_size of the time; use --cache disk to share activations between ranks")
-        if cfg.cache in ("memory", "device") and stage.epochs < 2:
-            self.log(f"teacher cache: stage {stage.name} runs one epoch, so a {cfg.cache} cache would never be "
-                     f"read; not storing (use --cache disk to keep activations for later runs)")
+        mode = cfg.cache
+        if mode in ("auto", "memory", "device") and self.dist.enabled and stage.epochs > 1:
+            self.log("teacher cache: under DDP each rank sees other examples every epoch, so a memory or device "
+                     "cache hits about 1/world_size of the time; use --cache disk to share activations between ranks")
+        if mode in ("auto", "memory", "device") and stage.epochs < 2:
+            what = "" if mode == "auto" else f"{mode} "
+            self.log(f"teacher cache: stage {stage.name} runs one epoch, so a {what}cache would never be read; "
+                     f"not storing (use --cache disk to keep activations for later runs)")
             return None
-        if cfg.cache == "device":
-            # Half of what is free on the GPU, leaving the student's training room; over it, the teacher runs live.
-            budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.5) if self.device.type == "cuda" else None
-            half = torch.bfloat16 if self._dtype() == torch.bfloat16 else torch.float16
-            return DeviceCache(self.data[stage.data]["length"], self.device, dtype=half, budget_bytes=budget)
+        half = torch.bfloat16 if self._dtype() == torch.bfloat16 else torch.float16
+        budget = self._device_cache_budget()
+        lengths = self.data[stage.data]["length"]
+        if mode == "auto":
+            token_fields = [f for f in fields if seq_dim(f) is not None]
+            labels = len(getattr(self, "label_names", None) or [])  # logits: one value per label and example
+            need = DeviceCache.bytes_needed(lengths, len(token_fields) * self.shapes.teacher_hidden,
+                                            (len(fields) - len(token_fields)) * labels, half)
+            mode = "device" if budget is not None and need <= budget else "memory"
+            self.log(f"teacher cache (auto): {mode} for stage {stage.name} ({need / 2**30:.2f} GiB of activations"
+                     + (f", GPU budget {budget / 2**30:.1f} GiB)" if budget is not None else "; no GPU)"))
+        if mode == "device":
+            return DeviceCache(lengths, self.device, dtype=half, budget_bytes=budget)
         data_fp = fingerprint_dataset(self.data[stage.data])
         key = TeacherCache.make_key(teacher=self.teacher_digest[stage.teacher], data=data_fp,
                                     tokenizer=self.tokenizer_fp, max_length=cfg.max_length,
                                     dtype=str(self._dtype()), fields=fields)
         root = Path(cfg.cache_dir) if cfg.cache_dir else None
-        return TeacherCache(cfg.cache, root, key, rank=self.dist.rank)
+        return TeacherCache(mode, root, key, rank=self.dist.rank)
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -1021,7 +1037,7 @@ class Trainer:
                 st = dict(cache.stats)
                 st.update(stage=stage.name, teacher_forwards=runner.calls)
                 self.cache_stats.append(st)
-                self.log(f"teacher cache ({cfg.cache}) for {stage.name}: {st.get('bytes', 0) / 2**20:.1f} MiB, "
+                self.log(f"teacher cache ({st['mode']}) for {stage.name}: {st.get('bytes', 0) / 2**20:.1f} MiB, "
                          f"hit rate {st.get('hit_rate', 0):.2f}, live teacher forwards {runner.calls}"
                          + (f"; {st['note']}" if st.get("note") else ""))
                 self._metric({"step": self.global_step, "stage": stage.name, "event": "cache", **st})

@@ -91,3 +91,11 @@ def test_bad_input(gen):
         DeviceCache(lengths, "cpu").put(index, lens, {"scores": torch.randn(2, 9, 9)}, {"scores": (1, 2)})
     with pytest.raises(ValueError, match="lengths: expected one positive"):
         DeviceCache([3, 0], "cpu")
+
+
+def test_bytes_needed_is_what_the_buffers_take(gen):
+    lengths = _dataset(gen)
+    dev = DeviceCache(lengths, "cpu")
+    index, lens, tensors = _batch([0, 1, 2], lengths, gen)
+    dev.put(index, lens, tensors, {k: seq_dim(k) for k in tensors})
+    assert dev.stats["bytes"] == DeviceCache.bytes_needed(lengths, token_elems=D + D + H * 5, example_elems=C)

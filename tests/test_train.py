@@ -345,6 +345,20 @@ def test_gpu_defaults_half_teacher_bf16_amp_memory_cache(tiny, tmp_path, monkeyp
                for s in tr.recipe.stages) == (method == "minilm")
 
 
+@pytest.mark.parametrize("budget,expected", [(None, "memory"), (10**9, "device"), (10, "memory")])
+def test_cache_auto_picks_device_when_the_activations_fit(tiny, tmp_path, monkeypatch, budget, expected):
+    """--cache auto (the default): the device cache when the dataset's activations fit the GPU budget, else the
+    host memory cache; without a GPU (budget None) always the host cache."""
+    monkeypatch.setattr(train.Trainer, "_device_cache_budget", lambda self: budget)
+    out = tmp_path / "run"
+    logs = []
+    train.run(train.parse_config(args_for(tiny, out, "tinybert", "--cache", "auto", "--epochs", "2")), log=logs.append)
+    modes = {m["stage"]: m["mode"] for m in read_metrics(out) if m.get("event") == "cache"}
+    assert modes == {"intermediate": expected, "prediction": expected}
+    assert any(f"teacher cache (auto): {expected} for stage intermediate" in x for x in logs)
+    assert train.TrainConfig().cache == "auto"
+
+
 def test_disk_cache_reused_across_runs(tiny, tmp_path):
     calls = []
     for i in range(2):
