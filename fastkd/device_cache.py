@@ -100,15 +100,19 @@ class DeviceCache:
             return None
         pos, _ = self._positions(ids, lens)
         pos = pos.to(self.device, non_blocking=True)
-        rows = torch.from_numpy(ids).to(self.device, non_blocking=True)
+        rows = None
         out = {}
         for name, buf in self.buffers.items():
             sd = self.seq_dims[name]
             if sd is None:
+                if rows is None:
+                    rows = torch.from_numpy(ids).to(self.device, non_blocking=True)
                 out[name] = buf.index_select(0, rows)
             else:
                 got = buf.index_select(0, pos.view(-1)).view(*pos.shape, *buf.shape[1:])  # [B, W, rest...]
-                out[name] = got.movedim(1, sd).contiguous()
+                # A strided view for Q/K ([B, H, W, dh] over [B, W, H, dh]), as the live capture hooks give them:
+                # the losses read strides, so no copy.
+                out[name] = got.movedim(1, sd)
         self.hits += 1
         return out
 
