@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from fastkd.kernels import saving
 
 from fastkd import reference as ref
 
@@ -388,14 +389,14 @@ class _AttentionKLFunction(torch.autograd.Function):
             denom = mask_i8.sum(dtype=torch.float32) * H  # stays on the device: no host sync
         loss = kl_rows.sum() / denom
 
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, mask_i8, lse_s, lse_t, denom)
+        saving.save_for_backward(ctx, q_s, k_s, q_t, k_t, mask_i8, lse_s, lse_t, denom)
         ctx.config = config
         ctx.consts = consts
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_s, k_s, q_t, k_t, mask_i8, lse_s, lse_t, denom = ctx.saved_tensors
+        q_s, k_s, q_t, k_t, mask_i8, lse_s, lse_t, denom = saving.saved_tensors(ctx)
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_q or need_k):
             return None, None, None, None, None, None

@@ -45,6 +45,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from fastkd.kernels import saving
 
 __all__ = ["attention_mse", "AttentionMSEFunction", "CANCELLATION_RATIO"]
 
@@ -299,7 +300,7 @@ class AttentionMSEFunction(torch.autograd.Function):
         else:
             pairs = torch.tensor(float(B * H * L * L), dtype=torch.float32, device=dev)
         out = per_head.sum() / pairs
-        ctx.save_for_backward(q_s_, k_s_, q_t_, k_t_, mask_i8, grams, pairs)
+        saving.save_for_backward(ctx, q_s_, k_s_, q_t_, k_t_, mask_i8, grams, pairs)
         ctx.has_mask = has_mask
         ctx.dims = (DS, DT, DSP, DTP, block_l)
         ctx.in_dtypes = (q_s.dtype, k_s.dtype, q_t.dtype, k_t.dtype)
@@ -307,7 +308,7 @@ class AttentionMSEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_s, k_s, q_t, k_t, mask_i8, grams, pairs = ctx.saved_tensors
+        q_s, k_s, q_t, k_t, mask_i8, grams, pairs = saving.saved_tensors(ctx)
         DS, DT, DSP, DTP, block_l = ctx.dims
         B, H, L, _ = q_s.shape
         alpha, beta = 1.0 / math.sqrt(DS), 1.0 / math.sqrt(DT)

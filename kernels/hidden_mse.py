@@ -34,6 +34,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from fastkd.kernels import saving
 
 __all__ = ["hidden_mse", "HiddenMSEFunction"]
 
@@ -274,14 +275,14 @@ class HiddenMSEFunction(torch.autograd.Function):
         n_valid = mask.sum(dtype=torch.float32) if has_mask else torch.tensor(float(N), device=dev)
         denom = n_valid * (K * DT)
         out = partial.sum() / denom
-        ctx.save_for_backward(hs, ht, w, bb, m, denom)
+        saving.save_for_backward(ctx, hs, ht, w, bb, m, denom)
         ctx.meta = (layered, common, flags, blk)
         ctx.in_dtypes = (h_s.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return out.to(torch.float64) if torch.float64 in (h_s.dtype, h_t.dtype) else out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hs, ht, w, bb, m, denom = ctx.saved_tensors
+        hs, ht, w, bb, m, denom = saving.saved_tensors(ctx)
         layered, common, flags, blk = ctx.meta
         K, B, L, DS = hs.shape
         DT = ht.shape[-1]
