@@ -443,15 +443,14 @@ class DistillModule(nn.Module):
 
     def _terms(self, s, t, logits, labels, mask):
         terms: dict[str, torch.Tensor] = {}
-
-        def like(x_t, x_s):
-            return x_t if x_t.dtype == x_s.dtype else x_t.to(x_s.dtype)
-
+        # Teacher tensors go in as they are (fp16/bf16 from a half-precision teacher or the cache): every loss
+        # takes mixed dtypes and accumulates in fp32, so casting them to the student's dtype first would only
+        # cost a copy of each per step (and round fp16 to bf16).
         for term in self.terms:
             k = term.kind
             if k == "emb_mse":
                 h, w, b = self._project(s["emb"])
-                val = losses.hidden_mse(h, like(t["emb"], h), w, b, mask)
+                val = losses.hidden_mse(h, t["emb"], w, b, mask)
             elif k == "hidden_mse":
                 hs = torch.stack([s[f"hidden.{i}"] for i, _ in term.pairs])
                 ht = torch.stack([t[f"hidden.{j}"] for _, j in term.pairs])
@@ -460,17 +459,16 @@ class DistillModule(nn.Module):
                 if self.fit is not None:
                     _, w, b = self._project(hs)
                     w, b = w.expand(K, -1, -1), b.expand(K, -1)
-                val = losses.hidden_mse(hs, like(ht, hs), w, b, mask) * K  # summed over layers, as TinyBERT
+                val = losses.hidden_mse(hs, ht, w, b, mask) * K  # summed over layers, as TinyBERT
             elif k in ("att_mse", "att_kl"):
                 fn = losses.attention_mse if k == "att_mse" else losses.attention_kl
-                val = sum(fn(s[f"q.{i}"], s[f"k.{i}"], like(t[f"q.{j}"], s[f"q.{i}"]), like(t[f"k.{j}"], s[f"k.{i}"]),
-                             mask) for i, j in term.pairs)
+                val = sum(fn(s[f"q.{i}"], s[f"k.{i}"], t[f"q.{j}"], t[f"k.{j}"], mask) for i, j in term.pairs)
             elif k == "value_kl":
-                val = sum(losses.relation_kl(_to_tokens(s[f"v.{i}"]), like(_to_tokens(t[f"v.{j}"]), s[f"v.{i}"]),
+                val = sum(losses.relation_kl(_to_tokens(s[f"v.{i}"]), _to_tokens(t[f"v.{j}"]),
                                              self.shapes.student_heads, mask) for i, j in term.pairs)
             elif k == "qkv_relation":
                 val = sum(losses.relation_kl(_to_tokens(s[f"{c}.{i}"]),
-                                             like(_to_tokens(t[f"{c}.{j}"]), s[f"{c}.{i}"]),
+                                             _to_tokens(t[f"{c}.{j}"]),
                                              term.relation_heads, mask) / 3.0
                           for i, j in term.pairs for c in "qkv")
             elif k == "pkd":
@@ -479,7 +477,7 @@ class DistillModule(nn.Module):
                 if self.fit is not None:  # a narrower student (recipe's project_width): compare W·[CLS]
                     _, w, b = self._project(hs)
                     hs = torch.nn.functional.linear(hs, w, b)
-                val = losses.pkd_mse(hs, like(ht, hs))
+                val = losses.pkd_mse(hs, ht)
             elif k in ("emd_att", "emd_hidden"):
                 val = self._emd(k, s, t, mask)
             elif k == "soft_ce":
