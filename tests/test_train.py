@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -343,6 +344,25 @@ def test_gpu_defaults_half_teacher_bf16_amp_memory_cache(tiny, tmp_path, monkeyp
     assert res["teacher_forwards"] == forwards
     assert any(not train.plan_fields(train.capture_plan(s.terms, "teacher"), tr.shapes.teacher_layers)
                for s in tr.recipe.stages) == (method == "minilm")
+
+
+@pytest.mark.parametrize("method", ["tinybert", "minilm"])
+def test_fused_losses_in_the_trainer_match_eager(tiny, tmp_path, monkeypatch, method):
+    """The trainer with the fused Triton losses (what every GPU run uses; the interpreter here) under the GPU
+    defaults -- fp16 teacher run under inference mode, bf16 AMP, device cache: the same losses as the eager
+    references, step for step, within the kernels' fp32-accumulation tolerance."""
+    runs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FASTKD_BACKEND", backend)
+        out = tmp_path / backend
+        run_cli(args_for(tiny, out, method, "--teacher-dtype", "fp16", "--amp", "bf16", "--cache", "device",
+                         "--epochs", "2"))
+        runs[backend] = [m for m in read_metrics(out) if "loss" in m and "event" not in m]
+    assert len(runs["torch"]) == len(runs["triton"]) > 0
+    for a, b in zip(runs["torch"], runs["triton"], strict=True):
+        for k in a:
+            if k.startswith("loss"):
+                assert math.isfinite(b[k]) and abs(a[k] - b[k]) <= 2e-3 * abs(a[k]) + 1e-5, (k, a, b)
 
 
 @pytest.mark.parametrize("budget,expected", [(None, "memory"), (10**9, "device"), (10, "memory")])
