@@ -78,7 +78,8 @@ for s in "${STAGES[@]}"; do
     trainer) stage trainer 240 "${PYTEST[@]}" bench/bench_trainer.py bench/bench_teacher_cache.py \
                ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
     tests) stage tests 300 "${PYTEST[@]}" "${xdist[@]}" tests/test_attention_kl.py tests/test_attention_mse.py \
-             tests/test_hidden_mse.py tests/test_sinkhorn.py tests/test_layer_costs.py tests/test_losses.py ;;
+             tests/test_hidden_mse.py tests/test_sinkhorn.py tests/test_layer_costs.py tests/test_losses.py \
+             tests/test_inference_teacher.py ;;
     kernels) stage kernels 560 "${PYTEST[@]}" bench/bench_attention_kl.py bench/bench_attention_mse.py \
                bench/bench_hidden_mse.py ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
     sinkhorn) stage sinkhorn 300 "${PYTEST[@]}" bench/bench_sinkhorn.py ${FASTKD_BENCH_ARGS:---benchmark-only} ;;

@@ -26,7 +26,7 @@ OUT="$WORK/out" FASTKD_BENCH_ARGS="--benchmark-disable" bash bench/gpu_session.s
 export PYTHONPATH=/tmp/site:$PWD TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 FASTKD_TEACHER_DIR=$PWD/.teacher
 export FASTKD_DATA_DIR=$([ -d .data ] && echo "$PWD/.data" || echo "${FASTKD_DATA_DIR:-$REPO/../shared/data}")
 kernel_tests=$(printf -- "--deselect tests/%s " test_attention_kl.py test_attention_mse.py test_hidden_mse.py \
-  test_sinkhorn.py test_layer_costs.py test_losses.py)
+  test_sinkhorn.py test_layer_costs.py test_losses.py test_inference_teacher.py)
 # shellcheck disable=SC2086
 python3 -m pytest tests -q -p no:cacheprovider $kernel_tests 2>&1 | tee "$WORK/out/rest.log" | tail -5
 if grep -qE "[0-9]+ (failed|errors?)\b|skipped: |stopped at its" "$WORK"/out/*.log \
