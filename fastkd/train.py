@@ -948,7 +948,9 @@ class Trainer:
             labels = len(getattr(self, "label_names", None) or [])  # logits: one value per label and example
             need = DeviceCache.bytes_needed(lengths, len(token_fields) * self.shapes.teacher_hidden,
                                             (len(fields) - len(token_fields)) * labels, half)
-            mode = "device" if budget is not None and need <= budget else "memory"
+            # Under DDP each rank meets other examples every epoch (hit rate ~1/world_size): a whole-dataset
+            # buffer per GPU would mostly sit unread, so auto stays on the host there.
+            mode = "device" if budget is not None and need <= budget and not self.dist.enabled else "memory"
             self.log(f"teacher cache (auto): {mode} for stage {stage.name} ({need / 2**30:.2f} GiB of activations"
                      + (f", GPU budget {budget / 2**30:.1f} GiB)" if budget is not None else "; no GPU)"))
         if mode == "device":
