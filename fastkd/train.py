@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--cache", default=d.cache, choices=["auto", "off", "memory", "disk", "device"],
                    help="teacher activations: host memory, disk shards (reused by later runs), or accelerator "
-                        "memory (device: one gather per field and batch); auto = device on a GPU when the "
+                        "memory (device: one gather per field and batch); auto = device on a single GPU when the "
                         "dataset's activations fit half its free memory, else memory")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
