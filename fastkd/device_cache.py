@@ -55,18 +55,20 @@ class DeviceCache:
 
     # -- layout ------------------------------------------------------------------------------------------------
     def _allocate(self, tensors: dict[str, torch.Tensor], seq_dims: dict[str, int | tuple | None]) -> bool:
-        shapes = {}
+        shapes, token_elems, example_elems = {}, 0, 0
         for name, t in tensors.items():
             sd = seq_dims.get(name)
             if isinstance(sd, tuple):
                 raise ValueError(f"seq_dims[{name!r}]: the device cache stores one sequence dim per field, got {sd}")
             if sd is None:
                 shapes[name] = (len(self.lengths), *t.shape[1:])
+                example_elems += int(np.prod(t.shape[1:]))
             else:
                 rest = [s for d, s in enumerate(t.shape) if d not in (0, sd)]
                 shapes[name] = (self.tokens + 1, *rest)
+                token_elems += int(np.prod(rest))
             self.seq_dims[name] = sd
-        need = sum(int(np.prod(s)) for s in shapes.values()) * torch.finfo(self.dtype).bits // 8
+        need = self.bytes_needed(self.lengths, token_elems, example_elems, self.dtype)
         if self.budget is not None and need > self.budget:
             self.note = (f"the dataset's teacher activations need {need / 2**30:.2f} GiB, over the device budget "
                          f"{self.budget / 2**30:.2f} GiB: running the teacher live")
@@ -75,7 +77,7 @@ class DeviceCache:
         return True
 
     def _positions(self, ids: np.ndarray, lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, W] rows of the token-major buffers (padding -> the zero row) and the [n] rows of the valid tokens."""
+        """[B, W] rows of the token-major buffers (padding -> the zero row) and the [B, W] mask of real tokens."""
         width = int(lens.max())
         steps = np.arange(width)[None, :]
         pos = self.offsets[ids][:, None] + steps
@@ -126,10 +128,8 @@ class DeviceCache:
             raise ValueError(f"index: expected example ids in [0, {len(self.lengths)}), got {ids.min()}..{ids.max()}")
         if not np.array_equal(self.lengths[ids], lens):
             raise ValueError("lengths: they differ from the dataset's lengths this cache was built for")
-        if self.buffers is None and self.note is None and not self._allocate(tensors, seq_dims):
-            return
-        if self.buffers is None:
-            return
+        if self.buffers is None and (self.note is not None or not self._allocate(tensors, seq_dims)):
+            return  # over the budget: nothing is stored
         if set(tensors) != set(self.buffers):
             raise ValueError(f"tensors: expected the fields {sorted(self.buffers)}, got {sorted(tensors)}")
         new = ~self.stored[ids]

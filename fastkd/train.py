@@ -927,6 +927,24 @@ class Trainer:
         (over it, --cache device runs the teacher live and auto picks the host cache); None without a GPU."""
         return int(torch.cuda.mem_get_info(self.device)[0] * 0.5) if self.device.type == "cuda" else None
 
+    def _cache_dtype(self) -> torch.dtype:
+        """The cached activations' dtype: bf16 for a bf16 teacher (fp16 cannot hold its range), else fp16."""
+        return torch.bfloat16 if self._dtype() == torch.bfloat16 else torch.float16
+
+    def _auto_cache_mode(self, stage: Stage, fields: list[str]) -> str:
+        """--cache auto: "device" on a single GPU when the dataset's activations fit the budget, else "memory"."""
+        budget = self._device_cache_budget()
+        token_fields = [f for f in fields if seq_dim(f) is not None]
+        labels = len(getattr(self, "label_names", None) or [])  # logits: one value per label and example
+        need = DeviceCache.bytes_needed(self.data[stage.data]["length"], len(token_fields) * self.shapes.teacher_hidden,
+                                        (len(fields) - len(token_fields)) * labels, self._cache_dtype())
+        # Under DDP each rank meets other examples every epoch (hit rate ~1/world_size): a whole-dataset
+        # buffer per GPU would mostly sit unread, so auto stays on the host there.
+        mode = "device" if budget is not None and need <= budget and not self.dist.enabled else "memory"
+        self.log(f"teacher cache (auto): {mode} for stage {stage.name} ({need / 2**30:.2f} GiB of activations"
+                 + (f", GPU budget {budget / 2**30:.1f} GiB)" if budget is not None else "; no GPU)"))
+        return mode
+
     def _make_cache(self, stage_idx: int, stage: Stage, fields: list[str]):
         cfg = self.cfg
         if cfg.cache == "off" or not fields:  # a stage that needs nothing from the teacher (e.g. a fine-tune)
@@ -940,21 +958,11 @@ class Trainer:
             self.log(f"teacher cache: stage {stage.name} runs one epoch, so a {what}cache would never be read; "
                      f"not storing (use --cache disk to keep activations for later runs)")
             return None
-        half = torch.bfloat16 if self._dtype() == torch.bfloat16 else torch.float16
-        budget = self._device_cache_budget()
-        lengths = self.data[stage.data]["length"]
         if mode == "auto":
-            token_fields = [f for f in fields if seq_dim(f) is not None]
-            labels = len(getattr(self, "label_names", None) or [])  # logits: one value per label and example
-            need = DeviceCache.bytes_needed(lengths, len(token_fields) * self.shapes.teacher_hidden,
-                                            (len(fields) - len(token_fields)) * labels, half)
-            # Under DDP each rank meets other examples every epoch (hit rate ~1/world_size): a whole-dataset
-            # buffer per GPU would mostly sit unread, so auto stays on the host there.
-            mode = "device" if budget is not None and need <= budget and not self.dist.enabled else "memory"
-            self.log(f"teacher cache (auto): {mode} for stage {stage.name} ({need / 2**30:.2f} GiB of activations"
-                     + (f", GPU budget {budget / 2**30:.1f} GiB)" if budget is not None else "; no GPU)"))
+            mode = self._auto_cache_mode(stage, fields)
         if mode == "device":
-            return DeviceCache(lengths, self.device, dtype=half, budget_bytes=budget)
+            return DeviceCache(self.data[stage.data]["length"], self.device, dtype=self._cache_dtype(),
+                               budget_bytes=self._device_cache_budget())
         data_fp = fingerprint_dataset(self.data[stage.data])
         key = TeacherCache.make_key(teacher=self.teacher_digest[stage.teacher], data=data_fp,
                                     tokenizer=self.tokenizer_fp, max_length=cfg.max_length,
