@@ -19,6 +19,7 @@ import os
 import random
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from fastkd.device_cache import DeviceCache
 from fastkd.emd import update_layer_weights
 from fastkd.recipes import (
     METHODS,
+    PARAMS,
     LossTerm,
     MappingError,
     Recipe,
@@ -135,43 +137,114 @@ class TrainConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+# One line of help per trainer option (the dataclass comments above say why; these say what).
+_HELP = {
+    "method": f"one of {', '.join(METHODS)}",
+    "mode": "task: distil on a labelled task (the student gets a classifier head); general: task-agnostic "
+            "distillation on unlabelled text (a general student, to fine-tune later)",
+    "task": "task name (sst2, agnews; read from FASTKD_DATA_DIR) or a labelled .tsv/.csv/.json(l) file with text "
+            "and label columns",
+    "dev": "dev data for evaluation and best-checkpoint selection: task name or file (default: the task's dev "
+           "split; AG News: a held-out slice of train)",
+    "test": "test data for the final report: task name or file (default: the task's test split)",
+    "general_corpus": "unlabelled text: a task name or a file (default: --task in general mode, agnews for "
+                      "ERNIE-Tiny's general stages)",
+    "teacher": "local model folder, with or without a task head (default: the packaged MiniLM); a teacher without "
+               "a head is fine-tuned first and cached",
+    "output_dir": "where the run writes checkpoints, metrics.jsonl, loss.png and the student (default: "
+                  "runs/<method>-<task>-<time>)",
+    "etd": "student initialisation: extract the teacher's weights by importance (impt) or at random (rand), or "
+           "none (random initialisation)",
+    "student_layers": "student depth", "student_hidden": "student width",
+    "student_heads": "student attention heads", "student_ffn": "student FFN width",
+    "batch_size": "examples per micro-batch", "grad_accum": "micro-batches per optimizer step",
+    "max_length": "tokens per example at most (batches are padded to their longest example only)",
+    "save_every": "checkpoint every N optimizer steps (0: only at each epoch's end)",
+    "keep_checkpoints": "checkpoints kept on disk (the newest)",
+    "seed": "seed of data order, dropout and ETD-Rand",
+    "log_every": "optimizer steps between metrics.jsonl lines",
+    "latency_runs": "timed forward passes for the final teacher/student speed-up (0: skip)",
+    "warmup": "fraction of each stage's steps spent in linear warm-up", "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm (0: off)",
+    "epochs": "epochs of every stage (default: each recipe's own; 1 on a CPU)",
+    "max_train_examples": "training examples, a seeded subset (0: all; default: all on a GPU, "
+                          f"{CPU_TRAIN_EXAMPLES} on a CPU)",
+    "max_dev_examples": f"dev examples (0: all; default: all on a GPU, {CPU_DEV_EXAMPLES} on a CPU)",
+    "finetune_epochs": "epochs of the teacher's fine-tune, when it has no task head (default: 3 on a GPU, 1 on a "
+                       "CPU)",
+    "finetune_examples": "teacher fine-tune data: 0 = all training examples (default: the student's data)",
+    "finetune_seed": "seed of the teacher's fine-tune (default: --seed)",
+    "teacher_dtype": "precision of the frozen teacher (auto: fp16 on CUDA, fp32 on a CPU)",
+    "amp": "student autocast (auto: bf16 where supported, else fp16 with loss scaling, on CUDA; off on a CPU)",
+    "cache": "teacher activations: host memory, disk shards (reused by later runs), or accelerator memory "
+             "(device: one gather per field and batch); auto = device on a single GPU when the dataset's "
+             "activations fit half its free memory, else memory",
+    "cache_dir": "root of the disk cache's shards and the fine-tuned teachers (default: $FASTKD_CACHE_DIR, else "
+                 "./.fastkd-cache for shards and ~/.cache/fastkd for teachers)",
+    "resume": "continue the run in --output-dir from its last checkpoint",
+    "progress": "no progress bar",
+    "set": "override a recipe setting, e.g. tinybert.att_weight=2 (repeatable; the settings are listed below)",
+    "config": "JSON/YAML file of recipe overrides (+ a 'train' section of the options above)",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the epilog's lines; adds "(default: X)" only where the help does not already say the default."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "default" in help or any(action.default is v for v in (None, False, True, argparse.SUPPRESS)) \
+                or action.default == []:
+            return help
+        return super()._get_help_string(action)
+
+
+def recipe_settings_help() -> str:
+    """Every method's recipe settings with their defaults, for --help (what --set and --config accept)."""
+    lines = ["recipe settings (--set METHOD.FIELD=VALUE or --config; defaults follow each paper):"]
+    seen: set[type] = set()
+    for method in METHODS:
+        cls = PARAMS[method]
+        if cls in seen:
+            continue
+        seen.add(cls)
+        names = [m for m in METHODS if PARAMS[m] is cls]
+        prefix = "pkd" if names[0].startswith("pkd") else names[0]
+        fields = ", ".join(f"{f.name}={getattr(cls(), f.name)}" for f in dataclasses.fields(cls))
+        lines.append(textwrap.fill(fields, 100, initial_indent=f"  {'/'.join(names)} ({prefix}.FIELD): ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m fastkd.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--mode", default=d.mode, choices=["task", "general"])
-    p.add_argument("--task", default=d.task, help="task name (sst2, agnews) or a labelled data file")
-    p.add_argument("--dev", default=None)
-    p.add_argument("--test", default=None)
-    p.add_argument("--general-corpus", default=None,
-                   help="unlabelled text: a task name or a file (default: --task in general mode, agnews for "
-                        "ERNIE-Tiny's general stages)")
-    p.add_argument("--teacher", default=None, help="local model folder (default: the packaged MiniLM)")
-    p.add_argument("--output-dir", default=None)
-    p.add_argument("--etd", default=d.etd, choices=["impt", "rand", "none"])
+                                formatter_class=_HelpFormatter, epilog=recipe_settings_help())
+
+    def opt(name: str, **kw):
+        p.add_argument("--" + name.replace("_", "-"), help=_HELP[name], **kw)
+
+    opt("method", default=d.method)
+    opt("mode", default=d.mode, choices=["task", "general"])
+    for name in ("task", "dev", "test", "general_corpus", "teacher", "output_dir"):
+        opt(name, default=getattr(d, name))
+    opt("etd", default=d.etd, choices=["impt", "rand", "none"])
     for name in ("student_layers", "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum",
                  "max_length", "save_every", "keep_checkpoints", "seed", "log_every", "latency_runs"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+        opt(name, type=int, default=getattr(d, name))
     for name in ("warmup", "weight_decay", "max_grad_norm"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    helps = {"finetune_examples": "teacher fine-tune data: 0 = all training examples (default: the student's data)",
-             "finetune_seed": "seed of the teacher's fine-tune (default: --seed)"}
+        opt(name, type=float, default=getattr(d, name))
     for name in ("epochs", "max_train_examples", "max_dev_examples", "finetune_epochs", "finetune_examples",
                  "finetune_seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=helps.get(name))
-    p.add_argument("--teacher-dtype", default=d.teacher_dtype, choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"])
-    p.add_argument("--cache", default=d.cache, choices=["auto", "off", "memory", "disk", "device"],
-                   help="teacher activations: host memory, disk shards (reused by later runs), or accelerator "
-                        "memory (device: one gather per field and batch); auto = device on a single GPU when the "
-                        "dataset's activations fit half its free memory, else memory")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
-                   help="override a recipe setting, e.g. tinybert.att_weight=2 (repeatable)")
-    p.add_argument("--config", default=None, help="JSON/YAML file of recipe overrides (+ a 'train' section)")
+        opt(name, type=int, default=None)
+    opt("teacher_dtype", default=d.teacher_dtype, choices=["auto", "fp32", "fp16", "bf16"])
+    opt("amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"])
+    opt("cache", default=d.cache, choices=["auto", "off", "memory", "disk", "device"])
+    opt("cache_dir", default=None)
+    opt("resume", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help=_HELP["progress"])
+    opt("set", action="append", default=[], metavar="METHOD.FIELD=VALUE")
+    opt("config", default=None)
     return p
 
 

@@ -533,6 +533,27 @@ def test_config_file_and_set_override(tiny, tmp_path):
     assert p.att_weight == 2.0 and p.hidden_weight == 0.5
 
 
+def test_cli_help_explains_every_option_and_lists_recipe_settings():
+    import dataclasses
+
+    from fastkd.recipes import PARAMS
+
+    parser = train.build_parser()
+    undocumented = [a.option_strings for a in parser._actions if not (a.help or "").strip()]
+    assert not undocumented, f"options without help: {undocumented}"
+    text = parser.format_help()
+    # every trainer option is a CLI flag, and every recipe setting --set accepts is listed with its default
+    for f in dataclasses.fields(train.TrainConfig):
+        if f.name != "overrides":
+            assert f.name in train._HELP, f.name
+    for method, cls in PARAMS.items():
+        assert method in text
+        for f in dataclasses.fields(cls):
+            assert f"{f.name}={getattr(cls(), f.name)}" in text, (method, f.name)
+    # numeric defaults of 0 and 1 are shown (0 == False and 1 == True must not hide them)
+    assert "micro-batches per optimizer step (default: 1)" in " ".join(text.split())
+
+
 def _ddp_worker(rank, world, port, argv, q):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
