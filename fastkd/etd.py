@@ -48,7 +48,8 @@ removed, which is what the later hidden-state / attention distillation has to re
 picks ``"task"`` when the output has logits and the first batch has labels, else ``"sensitivity"``.
 
 CLI: ``python -m fastkd.etd --teacher default --layers 3 --hidden 384 --heads 12 --ffn 1536 --strategy impt
---task sst2 --out DIR`` writes the student (``save_pretrained``), the teacher's tokenizer and ``etd_plan.json``.
+--task sst2 [--teacher-layers 1,3,5] --out DIR`` writes the student (``save_pretrained``), the teacher's
+tokenizer and ``etd_plan.json``.
 """
 
 from __future__ import annotations
@@ -686,22 +687,36 @@ def _load_teacher(path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastkd.etd", description="Extract a student from a teacher (ETD).")
+    ap = argparse.ArgumentParser(prog="python -m fastkd.etd", description="Extract a student from a teacher (ETD).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--teacher", default="default", help="model folder, or 'default' for the packaged MiniLM")
-    ap.add_argument("--layers", type=int, required=True)
-    ap.add_argument("--hidden", type=int, required=True)
-    ap.add_argument("--heads", type=int, required=True)
-    ap.add_argument("--ffn", type=int, required=True)
-    ap.add_argument("--strategy", choices=STRATEGIES, default="impt")
+    ap.add_argument("--layers", type=int, required=True, help="student depth")
+    ap.add_argument("--hidden", type=int, required=True, help="student width (a multiple of --heads)")
+    ap.add_argument("--heads", type=int, required=True, help="student attention heads (whole teacher heads kept)")
+    ap.add_argument("--ffn", type=int, required=True, help="student FFN width (teacher neurons kept)")
+    ap.add_argument("--teacher-layers", default=None, metavar="I,J,…",
+                    help="0-based teacher layers to keep, one per student layer (e.g. 1,3,5: the layers a "
+                         "TinyBERT-style mapping distils from); default: the uniform depth rule")
+    ap.add_argument("--strategy", choices=STRATEGIES, default="impt",
+                    help="impt: keep the most important units (needs data); rand: a seeded random subset")
     ap.add_argument("--task", default="sst2", help="data for 'impt' importance (fastkd.data task name)")
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--objective", choices=OBJECTIVES, default="auto")
-    ap.add_argument("--num-batches", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--split", default="train", help="split of --task the importance is measured on")
+    ap.add_argument("--objective", choices=OBJECTIVES, default="auto",
+                    help="importance loss: task (the head's loss on the labels), sensitivity (a random "
+                         "projection of the output, no labels), auto (task when the teacher has a head and the "
+                         "data labels)")
+    ap.add_argument("--num-batches", type=int, default=64, help="batches the importance is summed over")
+    ap.add_argument("--batch-size", type=int, default=32, help="examples per importance batch")
+    ap.add_argument("--max-length", type=int, default=64, help="tokens per example at most")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data sample and of 'rand'")
+    ap.add_argument("--out", required=True, help="folder for the student (save_pretrained + tokenizer + plan)")
     args = ap.parse_args(argv)
+    layers = None
+    if args.teacher_layers is not None:
+        try:
+            layers = [int(x) for x in args.teacher_layers.split(",")]
+        except ValueError:
+            ap.error(f"--teacher-layers: expected comma-separated 0-based layer numbers, got {args.teacher_layers!r}")
 
     teacher, tokenizer = _load_teacher(args.teacher)
     data = None
@@ -715,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
                             labels=list(ds["label"]))
     student, plan = extract_student(teacher, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
                                     intermediate_size=args.ffn, strategy=args.strategy, data=data, seed=args.seed,
-                                    num_batches=args.num_batches, objective=args.objective, return_plan=True)
+                                    num_batches=args.num_batches, objective=args.objective, layers=layers,
+                                    return_plan=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out)

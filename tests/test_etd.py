@@ -4,6 +4,7 @@ deterministic rand, impt on planted importance, save/load, RoBERTa and ELECTRA."
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -413,6 +414,24 @@ def test_cli_writes_a_loadable_student(tmp_path, minilm):
         h = loaded(**tok(["a fine film"], return_tensors="pt")).last_hidden_state
     assert h.shape[-1] == 192 and torch.isfinite(h).all()
     assert (out / "etd_plan.json").is_file()
+
+
+def test_cli_teacher_layers_picks_the_kept_layers(tmp_path, minilm, capsys):
+    teacher, x = minilm
+    out = tmp_path / "student"
+    assert etd.main(["--teacher", "default", "--layers", "3", "--hidden", "384", "--heads", "12", "--ffn", "1536",
+                     "--strategy", "rand", "--teacher-layers", "1,3,5", "--out", str(out)]) == 0
+    assert json.loads((out / "etd_plan.json").read_text())["plan"]["layers"] == [1, 3, 5]
+    loaded = AutoModel.from_pretrained(out, dtype=torch.float32)
+    # full width kept: student layer i is teacher layer [1, 3, 5][i], weight for weight
+    t_sd = teacher.state_dict()
+    for i, t in enumerate([1, 3, 5]):
+        w = loaded.encoder.layer[i].attention.self.query.weight
+        assert torch.equal(w, t_sd[f"encoder.layer.{t}.attention.self.query.weight"])
+    with pytest.raises(SystemExit):
+        etd.main(["--layers", "3", "--hidden", "384", "--heads", "12", "--ffn", "1536", "--strategy", "rand",
+                  "--teacher-layers", "1;3;5", "--out", str(tmp_path / "x")])
+    assert "--teacher-layers: expected comma-separated" in capsys.readouterr().err
 
 
 def test_saved_student_round_trips(tmp_path, gen):
