@@ -91,6 +91,17 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 # ---------------------------------------------------------------- configuration
 
 
+# The options that take one of a few words (the CLI's choices; TrainConfig checks them too).
+_CHOICES = {
+    "method": METHODS,
+    "mode": ("task", "general"),
+    "etd": ("impt", "rand", "none"),
+    "teacher_dtype": ("auto", "fp32", "fp16", "bf16"),
+    "amp": ("auto", "bf16", "fp16", "off"),
+    "cache": ("auto", "off", "memory", "disk", "device"),
+}
+
+
 @dataclass
 class TrainConfig:
     method: str = "tinybert"
@@ -136,6 +147,30 @@ class TrainConfig:
     progress: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # Checked here, not only by the CLI, so a config built in code is held to the same rules.
+        def bad(name: str, expected: str):
+            raise ValueError(f"--{name.replace('_', '-')}: expected {expected}, got {getattr(self, name)!r}")
+
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                bad(name, f"one of {', '.join(choices)}")
+        for name in ("batch_size", "grad_accum", "max_length", "student_layers", "student_hidden", "student_heads",
+                     "student_ffn", "keep_checkpoints", "log_every", "latency_runs", "epochs", "finetune_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, "a positive integer")
+        for name in ("save_every", "seed", "finetune_seed"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                bad(name, "0 or a positive integer")
+        for name in ("max_train_examples", "max_dev_examples", "finetune_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                bad(name, "0 (all the data) or a positive count")
+        if not 0 <= self.warmup <= 1:
+            bad("warmup", "a fraction of the steps in [0, 1]")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, "a finite number >= 0")
+
 
 # One line of help per trainer option (the dataclass comments above say why; these say what).
 _HELP = {
@@ -163,7 +198,7 @@ _HELP = {
     "keep_checkpoints": "checkpoints kept on disk (the newest)",
     "seed": "seed of data order, dropout and ETD-Rand",
     "log_every": "optimizer steps between metrics.jsonl lines",
-    "latency_runs": "timed forward passes for the final teacher/student speed-up (0: skip)",
+    "latency_runs": "timed batch-1 forward passes per model for the final CPU speed-up (the median is reported)",
     "warmup": "fraction of each stage's steps spent in linear warm-up", "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm (0: off)",
     "epochs": "epochs of every stage (default: each recipe's own; 1 on a CPU)",
@@ -210,7 +245,8 @@ def recipe_settings_help() -> str:
         seen.add(cls)
         names = [m for m in METHODS if PARAMS[m] is cls]
         prefix = "pkd" if names[0].startswith("pkd") else names[0]
-        fields = ", ".join(f"{f.name}={getattr(cls(), f.name)}" for f in dataclasses.fields(cls))
+        defaults = cls()
+        fields = ", ".join(f"{f.name}={getattr(defaults, f.name)}" for f in dataclasses.fields(cls))
         lines.append(textwrap.fill(fields, 100, initial_indent=f"  {'/'.join(names)} ({prefix}.FIELD): ",
                                    subsequent_indent="      "))
     return "\n".join(lines)
@@ -225,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), help=_HELP[name], **kw)
 
     opt("method", default=d.method)
-    opt("mode", default=d.mode, choices=["task", "general"])
+    opt("mode", default=d.mode, choices=_CHOICES["mode"])
     for name in ("task", "dev", "test", "general_corpus", "teacher", "output_dir"):
         opt(name, default=getattr(d, name))
-    opt("etd", default=d.etd, choices=["impt", "rand", "none"])
+    opt("etd", default=d.etd, choices=_CHOICES["etd"])
     for name in ("student_layers", "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum",
                  "max_length", "save_every", "keep_checkpoints", "seed", "log_every", "latency_runs"):
         opt(name, type=int, default=getattr(d, name))
@@ -237,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("epochs", "max_train_examples", "max_dev_examples", "finetune_epochs", "finetune_examples",
                  "finetune_seed"):
         opt(name, type=int, default=None)
-    opt("teacher_dtype", default=d.teacher_dtype, choices=["auto", "fp32", "fp16", "bf16"])
-    opt("amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"])
-    opt("cache", default=d.cache, choices=["auto", "off", "memory", "disk", "device"])
+    opt("teacher_dtype", default=d.teacher_dtype, choices=_CHOICES["teacher_dtype"])
+    opt("amp", default=d.amp, choices=_CHOICES["amp"])
+    opt("cache", default=d.cache, choices=_CHOICES["cache"])
     opt("cache_dir", default=None)
     opt("resume", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false", help=_HELP["progress"])
@@ -266,16 +302,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     overrides.update(parse_set(values.pop("set")))
     values.pop("config")
     cfg = TrainConfig(**values, overrides=overrides)
-    if cfg.method not in METHODS:
-        raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {cfg.method!r}")
-    for name in ("batch_size", "grad_accum", "max_length", "student_layers", "student_hidden", "student_heads",
-                 "student_ffn"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(cfg, name)}")
-    for name in ("max_train_examples", "max_dev_examples", "finetune_examples"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')}: expected 0 (all the data) or a positive count, got "
-                             f"{getattr(cfg, name)}")
     return cfg
 
 
@@ -965,7 +991,7 @@ class Trainer:
         _atomic_save({**state, "model": self.module.state_dict(), "rng": _rng_state(), "tag": tag}, path)
         self.last_ckpt = path
         ckpts = sorted(ckdir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-        for old in ckpts[:-max(1, self.cfg.keep_checkpoints)]:
+        for old in ckpts[:-self.cfg.keep_checkpoints]:
             old.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ metrics
@@ -1167,7 +1193,8 @@ class Trainer:
                 continue
             micro = 0
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
+            if cfg.max_grad_norm > 0:  # clip_grad_norm_ with 0 would zero every gradient, not switch clipping off
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -1176,7 +1203,7 @@ class Trainer:
                 self.module.update_emd_weights(self.dist)
             stage_step += 1
             self.global_step += 1
-            if self.global_step % max(1, cfg.log_every) == 0 or stage_step == total:
+            if self.global_step % cfg.log_every == 0 or stage_step == total:
                 dt = time.perf_counter() - t_window
                 rate = window_samples * self.dist.world_size / max(dt, 1e-9)
                 rec = {"step": self.global_step, "stage": stage.name, "epoch": epoch,

@@ -408,6 +408,51 @@ def test_error_unknown_method(tiny, tmp_path):
     assert train.main(["--method", "nope"]) == 2
 
 
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--epochs", "0", "--epochs: expected a positive integer, got 0"),
+    ("--log-every", "0", "--log-every: expected a positive integer"),
+    ("--keep-checkpoints", "0", "--keep-checkpoints: expected a positive integer"),
+    ("--save-every", "-1", "--save-every: expected 0 or a positive integer"),
+    ("--warmup", "1.5", r"--warmup: expected a fraction of the steps in \[0, 1\], got 1.5"),
+    ("--max-grad-norm", "-1", "--max-grad-norm: expected a finite number >= 0"),
+    ("--weight-decay", "nan", "--weight-decay: expected a finite number >= 0, got nan"),
+    ("--max-train-examples", "-3", r"--max-train-examples: expected 0 \(all the data\) or a positive count"),
+])
+def test_error_bad_trainer_option(flag, value, expected):
+    with pytest.raises(ValueError, match=expected):
+        train.parse_config([flag, value])
+    assert train.main([flag, value]) == 2
+
+
+def test_error_bad_option_in_code_built_config():
+    """A config built in code (not through the CLI) is held to the same rules, choices included."""
+    with pytest.raises(ValueError, match="--cache: expected one of auto, off, memory, disk, device, got 'gpu'"):
+        train.TrainConfig(cache="gpu")
+    with pytest.raises(ValueError, match="--batch-size: expected a positive integer, got 0"):
+        train.TrainConfig(batch_size=0)
+
+
+def test_max_grad_norm_zero_switches_clipping_off(tiny, tmp_path, monkeypatch):
+    """0 means no clipping; clip_grad_norm_(…, 0) would instead scale every gradient to zero."""
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(a))
+    before = {}
+
+    def snapshot(self, *a, **k):
+        before.update({k: v.detach().clone() for k, v in self.module.student.state_dict().items()})
+        return orig(self, *a, **k)
+
+    orig = train.Trainer.train
+    monkeypatch.setattr(train.Trainer, "train", snapshot)
+    res = run_cli(args_for(tiny, tmp_path / "run", "kd", "--max-grad-norm", "0"))
+    assert not calls
+    after = res["trainer"].module.student.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the student still learned
+    calls.clear()
+    run_cli(args_for(tiny, tmp_path / "run2", "kd", "--max-grad-norm", "0.5"))
+    assert calls and all(a[1] == 0.5 for a in calls)
+
+
 def test_error_heads_mismatch(tiny, tmp_path):
     expect_error(tiny, tmp_path, r"same head count.*--student-heads 4", ("--student-heads", "2"))
 
