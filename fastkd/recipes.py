@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,7 +288,32 @@ def make_params(method: str, overrides: dict[str, Any] | None = None):
         if name not in fields:
             raise ValueError(f"--set: {method} has no setting {name!r}; expected one of {sorted(fields)}")
         setattr(params, name, _coerce(value, str(fields[name].type), key))
+    _check_ranges(method, params)
     return params
+
+
+def _check_ranges(method: str, params) -> None:
+    """Values no paper means (a negative lr or epoch count, alpha outside [0, 1], T = 0) fail here, naming the
+    setting, before any model is loaded; the field's name says which rule applies."""
+    prefix = _PREFIXES[method][0]
+    for f in dataclasses.fields(params):
+        v, n = getattr(params, f.name), f.name
+        if v is None or isinstance(v, (bool, str)):
+            continue
+        if n.endswith("epochs"):
+            ok, expected = v >= 0, "an epoch count >= 0 (0 skips the stage)"
+        elif n == "lr" or n.endswith("_lr") or n in ("temperature", "sinkhorn_eps"):
+            ok, expected = math.isfinite(v) and v > 0, "a finite number > 0"
+        elif n == "alpha":
+            ok, expected = 0 <= v <= 1, "a number in [0, 1]"
+        elif n in ("sinkhorn_iters", "relation_heads"):
+            ok, expected = v >= 1, "a positive integer"
+        elif n == "teacher_layer":
+            continue  # negative counts from the end; checked against the teacher's depth when the recipe is built
+        else:  # loss weights: 0 switches a term off
+            ok, expected = math.isfinite(v) and v >= 0, "a finite number >= 0"
+        if not ok:
+            raise ValueError(f"--set {prefix}.{n}: expected {expected}, got {v!r}")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -118,6 +118,30 @@ def test_overrides_and_coercion():
     assert "emb_mse" not in kinds(r.stages[0])
 
 
+@pytest.mark.parametrize("key,value,expected", [
+    ("kd.alpha", 2, r"--set kd.alpha: expected a number in \[0, 1\], got 2.0"),
+    ("kd.temperature", 0, "--set kd.temperature: expected a finite number > 0, got 0.0"),
+    ("tinybert.pred_lr", -1e-5, "--set tinybert.pred_lr: expected a finite number > 0"),
+    ("tinybert.inter_epochs", -1, "--set tinybert.inter_epochs: expected an epoch count >= 0"),
+    ("pkd.beta", -500, "--set pkd.beta: expected a finite number >= 0"),
+    ("emd.sinkhorn_eps", 0, "--set bert-emd.sinkhorn_eps: expected a finite number > 0"),
+    ("minilmv2.relation_heads", 0, "--set minilmv2.relation_heads: expected a positive integer"),
+    ("ernie.soft_weight", float("inf"), "--set ernie-tiny.soft_weight: expected a finite number >= 0"),
+])
+def test_override_out_of_range_names_the_setting(key, value, expected):
+    method = {"kd": "kd", "tinybert": "tinybert", "pkd": "pkd-skip", "emd": "bert-emd", "minilmv2": "minilmv2",
+              "ernie": "ernie-tiny"}[key.split(".")[0]]
+    with pytest.raises(ValueError, match=expected):
+        make_params(method, {key: value})
+
+
+def test_override_edge_values_that_mean_something_are_accepted():
+    p = make_params("tinybert", {"tinybert.inter_epochs": 0, "tinybert.att_weight": 0})  # skip a stage, drop a term
+    assert p.inter_epochs == 0 and p.att_weight == 0.0
+    assert make_params("kd", {"kd.alpha": 1}).alpha == 1.0
+    assert make_params("minilm", {"minilm.teacher_layer": -2}).teacher_layer == -2
+
+
 def test_config_file_json_and_yaml(tmp_path):
     j = tmp_path / "c.json"
     j.write_text('{"tinybert": {"att_weight": 4}}')
