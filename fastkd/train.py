@@ -838,6 +838,13 @@ class Trainer:
         if not Path(str(teacher_path)).is_dir():
             raise ValueError(f"--teacher: {teacher_path} is not a local model folder")
         tconf = AutoConfig.from_pretrained(teacher_path)
+        positions = getattr(tconf, "max_position_embeddings", None)
+        if positions is not None:
+            if tconf.model_type in ("roberta", "xlm-roberta", "camembert"):  # positions start after the pad id
+                positions -= (tconf.pad_token_id or 0) + 1
+            if cfg.max_length > positions:
+                raise ValueError(f"--max-length: expected at most {positions} (the teacher's position embeddings), "
+                                 f"got {cfg.max_length}")
         shapes = Shapes(tconf.num_hidden_layers, cfg.student_layers, tconf.hidden_size, cfg.student_hidden,
                         tconf.num_attention_heads, cfg.student_heads)
         params = make_params(cfg.method, cfg.overrides)

@@ -453,6 +453,12 @@ def test_max_grad_norm_zero_switches_clipping_off(tiny, tmp_path, monkeypatch):
     assert calls and all(a[1] == 0.5 for a in calls)
 
 
+def test_error_max_length_beyond_the_teachers_positions(tiny, tmp_path):
+    # the tiny teacher has 64 position embeddings: a longer --max-length would fail deep inside the embeddings
+    expect_error(tiny, tmp_path, r"--max-length: expected at most 64 \(the teacher's position embeddings\), got 65",
+                 ("--max-length", "65"))
+
+
 def test_error_heads_mismatch(tiny, tmp_path):
     expect_error(tiny, tmp_path, r"same head count.*--student-heads 4", ("--student-heads", "2"))
 
