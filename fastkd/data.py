@@ -115,9 +115,10 @@ _TABLE_SUFFIXES = (".tsv", ".csv", ".json", ".jsonl")
 _TEXT_SUFFIXES = (".txt", ".text")
 LAYOUT_HELP = (
     "Provide a task name (" + ", ".join(sorted(TASKS)) + ") with FASTKD_DATA_DIR set, a .tsv/.csv file (a header "
-    "line naming a text column 'text' or 'sentence' and optionally a 'label' column; a two-column file without a "
-    "header is read as text, label), a .json/.jsonl file of records with those keys, a plain-text file (one text per "
-    "line, no labels), or a folder holding <split>.tsv/.csv/.json/.jsonl/.txt"
+    "line naming a text column 'text' or 'sentence' and optionally a 'label' column, or columns named by "
+    "text_column / label_column, on the command line --text-column / --label-column; a two-column file without a "
+    "header is read as text, label), a .json/.jsonl file of records with those keys, a plain-text file (one text "
+    "per line, no labels), or a folder holding <split>.tsv/.csv/.json/.jsonl/.txt"
 )
 
 
@@ -155,8 +156,9 @@ def _resolve_source(source: str, split: str) -> tuple[Path, list[str]]:
     )
 
 
-def _sniff_header(path: Path, delimiter: str) -> tuple[bool, list[str]]:
-    """(has a header line, the first line's fields) from a delimited file."""
+def _sniff_header(path: Path, delimiter: str, names: tuple[str, ...] = ()) -> tuple[bool, list[str]]:
+    """(has a header line, the first line's fields) from a delimited file: a header names a known column or one
+    of ``names`` (the columns the caller asked for)."""
     import csv
 
     with open(path, encoding="utf-8", newline="") as f:
@@ -165,12 +167,13 @@ def _sniff_header(path: Path, delimiter: str) -> tuple[bool, list[str]]:
         raise ValueError(f"source: {path} is empty or starts with an empty line; expected a header or a record")
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     fields = next(csv.reader([first], delimiter=delimiter, quoting=quoting))
-    known = {c.lower() for c in TEXT_COLUMNS + LABEL_COLUMNS}
+    known = {c.lower() for c in TEXT_COLUMNS + LABEL_COLUMNS + tuple(names)}
     return any(f.strip().lower() in known for f in fields), fields
 
 
-def _load_table(path: Path):
-    """Read a TSV/CSV/JSON/JSONL file with ``datasets``; every column kept as written."""
+def _load_table(path: Path, names: tuple[str, ...] = ()):
+    """Read a TSV/CSV/JSON/JSONL file with ``datasets``; every column kept as written. ``names``: column names the
+    caller expects, which mark the first line as a header."""
     import csv
 
     import datasets
@@ -179,7 +182,7 @@ def _load_table(path: Path):
     if suffix in (".json", ".jsonl"):
         return datasets.load_dataset("json", data_files=str(path), split="train")
     delimiter = "\t" if suffix == ".tsv" else ","
-    header, first = _sniff_header(path, delimiter)
+    header, first = _sniff_header(path, delimiter, names)
     n_columns = len(first)
     if header:
         names = None
@@ -196,6 +199,19 @@ def _load_table(path: Path):
     features = datasets.Features({c: datasets.Value("string") for c in columns})
     return datasets.load_dataset("csv", data_files=str(path), delimiter=delimiter, column_names=names, split="train",
                                  keep_default_na=False, features=features, **kwargs)
+
+
+def _named_column(ds, name: str, argument: str, path: Path) -> str:
+    """The column of ``ds`` called ``name`` (exact, else the one match ignoring case)."""
+    if name in ds.column_names:
+        return name
+    matches = [c for c in ds.column_names if c.lower() == name.lower()]
+    if len(matches) == 1:
+        return matches[0]
+    columns = ds.column_names
+    if path.suffix.lower() in (".tsv", ".csv"):  # show the header as written, not the names a headerless read gave
+        columns = [c.strip() for c in _sniff_header(path, "\t" if path.suffix.lower() == ".tsv" else ",")[1]]
+    raise ValueError(f"{argument}: {path} has no column {name!r}; its columns are {columns}")
 
 
 def _pick_text_column(ds) -> str:
@@ -240,7 +256,8 @@ def _is_int(s: str) -> bool:
 
 
 def load_texts(source: str, split: str = "train", *, label_order: str = "sorted",
-               label_names: list[str] | tuple[str, ...] | None = None):
+               label_names: list[str] | tuple[str, ...] | None = None, text_column: str | None = None,
+               label_column: str | None = None):
     """A ``datasets.Dataset`` with a ``text`` column and, when the source has labels, an int ``label`` column.
 
     ``source`` is a task name in :data:`TASKS` (read by :func:`load_task`), a .tsv/.csv/.json/.jsonl file, a
@@ -249,7 +266,9 @@ def load_texts(source: str, split: str = "train", *, label_order: str = "sorted"
     label names are mapped to ids in ``label_order`` ("sorted", the default, so that every split of a data set gets
     the same ids, or "first_seen"), or by the given ``label_names``; the names are then exposed as a
     ``datasets.ClassLabel`` (:func:`label_names` reads them back). Missing data raises :class:`DataNotFoundError`
-    naming every path tried and the layout to provide.
+    naming every path tried and the layout to provide. ``text_column`` / ``label_column`` name a table file's
+    columns when they are not among the names tried (:data:`TEXT_COLUMNS`, :data:`LABEL_COLUMNS`); a task name's
+    columns are fixed, so they do not apply to it.
     """
     import datasets
 
@@ -266,11 +285,12 @@ def load_texts(source: str, split: str = "train", *, label_order: str = "sorted"
     if path.suffix.lower() not in _TABLE_SUFFIXES:  # a plain-text corpus
         ds = datasets.load_dataset("text", data_files=str(path), split="train")
         return ds.filter(lambda ex: bool(ex["text"].strip()))
-    ds = _load_table(path)
+    ds = _load_table(path, tuple(c for c in (text_column, label_column) if c))
     if len(ds) == 0:
         raise ValueError(f"source: {path} holds no records")
-    text_column = _pick_text_column(ds)
-    label_column = _pick_label_column(ds, text_column)
+    text_column = _named_column(ds, text_column, "text_column", path) if text_column else _pick_text_column(ds)
+    label_column = (_named_column(ds, label_column, "label_column", path) if label_column
+                    else _pick_label_column(ds, text_column))
     if label_column is None:
         ds = ds.select_columns([text_column])
         return ds.rename_column(text_column, "text") if text_column != "text" else ds

@@ -35,7 +35,7 @@ from fastkd.batching import LengthBucketSampler, collate, make_loader
 from fastkd.cache import TeacherCache, fingerprint_dataset, fingerprint_tokenizer
 from fastkd.capture import ActivationCapture
 from fastkd.checks import value_checks
-from fastkd.data import load_texts, tokenize
+from fastkd.data import LABEL_COLUMNS, TEXT_COLUMNS, load_texts, tokenize
 from fastkd.device_cache import DeviceCache
 from fastkd.emd import update_layer_weights
 from fastkd.recipes import (
@@ -110,6 +110,8 @@ class TrainConfig:
     dev: str | None = None  # dev data (task name or path); default: the task's dev split
     test: str | None = None  # test data; default: the task's test split
     general_corpus: str | None = None  # unlabelled text (--mode general: the task's; ERNIE-Tiny: agnews)
+    text_column: str | None = None  # a data file's text column when its name is not one fastkd tries
+    label_column: str | None = None  # a data file's label column, likewise
     teacher: str | None = None  # a local model folder; default the packaged MiniLM
     output_dir: str | None = None
     etd: str = "none"  # "impt" | "rand" | "none" (none: random initialisation)
@@ -184,6 +186,10 @@ _HELP = {
     "test": "test data for the final report: task name or file (default: the task's test split)",
     "general_corpus": "unlabelled text: a task name or a file (default: --task in general mode, agnews for "
                       "ERNIE-Tiny's general stages)",
+    "text_column": "the text column of data files whose header names it otherwise (default: the first of "
+                   f"{', '.join(TEXT_COLUMNS)}, else the first text column)",
+    "label_column": "the label column of data files whose header names it otherwise (default: the first of "
+                    f"{', '.join(LABEL_COLUMNS)})",
     "teacher": "local model folder, with or without a task head (default: the packaged MiniLM); a teacher without "
                "a head is fine-tuned first and cached",
     "output_dir": "where the run writes checkpoints, metrics.jsonl, loss.png and the student (default: "
@@ -262,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     opt("method", default=d.method)
     opt("mode", default=d.mode, choices=_CHOICES["mode"])
-    for name in ("task", "dev", "test", "general_corpus", "teacher", "output_dir"):
+    for name in ("task", "dev", "test", "general_corpus", "text_column", "label_column", "teacher", "output_dir"):
         opt(name, default=getattr(d, name))
     opt("etd", default=d.etd, choices=_CHOICES["etd"])
     for name in ("student_layers", "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum",
@@ -708,9 +714,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 RUN_FILE = "run.json"
 # Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
-_IDENTITY = ("method", "mode", "task", "teacher", "etd", "student_layers", "student_hidden", "student_heads",
-             "student_ffn", "batch_size", "grad_accum", "seed", "epochs", "max_train_examples", "overrides",
-             "finetune_epochs", "finetune_examples", "finetune_seed")
+_IDENTITY = ("method", "mode", "task", "text_column", "label_column", "teacher", "etd", "student_layers",
+             "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum", "seed", "epochs",
+             "max_train_examples", "overrides", "finetune_epochs", "finetune_examples", "finetune_seed")
 
 
 class Trainer:
@@ -775,18 +781,24 @@ class Trainer:
                              f"an empty/new --output-dir")
         return out, mine
 
+    def _load_texts(self, source: str, split: str, *, labels: bool = True):
+        """``source``'s split; --text-column / --label-column name a data file's columns (a general corpus needs no
+        labels, so it is not asked for the label column)."""
+        return load_texts(source, split, text_column=self.cfg.text_column,
+                          label_column=self.cfg.label_column if labels else None)
+
     def _load_task_data(self, tokenizer):
         cfg = self.cfg
         from fastkd.data import TASKS
 
-        train = load_texts(cfg.task, "train")
+        train = self._load_texts(cfg.task, "train")
         if cfg.dev:
-            dev = load_texts(cfg.dev, "dev")
+            dev = self._load_texts(cfg.dev, "dev")
         elif cfg.task in TASKS:
             from fastkd.data import DataNotFoundError
 
             try:
-                dev = load_texts(cfg.task, "dev")
+                dev = self._load_texts(cfg.task, "dev")
             except DataNotFoundError:
                 # No dev split (AG News ships train/test only): hold out a fixed slice of train for model
                 # selection, so the test split stays unseen.
@@ -796,9 +808,9 @@ class Trainer:
         else:
             dev = None
         if cfg.test:
-            test = load_texts(cfg.test, "test")
+            test = self._load_texts(cfg.test, "test")
         elif cfg.task in TASKS:
-            test = load_texts(cfg.task, "test")
+            test = self._load_texts(cfg.task, "test")
         else:
             test = None
         if "label" not in train.column_names:
@@ -905,7 +917,7 @@ class Trainer:
             # --mode general distils on --general-corpus (default: the --task's training texts, labels
             # dropped); ERNIE-Tiny's general stages in task mode default to AG News.
             corpus = cfg.general_corpus or (cfg.task if cfg.mode == "general" else "agnews")
-            gen = load_texts(corpus, "train")
+            gen = self._load_texts(corpus, "train", labels=False)
             gen = self._subset(gen, n_train, cfg.seed + 1)
             gen = gen.remove_columns([c for c in gen.column_names if c != "text"])
             self.data["general"] = tokenize(gen, tokenizer, cfg.max_length)

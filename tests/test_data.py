@@ -62,6 +62,31 @@ def test_first_string_column_when_no_known_name(tmp_path):
     assert ds["text"] == [f"text {i}" for i in range(4)] and ds["label"] == [0, 1, 0, 1]
 
 
+def test_named_columns_when_the_header_uses_other_names(tmp_path):
+    # Neither "body" nor "stars" is a name fastkd tries: without the column names the header line would be read as a
+    # record; with them it is a header and the named columns are used (the label names case-insensitively).
+    f = tmp_path / "reviews.csv"
+    f.write_text("id,body,stars\n1,great film,5\n2,dull,1\n3,fine,5\n")
+    ds = load_texts(str(f), text_column="body", label_column="STARS")
+    assert ds["text"] == ["great film", "dull", "fine"] and ds["label"] == [5, 1, 5]
+    # A known text column with an unknown label column: without label_column the file is unlabelled.
+    g = tmp_path / "r.tsv"
+    g.write_text("review\tsentiment\ngood\tpos\nbad\tneg\n")
+    assert load_texts(str(g)).column_names == ["text"]
+    ds = load_texts(str(g), label_column="sentiment")
+    assert ds["label"] == [1, 0] and label_names(ds) == ["neg", "pos"]
+
+
+def test_named_column_missing_names_the_argument_and_the_columns(tmp_path):
+    f = tmp_path / "reviews.csv"
+    f.write_text("body,stars\ngreat,5\n")
+    with pytest.raises(ValueError, match=r"text_column: .*reviews.csv has no column 'review'; its columns are "
+                                         r"\['body', 'stars'\]"):
+        load_texts(str(f), text_column="review")
+    with pytest.raises(ValueError, match="label_column: .* has no column 'rating'"):
+        load_texts(str(f), text_column="body", label_column="rating")
+
+
 def test_json_array_and_unlabelled(tmp_path):
     f = tmp_path / "x.json"
     f.write_text(json.dumps([{"sentence": "one"}, {"sentence": "two"}]))

@@ -251,6 +251,24 @@ def test_max_train_examples_zero_means_all(tiny, tmp_path, monkeypatch):
     assert sizes == {None: 10, "0": 48}
 
 
+def test_text_and_label_columns_of_data_files(tiny, tmp_path):
+    """Data files with their own column names train once --text-column / --label-column name them."""
+    files = {}
+    for split in ("train", "dev", "test"):
+        rows = (tiny["data"] / f"{split}.tsv").read_text().splitlines()[1:]
+        f = tmp_path / f"{split}.tsv"
+        f.write_text("review\tsentiment\n" + "\n".join(rows) + "\n")
+        files[split] = str(f)
+    argv = args_for(tiny, tmp_path / "run", "kd")
+    for split, flag in (("train", "--task"), ("dev", "--dev"), ("test", "--test")):
+        argv[argv.index(flag) + 1] = files[split]
+    with pytest.raises(ValueError, match="has no labels"):  # "sentiment" is not a label name fastkd tries
+        run_cli(argv)
+    res = run_cli(argv[:argv.index("--output-dir") + 1] + [str(tmp_path / "run2")]
+                  + argv[argv.index("--output-dir") + 2:] + ["--label-column", "sentiment"])
+    assert res["test_examples"] == 16 and 0.0 <= res["student_test_acc"] <= 1.0
+
+
 def test_bert_emd_layer_weights_update(tiny, tmp_path):
     out = tmp_path / "run"
     run_cli(args_for(tiny, out, "bert-emd", "--epochs", "2"))
