@@ -28,25 +28,38 @@ class Batch:
     input_ids: torch.Tensor  # [B, L] int64, padded to the batch's longest example
     attention_mask: torch.Tensor  # [B, L] int64, 1 = real token
     labels: torch.Tensor | None  # [B] int64, or None for unlabelled data
+    # [B, L] int64 segment ids of sentence pairs (0 up to the first [SEP], 1 after); None for single texts and for
+    # tokenizers without segments (RoBERTa), where the model's own default applies.
+    token_type_ids: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
         """[B] number of real tokens per example."""
         return self.attention_mask.sum(dim=1)
 
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of a transformers encoder call for this batch."""
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            inputs["token_type_ids"] = self.token_type_ids
+        return inputs
+
+    def _map(self, fn) -> Batch:
+        return Batch(*(None if t is None else fn(t) for t in (self.index, self.input_ids, self.attention_mask,
+                                                                self.labels, self.token_type_ids)))
+
     def to(self, device, non_blocking: bool = False) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
-        return Batch(move(self.index), move(self.input_ids), move(self.attention_mask), move(self.labels))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) so host-to-device copies can overlap compute."""
-        pin = lambda t: None if t is None else t.pin_memory()
-        return Batch(pin(self.index), pin(self.input_ids), pin(self.attention_mask), pin(self.labels))
+        return self._map(lambda t: t.pin_memory())
 
 
 def collate(features: list[dict], pad_token_id: int) -> Batch:
-    """Stack tokenised examples (dicts with ``input_ids`` and ``index``, optionally ``label``) into a :class:`Batch`
-    padded on the right to the longest example of this batch."""
+    """Stack tokenised examples (dicts with ``input_ids`` and ``index``, optionally ``label`` and, for sentence
+    pairs, ``type_start``: where the second segment begins) into a :class:`Batch` padded on the right to the
+    longest example of this batch."""
     if not features:
         raise ValueError("features: expected a non-empty list of examples, got an empty list")
     for key in ("input_ids", "index"):
@@ -65,8 +78,14 @@ def collate(features: list[dict], pad_token_id: int) -> Batch:
     labels = None
     if "label" in features[0] and features[0]["label"] is not None:
         labels = torch.tensor([int(f["label"]) for f in features], dtype=torch.long)
+    token_type_ids = None
+    if features[0].get("type_start") is not None:
+        types = np.zeros((batch, width), dtype=np.int64)
+        for row, (f, n) in enumerate(zip(features, lengths, strict=True)):
+            types[row, int(f["type_start"]):n] = 1
+        token_type_ids = torch.from_numpy(types)
     index = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)
-    return Batch(index, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), labels)
+    return Batch(index, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), labels, token_type_ids)
 
 
 class Collator:
@@ -216,7 +235,7 @@ def padding_waste(lengths, batches) -> float:
 def make_loader(ds, sampler: LengthBucketSampler, pad_token_id: int, *, num_workers: int = 0,
                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over a tokenised dataset (from :func:`fastkd.data.tokenize`) yielding :class:`Batch`es."""
-    columns = [c for c in ("input_ids", "index", "label") if c in ds.column_names]
+    columns = [c for c in ("input_ids", "index", "label", "type_start") if c in ds.column_names]
     return torch.utils.data.DataLoader(ds.select_columns(columns), batch_sampler=sampler,
                                        collate_fn=Collator(pad_token_id), num_workers=num_workers,
                                        pin_memory=pin_memory)

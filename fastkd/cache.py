@@ -112,7 +112,8 @@ def fingerprint_tokenizer(tokenizer) -> str:
 
 
 def fingerprint_dataset(ds, column: str = "input_ids") -> str:
-    """sha256 over a tokenised dataset's token ids in row order (what the teacher actually sees)."""
+    """sha256 over a tokenised dataset's token ids (and segment starts of sentence pairs) in row order: what the
+    teacher actually sees."""
     import pyarrow as pa
 
     if column not in ds.column_names:
@@ -124,6 +125,8 @@ def fingerprint_dataset(ds, column: str = "input_ids") -> str:
             col = col.combine_chunks()
         h.update(col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
         h.update(col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    if "type_start" in ds.column_names:  # sentence pairs: the segment ids are part of what the teacher sees
+        h.update(b"type_start;" + np.asarray(ds["type_start"], dtype=np.int64).tobytes())
     return h.hexdigest()
 
 

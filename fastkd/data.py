@@ -20,6 +20,7 @@ class TaskSpec:
     header: bool  # does the TSV have a header line
     hub: tuple[str, ...]  # the hub dataset (path, config) used when no local copy exists
     hub_splits: tuple[tuple[str, str], ...]  # fastkd split -> hub split
+    text_pair_column: str | None = None  # the second text of sentence-pair tasks
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -28,6 +29,20 @@ TASKS: dict[str, TaskSpec] = {
     "agnews": TaskSpec("agnews", "text", "label", ("World", "Sports", "Business", "Sci/Tech"), False,
                        ("ag_news",), (("train", "train"), ("dev", "test"), ("test", "test"))),
 }
+# GLUE's sentence-pair classification tasks: locally <data_dir>/<task>/<split>.tsv with a header naming the hub's
+# columns (e.g. sentence1, sentence2, label); else the hub. GLUE's test labels are hidden, so "test" is its
+# validation set as for SST-2 (MNLI: dev = matched, test = mismatched).
+_GLUE = (("train", "train"), ("dev", "validation"), ("test", "validation"))
+for _name, _a, _b, _labels in (
+    ("mrpc", "sentence1", "sentence2", ("not_equivalent", "equivalent")),
+    ("rte", "sentence1", "sentence2", ("entailment", "not_entailment")),
+    ("qnli", "question", "sentence", ("entailment", "not_entailment")),
+    ("qqp", "question1", "question2", ("not_duplicate", "duplicate")),
+    ("mnli", "premise", "hypothesis", ("entailment", "neutral", "contradiction")),
+):
+    _splits = (("train", "train"), ("dev", "validation_matched"), ("test", "validation_mismatched")) \
+        if _name == "mnli" else _GLUE
+    TASKS[_name] = TaskSpec(_name, _a, "label", _labels, True, ("glue", _name), _splits, text_pair_column=_b)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -59,7 +74,8 @@ def task_file(task: str, split: str) -> Path:
             return p
     raise DataNotFoundError(
         f"data: no {task} {split} split found. Tried: {', '.join(tried)}. Provide "
-        f"<dir>/{task}/{split}.tsv (tab-separated, columns {spec.text_column}<TAB>{spec.label_column}"
+        f"<dir>/{task}/{split}.tsv (tab-separated, columns "
+        f"{'<TAB>'.join(c for c in (spec.text_column, spec.text_pair_column, spec.label_column) if c)}"
         f"{', with a header line' if spec.header else ', no header'}) and set FASTKD_DATA_DIR=<dir>"
         + ("" if offline() else f", or run online to fetch {'/'.join(spec.hub)} from the Hugging Face hub")
         + "."
@@ -67,8 +83,8 @@ def task_file(task: str, split: str) -> Path:
 
 
 def load_task(task: str, split: str):
-    """A ``datasets.Dataset`` with columns ``text`` (str) and ``label`` (int, ids in ``TASKS[task].labels``
-    order), from the data directory, else from the hub when online."""
+    """A ``datasets.Dataset`` with columns ``text`` (str), ``text_pair`` (str, sentence-pair tasks only) and
+    ``label`` (int, ids in ``TASKS[task].labels`` order), from the data directory, else from the hub when online."""
     import csv
 
     import datasets
@@ -88,6 +104,8 @@ def load_task(task: str, split: str):
             raise DataNotFoundError(f"data: {task} {split} is neither local nor "
                                     f"reachable on the hub ({e}). Set FASTKD_DATA_DIR.") from e
         ds = ds.rename_column(spec.text_column, "text") if spec.text_column != "text" else ds
+        if spec.text_pair_column:
+            return ds.rename_column(spec.text_pair_column, "text_pair").select_columns(["text", "text_pair", "label"])
         return ds.select_columns(["text", "label"])
     names = None if spec.header else [spec.text_column, spec.label_column]
     ds = datasets.load_dataset(
@@ -99,6 +117,8 @@ def load_task(task: str, split: str):
     def to_example(ex):
         raw = str(ex[spec.label_column]).strip()
         label = label_ids[raw] if raw in label_ids else int(raw)
+        if spec.text_pair_column:
+            return {"text": str(ex[spec.text_column]), "text_pair": str(ex[spec.text_pair_column]), "label": label}
         return {"text": str(ex[spec.text_column]), "label": label}
 
     ds = ds.map(to_example, remove_columns=ds.column_names)
@@ -111,6 +131,9 @@ def load_task(task: str, split: str):
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")  # tried in this order
 LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+# Sentence pairs found by name (the GLUE/SuperGLUE and common hub spellings), tried in this order.
+PAIR_COLUMNS = (("sentence1", "sentence2"), ("question1", "question2"), ("premise", "hypothesis"),
+                ("question", "sentence"), ("text_a", "text_b"), ("text", "text_pair"))
 _TABLE_SUFFIXES = (".tsv", ".csv", ".json", ".jsonl")
 _TEXT_SUFFIXES = (".txt", ".text")
 LAYOUT_HELP = (
@@ -167,7 +190,7 @@ def _sniff_header(path: Path, delimiter: str, names: tuple[str, ...] = ()) -> tu
         raise ValueError(f"source: {path} is empty or starts with an empty line; expected a header or a record")
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     fields = next(csv.reader([first], delimiter=delimiter, quoting=quoting))
-    known = {c.lower() for c in TEXT_COLUMNS + LABEL_COLUMNS + tuple(names)}
+    known = {c.lower() for c in TEXT_COLUMNS + LABEL_COLUMNS + sum(PAIR_COLUMNS, ()) + tuple(names)}
     return any(f.strip().lower() in known for f in fields), fields
 
 
@@ -257,7 +280,7 @@ def _is_int(s: str) -> bool:
 
 def load_texts(source: str, split: str = "train", *, label_order: str = "sorted",
                label_names: list[str] | tuple[str, ...] | None = None, text_column: str | None = None,
-               label_column: str | None = None):
+               label_column: str | None = None, text_pair_column: str | None = None):
     """A ``datasets.Dataset`` with a ``text`` column and, when the source has labels, an int ``label`` column.
 
     ``source`` is a task name in :data:`TASKS` (read by :func:`load_task`), a .tsv/.csv/.json/.jsonl file, a
@@ -268,7 +291,9 @@ def load_texts(source: str, split: str = "train", *, label_order: str = "sorted"
     ``datasets.ClassLabel`` (:func:`label_names` reads them back). Missing data raises :class:`DataNotFoundError`
     naming every path tried and the layout to provide. ``text_column`` / ``label_column`` name a table file's
     columns when they are not among the names tried (:data:`TEXT_COLUMNS`, :data:`LABEL_COLUMNS`); a task name's
-    columns are fixed, so they do not apply to it.
+    columns are fixed, so they do not apply to it. Sentence pairs: a file with two columns of :data:`PAIR_COLUMNS`
+    (sentence1/sentence2, premise/hypothesis, ...), or ``text_pair_column`` naming the second text, gives a
+    ``text_pair`` column beside ``text``.
     """
     import datasets
 
@@ -285,44 +310,64 @@ def load_texts(source: str, split: str = "train", *, label_order: str = "sorted"
     if path.suffix.lower() not in _TABLE_SUFFIXES:  # a plain-text corpus
         ds = datasets.load_dataset("text", data_files=str(path), split="train")
         return ds.filter(lambda ex: bool(ex["text"].strip()))
-    ds = _load_table(path, tuple(c for c in (text_column, label_column) if c))
+    ds = _load_table(path, tuple(c for c in (text_column, label_column, text_pair_column) if c))
     if len(ds) == 0:
         raise ValueError(f"source: {path} holds no records")
-    text_column = _named_column(ds, text_column, "text_column", path) if text_column else _pick_text_column(ds)
+    if text_pair_column:
+        text_pair_column = _named_column(ds, text_pair_column, "text_pair_column", path)
+    elif not text_column:
+        lower = {c.lower(): c for c in ds.column_names}
+        pair = next((p for p in PAIR_COLUMNS if p[0] in lower and p[1] in lower), None)
+        if pair is not None:
+            text_column, text_pair_column = lower[pair[0]], lower[pair[1]]
+    text_column = _named_column(ds, text_column, "text_column", path) if text_column else \
+        _pick_text_column(ds.remove_columns([text_pair_column]) if text_pair_column else ds)
+    if text_column == text_pair_column:
+        raise ValueError(f"text_pair_column: the second text must be another column than the first ({text_column!r})")
     label_column = (_named_column(ds, label_column, "label_column", path) if label_column
                     else _pick_label_column(ds, text_column))
+    texts = {"text": text_column, "text_pair": text_pair_column} if text_pair_column else {"text": text_column}
     if label_column is None:
-        ds = ds.select_columns([text_column])
-        return ds.rename_column(text_column, "text") if text_column != "text" else ds
+        return ds.map(lambda ex: {k: str(ex[c]) for k, c in texts.items()}, remove_columns=ds.column_names)
     mapping, names = _label_mapping(ds[label_column], label_order, list(label_names) if label_names else None)
 
     def to_example(ex):
         raw = str(ex[label_column]).strip()
+        out = {k: str(ex[c]) for k, c in texts.items()}
         if mapping is None:
-            return {"text": str(ex[text_column]), "label": int(raw)}
+            return {**out, "label": int(raw)}
         if raw not in mapping:
             raise ValueError(f"label_names: label {raw!r} in {path} is not one of {names}")
-        return {"text": str(ex[text_column]), "label": mapping[raw]}
+        return {**out, "label": mapping[raw]}
 
     ds = ds.map(to_example, remove_columns=ds.column_names)
     feature = datasets.ClassLabel(names=names) if names is not None else datasets.Value("int64")
-    return ds.cast_column("label", feature).select_columns(["text", "label"])
+    return ds.cast_column("label", feature).select_columns([*texts, "label"])
 
 
 def tokenize(ds, tokenizer, max_length: int, *, batch_size: int = 1000, num_proc: int | None = None):
     """Add ``input_ids`` (list[int], special tokens included, truncated to ``max_length``, no padding), ``length``
     (int) and ``index`` (the row number: the example's key for the sampler and the teacher cache); every existing
-    column (``text``, ``label``) is kept."""
+    column (``text``, ``label``) is kept. With a ``text_pair`` column the two texts are encoded as one pair
+    (truncated longest-first) and, when the tokenizer has segment ids (BERT; RoBERTa has none), ``type_start``
+    records where the second segment begins."""
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
         raise ValueError(f"max_length: expected an int >= 2 (room for [CLS] and [SEP]), got {max_length!r}")
     if "text" not in ds.column_names:
         raise ValueError(f"ds: expected a 'text' column, got columns {ds.column_names}")
 
+    pairs = "text_pair" in ds.column_names
+    segments = pairs and "token_type_ids" in tokenizer.model_input_names
+
     def encode(batch, indices):
-        enc = tokenizer(batch["text"], truncation=True, max_length=max_length, padding=False,
-                        return_attention_mask=False, return_token_type_ids=False)
+        enc = tokenizer(batch["text"], batch["text_pair"] if pairs else None, truncation=True,
+                        max_length=max_length, padding=False, return_attention_mask=False,
+                        return_token_type_ids=segments)
         ids = enc["input_ids"]
-        return {"input_ids": ids, "length": [len(x) for x in ids], "index": list(indices)}
+        out = {"input_ids": ids, "length": [len(x) for x in ids], "index": list(indices)}
+        if segments:
+            out["type_start"] = [t.index(1) if 1 in t else len(t) for t in enc["token_type_ids"]]
+        return out
 
     return ds.map(encode, batched=True, batch_size=batch_size, with_indices=True,
                   num_proc=num_proc, desc=None)

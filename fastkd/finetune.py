@@ -54,10 +54,14 @@ def model_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def data_digest(texts: list[str], labels: list[int] | None) -> str:
+def data_digest(texts: list[str], labels: list[int] | None, pairs: list[str] | None = None) -> str:
+    """sha256 of the examples (texts, second texts of sentence pairs, labels); single texts hash as they always
+    did, so cached fine-tunes stay valid."""
     h = hashlib.sha256()
     for i, t in enumerate(texts):
         h.update(t.encode())
+        if pairs is not None:
+            h.update(b"\x02" + pairs[i].encode())
         h.update(b"\x00" if labels is None else str(int(labels[i])).encode() + b"\x01")
     return h.hexdigest()
 
@@ -114,7 +118,7 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
         for batch in batches_for_epoch(sampler, train_ds, tokenizer.pad_token_id):
             batch = batch.to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                logits = model(**batch.model_inputs()).logits
             loss = F.cross_entropy(logits.float(), batch.labels)
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"teacher fine-tuning: loss is {float(loss.detach())} at step {step}")

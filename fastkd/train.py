@@ -35,7 +35,7 @@ from fastkd.batching import LengthBucketSampler, collate, make_loader
 from fastkd.cache import TeacherCache, fingerprint_dataset, fingerprint_tokenizer
 from fastkd.capture import ActivationCapture
 from fastkd.checks import value_checks
-from fastkd.data import LABEL_COLUMNS, TEXT_COLUMNS, load_texts, tokenize
+from fastkd.data import LABEL_COLUMNS, TASKS, TEXT_COLUMNS, load_texts, tokenize
 from fastkd.device_cache import DeviceCache
 from fastkd.emd import update_layer_weights
 from fastkd.recipes import (
@@ -112,6 +112,7 @@ class TrainConfig:
     general_corpus: str | None = None  # unlabelled text (--mode general: the task's; ERNIE-Tiny: agnews)
     text_column: str | None = None  # a data file's text column when its name is not one fastkd tries
     label_column: str | None = None  # a data file's label column, likewise
+    text_pair_column: str | None = None  # the second text of sentence pairs (found by name when not given)
     teacher: str | None = None  # a local model folder; default the packaged MiniLM
     output_dir: str | None = None
     etd: str = "none"  # "impt" | "rand" | "none" (none: random initialisation)
@@ -179,8 +180,8 @@ _HELP = {
     "method": f"one of {', '.join(METHODS)}",
     "mode": "task: distil on a labelled task (the student gets a classifier head); general: task-agnostic "
             "distillation on unlabelled text (a general student, to fine-tune later)",
-    "task": "task name (sst2, agnews; read from FASTKD_DATA_DIR) or a labelled .tsv/.csv/.json(l) file with text "
-            "and label columns",
+    "task": f"task name ({', '.join(TASKS)}; read from FASTKD_DATA_DIR, else the hub) or a labelled "
+            ".tsv/.csv/.json(l) file with text (or sentence-pair) and label columns",
     "dev": "dev data for evaluation and best-checkpoint selection: task name or file (default: the task's dev "
            "split; AG News: a held-out slice of train)",
     "test": "test data for the final report: task name or file (default: the task's test split)",
@@ -190,6 +191,8 @@ _HELP = {
                    f"{', '.join(TEXT_COLUMNS)}, else the first text column)",
     "label_column": "the label column of data files whose header names it otherwise (default: the first of "
                     f"{', '.join(LABEL_COLUMNS)})",
+    "text_pair_column": "the second text of sentence-pair data files (default: found by name: sentence1/sentence2, "
+                        "question1/question2, premise/hypothesis, question/sentence, text_a/text_b)",
     "teacher": "local model folder, with or without a task head (default: the packaged MiniLM); a teacher without "
                "a head is fine-tuned first and cached",
     "output_dir": "where the run writes checkpoints, metrics.jsonl, loss.png and the student (default: "
@@ -268,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     opt("method", default=d.method)
     opt("mode", default=d.mode, choices=_CHOICES["mode"])
-    for name in ("task", "dev", "test", "general_corpus", "text_column", "label_column", "teacher", "output_dir"):
+    for name in ("task", "dev", "test", "general_corpus", "text_column", "label_column", "text_pair_column",
+                 "teacher", "output_dir"):
         opt(name, default=getattr(d, name))
     opt("etd", default=d.etd, choices=_CHOICES["etd"])
     for name in ("student_layers", "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum",
@@ -362,7 +366,7 @@ def etd_batches(dataset, batch_size: int, pad_token_id: int, seed: int):
     """Labelled (when known) batches as dicts for fastkd.etd's importance pass."""
     sampler = LengthBucketSampler(dataset["length"], batch_size, seed=seed, shuffle=True)
     for b in batches_for_epoch(sampler, dataset, pad_token_id):
-        d = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+        d = b.model_inputs()
         if b.labels is not None:
             d["labels"] = b.labels
         yield d
@@ -481,7 +485,7 @@ class TeacherRunner:
                 return {k: v.to(self.device, non_blocking=True) for k, v in got.items()}
         self.calls += 1
         with torch.inference_mode(), capture_fields(self.teacher, self.fields) as read:
-            out = read(self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask))
+            out = read(self.teacher(**batch.model_inputs()))
         if self.cache is not None:
             self.cache.put(host.index, lengths, out, {k: seq_dim(k) for k in out})
         return out
@@ -532,10 +536,11 @@ class DistillModule(nn.Module):
             return h, None, None
         return h, self.fit.weight.to(h.dtype), self.fit.bias.to(h.dtype)
 
-    def forward(self, input_ids, attention_mask, labels, teacher: dict[str, torch.Tensor]):
+    def forward(self, input_ids, attention_mask, labels, teacher: dict[str, torch.Tensor], token_type_ids=None):
         mask = attention_mask.bool()
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         with capture_fields(self.student, self.student_fields) as read:
-            out = self.student(input_ids=input_ids, attention_mask=attention_mask)
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask, **segments)
             s = read(out)
         logits = getattr(out, "logits", None)
         # The collator's masks always hold [CLS]: skip the per-call mask value checks (each is a host sync).
@@ -654,9 +659,10 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device, pad_token_id: i
     for c in range(0, len(order), batch_size):
         idx = order[c:c + batch_size]
         rows = dataset[idx]
-        batch = collate([{"index": i, "input_ids": rows["input_ids"][j], "label": rows["label"][j]}
-                         for j, i in enumerate(idx)], pad_token_id).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        starts = rows.get("type_start") or [None] * len(idx)
+        batch = collate([{"index": i, "input_ids": rows["input_ids"][j], "label": rows["label"][j],
+                          "type_start": starts[j]} for j, i in enumerate(idx)], pad_token_id).to(device)
+        logits = model(**batch.model_inputs()).logits
         correct += int((logits.argmax(-1) == batch.labels).sum())
     model.train(was_training)
     return correct / max(1, len(order))
@@ -714,9 +720,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 RUN_FILE = "run.json"
 # Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
-_IDENTITY = ("method", "mode", "task", "text_column", "label_column", "teacher", "etd", "student_layers",
-             "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum", "seed", "epochs",
-             "max_train_examples", "overrides", "finetune_epochs", "finetune_examples", "finetune_seed")
+_IDENTITY = ("method", "mode", "task", "text_column", "label_column", "text_pair_column", "teacher", "etd",
+             "student_layers", "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum", "seed",
+             "epochs", "max_train_examples", "overrides", "finetune_epochs", "finetune_examples", "finetune_seed")
 
 
 class Trainer:
@@ -781,15 +787,15 @@ class Trainer:
                              f"an empty/new --output-dir")
         return out, mine
 
-    def _load_texts(self, source: str, split: str, *, labels: bool = True):
-        """``source``'s split; --text-column / --label-column name a data file's columns (a general corpus needs no
-        labels, so it is not asked for the label column)."""
+    def _load_texts(self, source: str, split: str, *, general: bool = False):
+        """``source``'s split; --text-column / --label-column / --text-pair-column name a data file's columns (a
+        general corpus is read as single texts without labels, so it is asked for the text column only)."""
         return load_texts(source, split, text_column=self.cfg.text_column,
-                          label_column=self.cfg.label_column if labels else None)
+                          label_column=None if general else self.cfg.label_column,
+                          text_pair_column=None if general else self.cfg.text_pair_column)
 
     def _load_task_data(self, tokenizer):
         cfg = self.cfg
-        from fastkd.data import TASKS
 
         train = self._load_texts(cfg.task, "train")
         if cfg.dev:
@@ -917,7 +923,7 @@ class Trainer:
             # --mode general distils on --general-corpus (default: the --task's training texts, labels
             # dropped); ERNIE-Tiny's general stages in task mode default to AG News.
             corpus = cfg.general_corpus or (cfg.task if cfg.mode == "general" else "agnews")
-            gen = self._load_texts(corpus, "train", labels=False)
+            gen = self._load_texts(corpus, "train", general=True)
             gen = self._subset(gen, n_train, cfg.seed + 1)
             gen = gen.remove_columns([c for c in gen.column_names if c != "text"])
             self.data["general"] = tokenize(gen, tokenizer, cfg.max_length)
@@ -949,7 +955,8 @@ class Trainer:
                                     freeze_word_embeddings=self.on_cpu)
                 root = Path(cfg.cache_dir) if cfg.cache_dir else None
                 train_ds = self.data.get("finetune", self.data["task"])
-                fp = data_digest(list(train_ds["text"]), list(train_ds["label"]))
+                fp = data_digest(list(train_ds["text"]), list(train_ds["label"]),
+                                 list(train_ds["text_pair"]) if "text_pair" in train_ds.column_names else None)
                 if self.dist.main:
                     finetuned_path = finetune_teacher(teacher_path, tokenizer, train_ds, self.data.get("dev"),
                                                       names, max_length=cfg.max_length, cfg=ft,
@@ -1197,7 +1204,8 @@ class Trainer:
             no_sync = self.dist.enabled and not last_micro
             with self.model.no_sync() if no_sync else contextlib.nullcontext():
                 with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    total_loss, terms = self.model(batch.input_ids, batch.attention_mask, batch.labels, t_out)
+                    total_loss, terms = self.model(batch.input_ids, batch.attention_mask, batch.labels, t_out,
+                                                   batch.token_type_ids)
                 # One device->host transfer per micro-step serves both the NaN/inf check (before backward, so
                 # the weights are never touched by a bad step) and the logged running sums.
                 values = self._check_finite(terms, stage)

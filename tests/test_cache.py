@@ -388,6 +388,8 @@ def test_fingerprints_follow_weights_tokens_and_vocab():
     assert fd == fingerprint_dataset(datasets.Dataset.from_dict({"input_ids": [[101, 5, 102], [101, 102]]}))
     assert fd != fingerprint_dataset(datasets.Dataset.from_dict({"input_ids": [[101, 5], [102, 101, 102]]}))
     assert fd != fingerprint_dataset(ds.select([1, 0]))  # order matters: row numbers are the cache keys
+    pairs = ds.add_column("type_start", [2, 2])  # same ids as a sentence pair: other segment ids, other data
+    assert fingerprint_dataset(pairs) not in (fd, fingerprint_dataset(ds.add_column("type_start", [2, 1])))
     tok = AutoTokenizer.from_pretrained(default_teacher_path())
     assert fingerprint_tokenizer(tok) == fingerprint_tokenizer(AutoTokenizer.from_pretrained(default_teacher_path()))
 

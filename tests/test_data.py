@@ -171,3 +171,64 @@ def test_tokenize_no_padding_lengths_index(tokenizer):
         assert tokenizer.pad_token_id not in ids
     with pytest.raises(ValueError, match="max_length"):
         tokenize(ds, tokenizer, max_length=1)
+
+
+# ---------------------------------------------------------------- sentence pairs
+
+
+def test_sentence_pairs_found_by_name_or_named(tmp_path):
+    f = tmp_path / "nli.jsonl"
+    f.write_text("\n".join(json.dumps({"premise": f"p{i}", "hypothesis": f"h{i}", "label": lab})
+                           for i, lab in enumerate(["entailment", "neutral", "contradiction"])) + "\n")
+    ds = load_texts(str(f))
+    assert ds.column_names == ["text", "text_pair", "label"]
+    assert ds["text"] == ["p0", "p1", "p2"] and ds["text_pair"] == ["h0", "h1", "h2"]
+    assert label_names(ds) == ["contradiction", "entailment", "neutral"] and ds["label"] == [1, 2, 0]
+    g = tmp_path / "pairs.tsv"
+    g.write_text("sentence\tanswer\tlabel\nwho?\tme\t1\nwhy?\tso\t0\n")
+    assert load_texts(str(g)).column_names == ["text", "label"]  # "answer" is no pair name: single texts
+    ds = load_texts(str(g), text_pair_column="answer")
+    assert ds["text"] == ["who?", "why?"] and ds["text_pair"] == ["me", "so"] and ds["label"] == [1, 0]
+    with pytest.raises(ValueError, match="text_pair_column: .* has no column 'reply'"):
+        load_texts(str(g), text_pair_column="reply")
+    with pytest.raises(ValueError, match="text_pair_column: the second text must be another column"):
+        load_texts(str(g), text_column="sentence", text_pair_column="sentence")
+
+
+def test_glue_pair_task_from_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTKD_DATA_DIR", str(tmp_path))
+    (tmp_path / "mrpc").mkdir()
+    (tmp_path / "mrpc" / "train.tsv").write_text("sentence1\tsentence2\tlabel\na b\tc d\tequivalent\n"
+                                                 "e\tf\t0\n")
+    ds = load_texts("mrpc", "train")
+    assert ds["text"] == ["a b", "e"] and ds["text_pair"] == ["c d", "f"] and ds["label"] == [1, 0]
+    assert label_names(ds) == ["not_equivalent", "equivalent"]
+
+
+def test_tokenize_pairs_marks_the_second_segment(tokenizer):
+    import datasets
+
+    from fastkd.batching import collate
+
+    ds = datasets.Dataset.from_dict({"text": ["a gripping film", "dull"], "text_pair": ["it is", "very , very dull"],
+                                     "label": [1, 0]})
+    tok = tokenize(ds, tokenizer, max_length=32)
+    for row in tok:
+        ids, start = row["input_ids"], row["type_start"]
+        # [CLS] a [SEP] b [SEP]: the second segment starts right after the first [SEP]
+        assert ids[start - 1] == tokenizer.sep_token_id and ids.index(tokenizer.sep_token_id) == start - 1
+        expected = tokenizer(row["text"], row["text_pair"])["token_type_ids"]
+        assert [0] * start + [1] * (len(ids) - start) == expected
+    batch = collate([dict(r) for r in tok], tokenizer.pad_token_id)
+    assert batch.token_type_ids is not None and "token_type_ids" in batch.model_inputs()
+    for row, r in enumerate(tok):
+        n, start = r["length"], r["type_start"]
+        assert batch.token_type_ids[row, :start].eq(0).all() and batch.token_type_ids[row, start:n].eq(1).all()
+        assert batch.token_type_ids[row, n:].eq(0).all()  # padding
+    # truncation keeps both texts (longest first)
+    short = tokenize(ds, tokenizer, max_length=8)
+    assert max(short["length"]) == 8 and all(0 < s < n for s, n in zip(short["type_start"], short["length"],
+                                                                        strict=True))
+    single = collate([dict(r) for r in tokenize(ds.remove_columns("text_pair"), tokenizer, 32)],
+                     tokenizer.pad_token_id)
+    assert single.token_type_ids is None and "token_type_ids" not in single.model_inputs()

@@ -269,6 +269,48 @@ def test_text_and_label_columns_of_data_files(tiny, tmp_path):
     assert res["test_examples"] == 16 and 0.0 <= res["student_test_acc"] <= 1.0
 
 
+def test_sentence_pairs_reach_teacher_and_student_with_segment_ids(tiny, tmp_path, monkeypatch):
+    """A sentence-pair task: both texts are encoded as one pair and the segment ids reach every model call."""
+    from transformers.models.bert.modeling_bert import BertEmbeddings
+
+    texts = {}
+    for split in ("train", "dev", "test"):
+        rows = [r.split("\t") for r in (tiny["data"] / f"{split}.tsv").read_text().splitlines()[1:]]
+        f = tmp_path / f"{split}.tsv"
+        f.write_text("premise\thypothesis\tlabel\n" + "\n".join(f"{t}\t{' '.join(reversed(t.split()))}\t{y}"
+                                                                for t, y in rows) + "\n")
+        texts[split] = str(f)
+    # Which calls saw second-segment ids: the teacher's forward for the losses (inside TeacherRunner) and the
+    # student's training forward (gradients on) -- evaluation alone must not satisfy the test.
+    saw_segments: set = set()
+    in_runner = [False]
+    orig, orig_call = BertEmbeddings.forward, train.TeacherRunner.__call__
+
+    def forward(self, input_ids=None, token_type_ids=None, *a, **k):
+        if token_type_ids is not None and bool((token_type_ids == 1).any()):
+            saw_segments.add("teacher-for-losses" if in_runner[0] else (id(self), torch.is_grad_enabled()))
+        return orig(self, input_ids, token_type_ids, *a, **k)
+
+    def call(self, *a, **k):
+        in_runner[0] = True
+        try:
+            return orig_call(self, *a, **k)
+        finally:
+            in_runner[0] = False
+
+    monkeypatch.setattr(BertEmbeddings, "forward", forward)
+    monkeypatch.setattr(train.TeacherRunner, "__call__", call)
+    argv = args_for(tiny, tmp_path / "run", "tinybert")
+    for split, flag in (("train", "--task"), ("dev", "--dev"), ("test", "--test")):
+        argv[argv.index(flag) + 1] = texts[split]
+    res = run_cli(argv)
+    tr = res["trainer"]
+    assert "text_pair" in tr.data["task"].column_names and "type_start" in tr.data["task"].column_names
+    assert (id(tr.module.student.bert.embeddings), True) in saw_segments  # the training forward
+    assert "teacher-for-losses" in saw_segments
+    assert 0.0 <= res["student_test_acc"] <= 1.0 and res["test_examples"] == 16
+
+
 def test_bert_emd_layer_weights_update(tiny, tmp_path):
     out = tmp_path / "run"
     run_cli(args_for(tiny, out, "bert-emd", "--epochs", "2"))
