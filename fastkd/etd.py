@@ -663,11 +663,13 @@ def extract_student(teacher: nn.Module, *, num_layers: int, hidden_size: int, nu
 
 
 def text_batches(tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 64,
-                 labels: list[int] | None = None) -> Iterator[dict]:
-    """Tokenised batches (padded to the longest in each batch) of ``texts`` in order."""
+                 labels: list[int] | None = None, text_pairs: list[str] | None = None) -> Iterator[dict]:
+    """Tokenised batches (padded to the longest in each batch) of ``texts`` in order; with ``text_pairs``, of
+    sentence pairs (with the tokenizer's segment ids)."""
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
-        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        pairs = text_pairs[start:start + batch_size] if text_pairs is not None else None
+        enc = tokenizer(chunk, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         batch = dict(enc)
         if labels is not None:
             batch["labels"] = torch.as_tensor(labels[start:start + batch_size])
@@ -727,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         n = min(len(ds), args.num_batches * args.batch_size)
         ds = ds.select(range(n))
         data = text_batches(tokenizer, list(ds["text"]), batch_size=args.batch_size, max_length=args.max_length,
-                            labels=list(ds["label"]))
+                            labels=list(ds["label"]),
+                            text_pairs=list(ds["text_pair"]) if "text_pair" in ds.column_names else None)
     student, plan = extract_student(teacher, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
                                     intermediate_size=args.ffn, strategy=args.strategy, data=data, seed=args.seed,
                                     num_batches=args.num_batches, objective=args.objective, layers=layers,

@@ -434,6 +434,16 @@ def test_cli_teacher_layers_picks_the_kept_layers(tmp_path, minilm, capsys):
     assert "--teacher-layers: expected comma-separated" in capsys.readouterr().err
 
 
+def test_text_batches_of_sentence_pairs_carry_segment_ids():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_teacher_path())
+    batch = next(etd.text_batches(tok, ["a fine film", "dull"], text_pairs=["it is", "so very dull"], labels=[1, 0]))
+    expected = tok(["a fine film", "dull"], ["it is", "so very dull"], padding=True, return_tensors="pt")
+    assert torch.equal(batch["token_type_ids"], expected["token_type_ids"])
+    assert int(batch["token_type_ids"].sum()) > 0 and batch["labels"].tolist() == [1, 0]
+
+
 def test_saved_student_round_trips(tmp_path, gen):
     teacher = _tiny_bert(gen, BertForSequenceClassification, num_labels=2)
     student = etd.extract_student(teacher, num_layers=2, hidden_size=24, num_heads=3, intermediate_size=20,
