@@ -140,8 +140,9 @@ LAYOUT_HELP = (
     "Provide a task name (" + ", ".join(sorted(TASKS)) + ") with FASTKD_DATA_DIR set, a .tsv/.csv file (a header "
     "line naming a text column 'text' or 'sentence' and optionally a 'label' column, or columns named by "
     "text_column / label_column, on the command line --text-column / --label-column; a two-column file without a "
-    "header is read as text, label), a .json/.jsonl file of records with those keys, a plain-text file (one text "
-    "per line, no labels), or a folder holding <split>.tsv/.csv/.json/.jsonl/.txt"
+    "header is read as text, label; sentence pairs as two columns such as sentence1/sentence2 or premise/"
+    "hypothesis, or named by text_pair_column / --text-pair-column), a .json/.jsonl file of records with those "
+    "keys, a plain-text file (one text per line, no labels), or a folder holding <split>.tsv/.csv/.json/.jsonl/.txt"
 )
 
 
