@@ -154,6 +154,18 @@ def label_names(ds) -> list[str] | None:
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
+def has_splits(source: str) -> bool:
+    """Does ``source`` have splits of its own (a task name, or a folder of ``<split>.<ext>`` files, also relative to
+    the data directory) rather than being one file?"""
+    if source in TASKS:
+        return True
+    p = Path(source).expanduser()
+    if p.exists():
+        return p.is_dir()
+    root = data_dir()
+    return root is not None and not p.is_absolute() and (root / p).is_dir()
+
+
 def _resolve_source(source: str, split: str) -> tuple[Path, list[str]]:
     """The file for ``source`` (a file, or a folder holding ``<split>.<ext>``) and every path tried."""
     p = Path(source).expanduser()

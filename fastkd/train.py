@@ -795,33 +795,38 @@ class Trainer:
                           text_pair_column=None if general else self.cfg.text_pair_column)
 
     def _load_task_data(self, tokenizer):
+        """Train, dev and test data: --dev/--test when given, else the task's own splits (a task name's, or a
+        folder's <split> files); with no dev split a fixed slice of train is held out for model selection, so the
+        test split stays unseen."""
+        from fastkd.data import DataNotFoundError, has_splits
+
         cfg = self.cfg
-
+        splits = has_splits(cfg.task)
         train = self._load_texts(cfg.task, "train")
-        if cfg.dev:
-            dev = self._load_texts(cfg.dev, "dev")
-        elif cfg.task in TASKS:
-            from fastkd.data import DataNotFoundError
-
-            try:
-                dev = self._load_texts(cfg.task, "dev")
-            except DataNotFoundError:
-                # No dev split (AG News ships train/test only): hold out a fixed slice of train for model
-                # selection, so the test split stays unseen.
-                held = train.train_test_split(test_size=min(1000, len(train) // 10), seed=0)
-                train, dev = held["train"], held["test"]
-                self.log(f"data: no {cfg.task} dev split; holding out {len(dev)} train examples as dev")
-        else:
-            dev = None
-        if cfg.test:
-            test = self._load_texts(cfg.test, "test")
-        elif cfg.task in TASKS:
-            test = self._load_texts(cfg.task, "test")
-        else:
-            test = None
         if "label" not in train.column_names:
             raise ValueError(f"--task: {cfg.task} has no labels; task mode needs labelled data "
                              f"(use --mode general for unlabelled text)")
+        dev = test = None
+        if cfg.dev:
+            dev = self._load_texts(cfg.dev, "dev")
+        elif splits:
+            with contextlib.suppress(DataNotFoundError):  # AG News ships train/test only
+                dev = self._load_texts(cfg.task, "dev")
+        if dev is None and len(train) >= 2:
+            held = train.train_test_split(test_size=max(1, min(1000, len(train) // 10)), seed=0)
+            train, dev = held["train"], held["test"]
+            self.log(f"data: no dev split for {cfg.task} (pass --dev to name one); holding out {len(dev)} train "
+                     f"examples as dev")
+        if cfg.test:
+            test = self._load_texts(cfg.test, "test")
+        elif cfg.task in TASKS:
+            test = self._load_texts(cfg.task, "test")  # a named task's test split must exist
+        elif splits:
+            try:
+                test = self._load_texts(cfg.task, "test")
+            except DataNotFoundError:
+                self.log(f"data: no test split in {cfg.task} (pass --test to name one); the report gives no test "
+                         f"accuracy")
         from fastkd.data import label_names
 
         names = list(TASKS[cfg.task].labels) if cfg.task in TASKS else label_names(train)
@@ -1316,12 +1321,12 @@ class Trainer:
             result["teacher_test_acc"] = evaluate(teacher32, self.data["test"], 64, self.device, self.pad_id)
             result["student_test_acc"] = evaluate(student, self.data["test"], 64, self.device, self.pad_id)
             result["test_examples"] = len(self.data["test"])
-            ref = self.data["test"]
         else:
             from transformers import AutoModel
 
             teacher32 = AutoModel.from_pretrained(t_path, dtype=torch.float32)
-            ref = self.data["test"] if self.data.get("test") is not None else self.data["general"]
+        # the latency is measured on a median-length example of the data held out from training, when there is any
+        ref = next(self.data[k] for k in ("test", "dev", "task", "general") if self.data.get(k) is not None)
         result["teacher_params"] = count_params(teacher32)
         result["student_params"] = count_params(student)
         lengths = sorted(ref["length"])
@@ -1387,7 +1392,7 @@ def report(result: dict, note: str) -> str:
     if note:
         lines.append(note)
     if "teacher_test_acc" in result:
-        lines.append(f"teacher test accuracy: {result['teacher_test_acc']:.4f} ({result['test_examples']} sentences)")
+        lines.append(f"teacher test accuracy: {result['teacher_test_acc']:.4f} ({result['test_examples']} examples)")
         lines.append(f"student test accuracy: {result['student_test_acc']:.4f}")
     if "student_params" in result:
         ratio = result["teacher_params"] / result["student_params"]

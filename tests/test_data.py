@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fastkd.data import DataNotFoundError, label_names, load_texts, tokenize
+from fastkd.data import DataNotFoundError, has_splits, label_names, load_texts, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +232,11 @@ def test_tokenize_pairs_marks_the_second_segment(tokenizer):
     single = collate([dict(r) for r in tokenize(ds.remove_columns("text_pair"), tokenizer, 32)],
                      tokenizer.pad_token_id)
     assert single.token_type_ids is None and "token_type_ids" not in single.model_inputs()
+
+
+def test_has_splits_tells_split_sources_from_single_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTKD_DATA_DIR", str(tmp_path))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.tsv").write_text("text\tlabel\na\t0\n")
+    assert has_splits("sst2") and has_splits(str(tmp_path / "mine")) and has_splits("mine")  # in the data dir
+    assert not has_splits(str(tmp_path / "mine" / "train.tsv")) and not has_splits("nowhere")

@@ -311,6 +311,34 @@ def test_sentence_pairs_reach_teacher_and_student_with_segment_ids(tiny, tmp_pat
     assert 0.0 <= res["student_test_acc"] <= 1.0 and res["test_examples"] == 16
 
 
+def _without(argv: list[str], *flags: str) -> list[str]:
+    out = list(argv)
+    for flag in flags:
+        i = out.index(flag)
+        del out[i:i + 2]
+    return out
+
+
+def test_folder_task_uses_its_own_dev_and_test_splits(tiny, tmp_path):
+    argv = _without(args_for(tiny, tmp_path / "run", "kd"), "--dev", "--test")
+    argv[argv.index("--task") + 1] = str(tiny["data"])  # a folder holding train.tsv, dev.tsv, test.tsv
+    logs = []
+    res = train.run(train.parse_config(argv), log=logs.append)
+    assert res["test_examples"] == 16 and len(res["trainer"].data["dev"]) == 16
+    assert len(res["trainer"].data["task"]) == 48 and not any("holding out" in str(m) for m in logs)
+
+
+def test_single_file_task_holds_out_dev_and_reports_without_test(tiny, tmp_path):
+    argv = _without(args_for(tiny, tmp_path / "run", "kd"), "--dev", "--test")  # --task is train.tsv alone
+    logs = []
+    res = train.run(train.parse_config(argv), log=logs.append)
+    tr = res["trainer"]
+    assert len(tr.data["dev"]) == 4 and len(tr.data["task"]) == 44  # 10 % of 48 held out for model selection
+    assert any("holding out 4 train examples as dev" in str(m) for m in logs)
+    assert "student_test_acc" not in res and res["speedup"] > 0  # no test split: no test accuracy, no crash
+    assert "test accuracy" not in train.report(res, "")
+
+
 def test_bert_emd_layer_weights_update(tiny, tmp_path):
     out = tmp_path / "run"
     run_cli(args_for(tiny, out, "bert-emd", "--epochs", "2"))
