@@ -182,9 +182,10 @@ _HELP = {
             "distillation on unlabelled text (a general student, to fine-tune later)",
     "task": f"task name ({', '.join(TASKS)}; read from FASTKD_DATA_DIR, else the hub) or a labelled "
             ".tsv/.csv/.json(l) file with text (or sentence-pair) and label columns",
-    "dev": "dev data for evaluation and best-checkpoint selection: task name or file (default: the task's dev "
-           "split; AG News: a held-out slice of train)",
-    "test": "test data for the final report: task name or file (default: the task's test split)",
+    "dev": "dev data for evaluation and best-checkpoint selection: task name or file (default: the task's own dev "
+           "split, a task name's or a folder's dev file; else a fixed held-out slice of train, as for AG News)",
+    "test": "test data for the final report: task name or file (default: the task's own test split, a task "
+            "name's or a folder's test file; a single file has none)",
     "general_corpus": "unlabelled text: a task name or a file (default: --task in general mode, agnews for "
                       "ERNIE-Tiny's general stages)",
     "text_column": "the text column of data files whose header names it otherwise (default: the first of "
