@@ -10,7 +10,7 @@ the score map is the smaller cache when L < 2·d — typical of short task data 
 with d = 32 or 64). :func:`prefer_scores` makes that choice; caching scores gives up recomputing other relations
 (V-V, Q-Q) from the cache.
 
-Disk layout, under ``<root>/<key>/`` (root: ``$FASTKD_CACHE_DIR`` or ``.fastkd-cache/``):
+Disk layout, under ``<root>/<key>/`` (root: ``<$FASTKD_CACHE_DIR or ~/.cache/fastkd>/activations``):
   - ``rank{r}-shard{s:05d}.safetensors``: one flat buffer per tensor name (every example's values back to back)
     plus ``__index__`` (example ids) and ``__lengths__`` (tokens per example); the offsets follow from the lengths
     and the per-name shape template kept in the file's metadata. Read through a copy-on-write ``numpy.memmap``, so
@@ -46,8 +46,16 @@ _ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 
 
+def cache_root() -> Path:
+    """fastkd's cache folder: ``$FASTKD_CACHE_DIR``, else ``~/.cache/fastkd`` (activations/ and teachers/ below it),
+    so runs from any working directory share it."""
+    env = os.environ.get("FASTKD_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fastkd"
+
+
 def default_root() -> Path:
-    return Path(os.environ.get("FASTKD_CACHE_DIR") or ".fastkd-cache").expanduser()
+    """Where disk-cache shards go by default: ``<cache_root>/activations``."""
+    return cache_root() / "activations"
 
 
 def prefer_scores(length: int, head_dim: int) -> bool:

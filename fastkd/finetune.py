@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastkd.cache import cache_root
+
 
 @dataclass
 class FinetuneConfig:
@@ -33,9 +35,6 @@ class FinetuneConfig:
     freeze_word_embeddings: bool = False  # a CPU speed-up: the 30k×d embedding's AdamW update dominates
 
 
-def cache_root() -> Path:
-    env = os.environ.get("FASTKD_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fastkd"
 
 
 def model_digest(path: str | Path) -> str:

@@ -224,8 +224,8 @@ _HELP = {
     "cache": "teacher activations: host memory, disk shards (reused by later runs), or accelerator memory "
              "(device: one gather per field and batch); auto = device on a single GPU when the dataset's "
              "activations fit half its free memory, else memory",
-    "cache_dir": "root of the disk cache's shards and the fine-tuned teachers (default: $FASTKD_CACHE_DIR, else "
-                 "./.fastkd-cache for shards and ~/.cache/fastkd for teachers)",
+    "cache_dir": "fastkd's cache: the disk cache's shards (activations/) and the fine-tuned teachers (teachers/) "
+                 "(default: $FASTKD_CACHE_DIR, else ~/.cache/fastkd)",
     "resume": "continue the run in --output-dir from its last checkpoint",
     "progress": "no progress bar",
     "set": "override a recipe setting, e.g. tinybert.att_weight=2 (repeatable; the settings are listed below)",
@@ -1098,7 +1098,7 @@ class Trainer:
         key = TeacherCache.make_key(teacher=self.teacher_digest[stage.teacher], data=data_fp,
                                     tokenizer=self.tokenizer_fp, max_length=cfg.max_length,
                                     dtype=str(self._dtype()), fields=fields)
-        root = Path(cfg.cache_dir) if cfg.cache_dir else None
+        root = Path(cfg.cache_dir) / "activations" if cfg.cache_dir else None
         return TeacherCache(mode, root, key, rank=self.dist.rank)
 
     def train(self) -> dict:

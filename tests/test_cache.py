@@ -3,6 +3,7 @@ per-rank shards, stats, keys and fingerprints, and a real capture from a tiny BE
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,9 +397,10 @@ def test_fingerprints_follow_weights_tokens_and_vocab():
 
 def test_default_root_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "c"))
-    assert default_root() == tmp_path / "c"
+    assert default_root() == tmp_path / "c" / "activations"
     monkeypatch.delenv("FASTKD_CACHE_DIR")
-    assert str(default_root()) == ".fastkd-cache"
+    # one cache for every working directory, beside the fine-tuned teachers
+    assert default_root() == Path.home() / ".cache" / "fastkd" / "activations"
 
 
 def test_prefer_scores_trade_off():

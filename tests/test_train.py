@@ -476,6 +476,7 @@ def test_disk_cache_reused_across_runs(tiny, tmp_path):
         res = run_cli(argv)
         calls.append(res["teacher_forwards"])
     assert calls[0] > 0 and calls[1] == 0
+    assert list((tmp_path / "c" / "activations").glob("*/manifest-rank0.json"))  # the shards under --cache-dir
 
 
 # ---------------------------------------------------------------- errors before training
