@@ -72,18 +72,16 @@ def collate(features: list[dict], pad_token_id: int) -> Batch:
     batch, width = len(features), max(lengths)
     input_ids = np.full((batch, width), int(pad_token_id), dtype=np.int64)
     attention_mask = np.zeros((batch, width), dtype=np.int64)
+    types = np.zeros((batch, width), dtype=np.int64) if features[0].get("type_start") is not None else None
     for row, (f, n) in enumerate(zip(features, lengths, strict=True)):
         input_ids[row, :n] = f["input_ids"]
         attention_mask[row, :n] = 1
+        if types is not None:
+            types[row, int(f["type_start"]):n] = 1
     labels = None
     if "label" in features[0] and features[0]["label"] is not None:
         labels = torch.tensor([int(f["label"]) for f in features], dtype=torch.long)
-    token_type_ids = None
-    if features[0].get("type_start") is not None:
-        types = np.zeros((batch, width), dtype=np.int64)
-        for row, (f, n) in enumerate(zip(features, lengths, strict=True)):
-            types[row, int(f["type_start"]):n] = 1
-        token_type_ids = torch.from_numpy(types)
+    token_type_ids = None if types is None else torch.from_numpy(types)
     index = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)
     return Batch(index, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), labels, token_type_ids)
 

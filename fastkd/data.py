@@ -340,8 +340,9 @@ def load_texts(source: str, split: str = "train", *, label_order: str = "sorted"
     label_column = (_named_column(ds, label_column, "label_column", path) if label_column
                     else _pick_label_column(ds, text_column))
     texts = {"text": text_column, "text_pair": text_pair_column} if text_pair_column else {"text": text_column}
-    if label_column is None:
-        return ds.map(lambda ex: {k: str(ex[c]) for k, c in texts.items()}, remove_columns=ds.column_names)
+    if label_column is None:  # no per-row work: select and rename the text columns
+        ds = ds.select_columns(list(texts.values()))
+        return ds.rename_columns({c: k for k, c in texts.items() if c != k})
     mapping, names = _label_mapping(ds[label_column], label_order, list(label_names) if label_names else None)
 
     def to_example(ex):

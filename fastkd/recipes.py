@@ -263,6 +263,11 @@ def _coerce(value: Any, annotation: str, name: str) -> Any:
     raise ValueError(f"{name}: expected {annotation}, got {value!r}")
 
 
+def setting_prefix(method: str) -> str:
+    """The prefix of a method's settings in --set and config files (``pkd`` for both PKD variants)."""
+    return _PREFIXES[check_method(method)][0]
+
+
 def make_params(method: str, overrides: dict[str, Any] | None = None):
     """The method's parameter dataclass with ``overrides`` ({"tinybert.att_weight": 2} or nested
     {"tinybert": {"att_weight": 2}}) applied. Keys for other methods are ignored; unknown fields are errors."""
@@ -295,7 +300,7 @@ def make_params(method: str, overrides: dict[str, Any] | None = None):
 def _check_ranges(method: str, params) -> None:
     """Values no paper means (a negative lr or epoch count, alpha outside [0, 1], T = 0) fail here, naming the
     setting, before any model is loaded; the field's name says which rule applies."""
-    prefix = _PREFIXES[method][0]
+    prefix = setting_prefix(method)
     for f in dataclasses.fields(params):
         v, n = getattr(params, f.name), f.name
         if v is None or isinstance(v, (bool, str)):

@@ -52,6 +52,7 @@ from fastkd.recipes import (
     load_config_file,
     make_params,
     parse_set,
+    setting_prefix,
 )
 
 CPU_TRAIN_EXAMPLES = 3000  # the CPU default subset (full data on a GPU): ~1.5 min idle, < 10 min on a busy 2-core box
@@ -254,7 +255,7 @@ def recipe_settings_help() -> str:
             continue
         seen.add(cls)
         names = [m for m in METHODS if PARAMS[m] is cls]
-        prefix = "pkd" if names[0].startswith("pkd") else names[0]
+        prefix = setting_prefix(method)
         defaults = cls()
         fields = ", ".join(f"{f.name}={getattr(defaults, f.name)}" for f in dataclasses.fields(cls))
         lines.append(textwrap.fill(fields, 100, initial_indent=f"  {'/'.join(names)} ({prefix}.FIELD): ",
