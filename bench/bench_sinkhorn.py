@@ -90,7 +90,7 @@ def test_sinkhorn(measure, impl, P, M, N):
 def test_layer_costs(measure, impl, B, L):
     """TinyBERT-4 student (4 layers, 312 wide, 12 heads of 26) vs the MiniLM teacher (6 layers, 384, 12 × 32):
     both M×N cost matrices, forward + backward (what a BERT-EMD step pays before the transport)."""
-    from fastkd.kernels.layer_costs import layer_costs
+    from fastkd.layer_costs import layer_costs
 
     device = "cuda" if HAS_CUDA else "cpu"
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32

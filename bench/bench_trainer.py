@@ -58,7 +58,9 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
                     "timing on a CPU)")
     if not HAS_CUDA and amp_flag == "off":
         pytest.skip("CPU: AMP is off by default there, so this case is the eager fp32 live case")
-    from fastkd import train
+    from fastkd import config, engine, terms, trainer
+    from fastkd.batching import LengthBucketSampler
+    from fastkd.teacher import TeacherRunner
 
     monkeypatch.setenv("FASTKD_BACKEND", "torch" if backend == "eager" else "triton")
     batch, length = (32, 126) if HAS_CUDA else (8, 30)  # + [CLS], [SEP]
@@ -69,16 +71,16 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
             "fp32" if teacher == "fp32" else "fp16",
             "--cache", {"cached": "memory", "device": "device"}.get(teacher, "off"),
             "--amp", amp_flag]
-    cfg = train.parse_config(argv)
-    tr = train.Trainer(cfg, log=lambda *_: None)
+    cfg = config.parse_config(argv)
+    tr = trainer.Trainer(cfg, log=lambda *_: None)
     tr.setup()
     stage = tr.recipe.stages[0]
     tr.module.set_stage(stage)
-    fields = train.plan_fields(train.capture_plan(stage.terms, "teacher"), tr.shapes.teacher_layers)
+    fields = terms.plan_fields(terms.capture_plan(stage.terms, "teacher"), tr.shapes.teacher_layers)
     cache = tr._make_cache(0, stage, fields)
-    runner = train.TeacherRunner(tr.teachers[stage.teacher], fields, cache, tr.device)
-    sampler = train.LengthBucketSampler(tr.data["task"]["length"], batch, shuffle=False)
-    b = next(iter(train.batches_for_epoch(sampler, tr.data["task"], tr.pad_id))).to(tr.device)
+    runner = TeacherRunner(tr.teachers[stage.teacher], fields, cache, tr.device)
+    sampler = LengthBucketSampler(tr.data["task"]["length"], batch, shuffle=False)
+    b = next(iter(engine.batches_for_epoch(sampler, tr.data["task"], tr.pad_id))).to(tr.device)
     runner(b)  # fills the cache when there is one
     assert teacher not in ("cached", "device") or cache.get(b.index, b.attention_mask.sum(1).cpu()) is not None
     amp = tr._amp()

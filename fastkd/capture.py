@@ -11,6 +11,7 @@ Q, K, V are returned per head as [B, H, L, d] (views of the projection outputs, 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -139,3 +140,30 @@ def capture(
     with ActivationCapture(model, layers, hidden=hidden, qkv=qkv, embeddings=embeddings) as cap:
         output = model(**inputs)
     return output, cap.out
+
+
+@contextlib.contextmanager
+def capture_fields(model: nn.Module, fields: list[str]):
+    """Hooks recording ``fields`` (cache naming) on ``model``; yields a function returning them."""
+    hidden = [int(f.split(".")[1]) for f in fields if f.startswith("hidden.")]
+    qkv: dict[int, str] = {}
+    for f in fields:
+        c, _, i = f.partition(".")
+        if c in "qkv" and i:
+            qkv[int(i)] = qkv.get(int(i), "") + c
+    layers = sorted(set(hidden) | set(qkv))
+    with ActivationCapture(model, layers, hidden=hidden, qkv=qkv, embeddings="emb" in fields) as cap:
+        def read(output) -> dict[str, torch.Tensor]:
+            out = {}
+            if "emb" in fields:
+                out["emb"] = cap.out.embeddings
+            for i in hidden:
+                out[f"hidden.{i}"] = cap.out.hidden[i]
+            for i, letters in qkv.items():
+                for c in letters:
+                    out[f"{c}.{i}"] = getattr(cap.out, c)[i]
+            if "logits" in fields:
+                out["logits"] = output.logits
+            return out
+
+        yield read

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastkd.batching import LengthBucketSampler
 from fastkd.cache import cache_root
+from fastkd.engine import batches_for_epoch, evaluate, lr_lambda
 
 
 @dataclass
@@ -72,8 +74,6 @@ def finetune_key(teacher_path, data: str, label_names, max_length: int, cfg: Fin
 
 
 def _accuracy(model, dataset, batch_size: int, device, pad_id: int) -> float:
-    from fastkd.train import evaluate  # the trainer's evaluation (length-sorted, dynamic padding)
-
     return evaluate(model, dataset, batch_size, device, pad_id)
 
 
@@ -84,8 +84,6 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     the folder of the cached fine-tuned ``*ForSequenceClassification`` model (reused when the key matches)."""
     from transformers import AutoModelForSequenceClassification
 
-    from fastkd.batching import LengthBucketSampler
-    from fastkd.train import batches_for_epoch, lr_lambda
 
     key = finetune_key(teacher_path, data_fingerprint, label_names, max_length, cfg)
     folder = (root or cache_root()) / "teachers" / key

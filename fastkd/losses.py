@@ -232,7 +232,7 @@ def layer_costs(h_s=None, h_t=None, weight=None, bias=None, q_s=None, k_s=None, 
     weight, bias, mask) and attention_mse(q_s[i], k_s[i], q_t[j], k_t[j], mask). h: [M|N, B, L, d],
     q/k: [M|N, B, H, L, d]; either side may be None. Computed from Gram matrices (one GEMM per side, any
     device); validation is in :func:`fastkd.kernels.layer_costs.layer_costs`."""
-    from fastkd.kernels.layer_costs import layer_costs as gram_costs
+    from fastkd.layer_costs import layer_costs as gram_costs
 
     return gram_costs(h_s, h_t, weight, bias, q_s, k_s, q_t, k_t, mask)
 

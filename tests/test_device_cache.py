@@ -8,7 +8,7 @@ import torch
 
 from fastkd.cache import TeacherCache
 from fastkd.device_cache import DeviceCache
-from fastkd.train import seq_dim
+from fastkd.terms import seq_dim
 
 N, H, D, C = 12, 3, 8, 4
 

@@ -9,10 +9,10 @@ fp16 and bf16 inputs: values 2e-5 (fp32 math on the exact half inputs), grads 2e
 
 import pytest
 import torch
-from fastkd.kernels.layer_costs import layer_costs
 
 from fastkd import losses
 from fastkd import reference as ref
+from fastkd.layer_costs import layer_costs
 from tests.conftest import rel_err
 
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-5, 2e-3), torch.bfloat16: (2e-5, 1e-2)}

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastkd import train
+from fastkd import config, engine, terms, train
+from fastkd import teacher as teacher_mod
+from fastkd import trainer as trainer_mod
 from fastkd.models import tiny_bert_config
 
 WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "a", "movie", "film", "was",
@@ -243,7 +245,7 @@ def test_finetune_seed_shares_one_teacher_across_student_seeds(tiny, tmp_path, m
 
 
 def test_max_train_examples_zero_means_all(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "CPU_TRAIN_EXAMPLES", 10)  # the CPU default subset, shrunk below the 48 examples
+    monkeypatch.setattr(trainer_mod, "CPU_TRAIN_EXAMPLES", 10)  # the CPU default subset, shrunk below the 48 examples
     sizes = {}
     for flag in (None, "0"):
         argv = args_for(tiny, tmp_path / f"run{flag}", "kd", *(["--max-train-examples", flag] if flag else []))
@@ -284,7 +286,7 @@ def test_sentence_pairs_reach_teacher_and_student_with_segment_ids(tiny, tmp_pat
     # student's training forward (gradients on) -- evaluation alone must not satisfy the test.
     saw_segments: set = set()
     in_runner = [False]
-    orig, orig_call = BertEmbeddings.forward, train.TeacherRunner.__call__
+    orig, orig_call = BertEmbeddings.forward, teacher_mod.TeacherRunner.__call__
 
     def forward(self, input_ids=None, token_type_ids=None, *a, **k):
         if token_type_ids is not None and bool((token_type_ids == 1).any()):
@@ -299,7 +301,7 @@ def test_sentence_pairs_reach_teacher_and_student_with_segment_ids(tiny, tmp_pat
             in_runner[0] = False
 
     monkeypatch.setattr(BertEmbeddings, "forward", forward)
-    monkeypatch.setattr(train.TeacherRunner, "__call__", call)
+    monkeypatch.setattr(teacher_mod.TeacherRunner, "__call__", call)
     argv = args_for(tiny, tmp_path / "run", "tinybert")
     for split, flag in (("train", "--task"), ("dev", "--dev"), ("test", "--test")):
         argv[argv.index(flag) + 1] = texts[split]
@@ -358,7 +360,7 @@ def test_bert_emd_layer_weights_update(tiny, tmp_path):
 def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, monkeypatch):
     """Epoch 2 with the cache: same losses as a live teacher (fp16 storage tolerance), no teacher forward."""
     calls = {"n": 0}
-    real_call = train.TeacherRunner.__call__
+    real_call = teacher_mod.TeacherRunner.__call__
 
     def counting(self, batch, host=None):
         before = self.calls
@@ -366,7 +368,7 @@ def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, mon
         calls["n"] += self.calls - before
         return out
 
-    monkeypatch.setattr(train.TeacherRunner, "__call__", counting)
+    monkeypatch.setattr(teacher_mod.TeacherRunner, "__call__", counting)
     results = {}
     for mode in ("off", "memory", "device"):
         calls["n"] = 0
@@ -421,7 +423,7 @@ def test_gpu_defaults_half_teacher_bf16_amp_memory_cache(tiny, tmp_path, monkeyp
     for stage in tr.recipe.stages:
         mine = [m for m in steps if m["stage"] == stage.name]
         assert mine and all(torch.isfinite(torch.tensor(m["loss"])) for m in mine), stage.name
-        fields = train.plan_fields(train.capture_plan(stage.terms, "teacher"), tr.shapes.teacher_layers)
+        fields = terms.plan_fields(terms.capture_plan(stage.terms, "teacher"), tr.shapes.teacher_layers)
         if not fields:
             assert stage.name not in caches
             continue
@@ -430,7 +432,7 @@ def test_gpu_defaults_half_teacher_bf16_amp_memory_cache(tiny, tmp_path, monkeyp
         assert caches[stage.name]["hit_rate"] == pytest.approx(0.5)
         forwards += per_epoch
     assert res["teacher_forwards"] == forwards
-    assert any(not train.plan_fields(train.capture_plan(s.terms, "teacher"), tr.shapes.teacher_layers)
+    assert any(not terms.plan_fields(terms.capture_plan(s.terms, "teacher"), tr.shapes.teacher_layers)
                for s in tr.recipe.stages) == (method == "minilm")
 
 
@@ -457,7 +459,7 @@ def test_fused_losses_in_the_trainer_match_eager(tiny, tmp_path, monkeypatch, me
 def test_cache_auto_picks_device_when_the_activations_fit(tiny, tmp_path, monkeypatch, budget, expected):
     """--cache auto (the default): the device cache when the dataset's activations fit the GPU budget, else the
     host memory cache; without a GPU (budget None) always the host cache."""
-    monkeypatch.setattr(train.Trainer, "_device_cache_budget", lambda self: budget)
+    monkeypatch.setattr(trainer_mod.Trainer, "_device_cache_budget", lambda self: budget)
     out = tmp_path / "run"
     logs = []
     train.run(train.parse_config(args_for(tiny, out, "tinybert", "--cache", "auto", "--epochs", "2")), log=logs.append)
@@ -531,8 +533,8 @@ def test_max_grad_norm_zero_switches_clipping_off(tiny, tmp_path, monkeypatch):
         before.update({k: v.detach().clone() for k, v in self.module.student.state_dict().items()})
         return orig(self, *a, **k)
 
-    orig = train.Trainer.train
-    monkeypatch.setattr(train.Trainer, "train", snapshot)
+    orig = trainer_mod.Trainer.train
+    monkeypatch.setattr(trainer_mod.Trainer, "train", snapshot)
     res = run_cli(args_for(tiny, tmp_path / "run", "kd", "--max-grad-norm", "0"))
     assert not calls
     after = res["trainer"].module.student.state_dict()
@@ -629,7 +631,7 @@ def test_error_bad_override(tiny, tmp_path):
 
 
 def test_nan_loss_stops_naming_step_term_and_checkpoint(tiny, tmp_path, monkeypatch):
-    real = train.losses.attention_mse
+    real = terms.losses.attention_mse
     state = {"n": 0}
 
     def poisoned(*a, **k):
@@ -637,9 +639,9 @@ def test_nan_loss_stops_naming_step_term_and_checkpoint(tiny, tmp_path, monkeypa
         v = real(*a, **k)
         return v * float("nan") if state["n"] > 6 else v  # 2 pairs per step: step 4 goes bad
 
-    monkeypatch.setattr(train.losses, "attention_mse", poisoned)
+    monkeypatch.setattr(terms.losses, "attention_mse", poisoned)
     argv = args_for(tiny, tmp_path / "nan", "tinybert", "--save-every", "2")
-    with pytest.raises(train.NonFiniteLossError, match=r"step 4 .*att_mse=nan.*step-2\.pt"):
+    with pytest.raises(engine.NonFiniteLossError, match=r"step 4 .*att_mse=nan.*step-2\.pt"):
         run_cli(argv)
 
 
@@ -685,7 +687,7 @@ def test_cli_help_explains_every_option_and_lists_recipe_settings():
     # every trainer option is a CLI flag, and every recipe setting --set accepts is listed with its default
     for f in dataclasses.fields(train.TrainConfig):
         if f.name != "overrides":
-            assert f.name in train._HELP, f.name
+            assert f.name in config._HELP, f.name
     for method, cls in PARAMS.items():
         assert method in text
         for f in dataclasses.fields(cls):
@@ -700,7 +702,7 @@ def _ddp_worker(rank, world, port, argv, q):
     torch.set_num_threads(1)
     try:
         cfg = train.parse_config(argv)
-        trainer = train.Trainer(cfg, log=lambda *_: None)
+        trainer = trainer_mod.Trainer(cfg, log=lambda *_: None)
         trainer.setup()
         trainer.train()
         sd = {k: v.clone() for k, v in trainer.module.student.state_dict().items()}
@@ -751,7 +753,7 @@ def test_etd_student_projection_starts_as_the_kept_hidden_dims():
     shapes = Shapes(4, 2, 32, 16, 4, 4)
     student = BertModel(tiny_bert_config(hidden_size=16, num_hidden_layers=2, intermediate_size=32))
     kept = torch.tensor([1, 4, 5, 7, 9, 11, 12, 13, 17, 20, 22, 25, 26, 28, 30, 31])
-    module = train.DistillModule(student, shapes, build_recipe("tinybert", shapes), kept)
+    module = terms.DistillModule(student, shapes, build_recipe("tinybert", shapes), kept)
     h_s = torch.randn(3, 16)
     projected = module.fit(h_s)
     assert torch.equal(projected[:, kept], h_s)  # dim j lands on the teacher dim it was extracted from
@@ -759,7 +761,7 @@ def test_etd_student_projection_starts_as_the_kept_hidden_dims():
     dropped[kept] = False
     assert torch.equal(projected[:, dropped], torch.zeros(3, 16))
     # Random init (--etd none) keeps nn.Linear's random projection.
-    assert not torch.equal(train.DistillModule(student, shapes, build_recipe("tinybert", shapes)).fit.bias,
+    assert not torch.equal(terms.DistillModule(student, shapes, build_recipe("tinybert", shapes)).fit.bias,
                            torch.zeros(32))
 
 

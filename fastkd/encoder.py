@@ -1,0 +1,135 @@
+"""Where a BERT-family encoder keeps its parts (layers, attention projections, FFN, LayerNorms), and the
+student config derived from a teacher's; shared by ETD and its importance pass."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+
+
+
+# ---------------------------------------------------------------- model structure
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(_base(model), "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"teacher: expected a BERT-family encoder with .encoder.layer (BERT, RoBERTa, ELECTRA, MiniLM), "
+            f"got {type(model).__name__}"
+        )
+    return layers
+
+
+@dataclass
+class _LayerParts:
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    attn_out: nn.Linear
+    attn_norm: nn.LayerNorm
+    ffn_in: nn.Linear
+    ffn_out: nn.Linear
+    out_norm: nn.LayerNorm
+
+
+# Parameter names inside one encoder layer -> _LayerParts attribute.
+_LAYER_PARAMS = {
+    "attention.self.query": "query",
+    "attention.self.key": "key",
+    "attention.self.value": "value",
+    "attention.output.dense": "attn_out",
+    "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "ffn_in",
+    "output.dense": "ffn_out",
+    "output.LayerNorm": "out_norm",
+}
+
+
+def _layer_parts(layer: nn.Module) -> _LayerParts:
+    try:
+        sa = layer.attention.self
+        parts = _LayerParts(sa.query, sa.key, sa.value, layer.attention.output.dense,
+                            layer.attention.output.LayerNorm, layer.intermediate.dense, layer.output.dense,
+                            layer.output.LayerNorm)
+    except AttributeError as e:
+        raise ValueError(f"teacher: unsupported encoder layer {type(layer).__name__} ({e}); expected BERT's "
+                         f"attention.self.{{query,key,value}}, attention.output, intermediate, output") from e
+    for name, mod in _fields(parts).items():
+        want = nn.LayerNorm if name.endswith("norm") else nn.Linear
+        if not isinstance(mod, want):
+            raise ValueError(f"teacher: layer part {name} is {type(mod).__name__}, expected {want.__name__}")
+    return parts
+
+
+def _fields(obj) -> dict:
+    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
+
+
+def _check_teacher(teacher) -> object:
+    cfg = getattr(teacher, "config", None)
+    if not isinstance(teacher, nn.Module) or cfg is None:
+        raise ValueError(f"teacher: expected a transformers BERT-family model, got {type(teacher).__name__}")
+    if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"teacher: expected a model_type in {SUPPORTED_MODEL_TYPES}, got "
+                         f"{getattr(cfg, 'model_type', None)!r}")
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        raise ValueError("teacher: expected an encoder; decoders and cross-attention are not supported")
+    if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+        raise ValueError(f"teacher: expected absolute position embeddings, got {cfg.position_embedding_type!r}")
+    layers = _layers(teacher)
+    if len(layers) != cfg.num_hidden_layers:
+        raise ValueError(f"teacher: has {len(layers)} layers but config says {cfg.num_hidden_layers}")
+    for layer in layers:
+        _layer_parts(layer)
+    return cfg
+
+
+def _positive_int(name: str, value, upper: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int (at least 1), got {value}")
+    if value > upper:
+        raise ValueError(f"{name}: expected at most the teacher's {what} ({upper}), got {value}")
+    return value
+
+
+def student_config(teacher, *, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int):
+    """The student's config: a copy of the teacher's (same class and family, same vocab, positions, activation,
+    attention implementation) with the four sizes replaced; validated."""
+    cfg_t = _check_teacher(teacher) if isinstance(teacher, nn.Module) else teacher
+    _positive_int("num_layers", num_layers, cfg_t.num_hidden_layers, "num_hidden_layers")
+    _positive_int("hidden_size", hidden_size, cfg_t.hidden_size, "hidden_size")
+    _positive_int("num_heads", num_heads, cfg_t.num_attention_heads, "num_attention_heads")
+    _positive_int("intermediate_size", intermediate_size, cfg_t.intermediate_size, "intermediate_size")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size: expected a multiple of num_heads={num_heads}, got {hidden_size}")
+    emb_t = getattr(cfg_t, "embedding_size", None)
+    if emb_t is not None and emb_t != cfg_t.hidden_size and hidden_size == emb_t:
+        raise ValueError(
+            f"hidden_size: this teacher projects embeddings ({emb_t}) to its hidden size ({cfg_t.hidden_size}); "
+            f"a student hidden_size equal to embedding_size={emb_t} would drop that projection, choose another")
+    cfg = copy.deepcopy(cfg_t)
+    cfg.num_hidden_layers = num_layers
+    cfg.hidden_size = hidden_size
+    cfg.num_attention_heads = num_heads
+    cfg.intermediate_size = intermediate_size
+    if emb_t is not None and emb_t == cfg_t.hidden_size:
+        cfg.embedding_size = hidden_size  # tied to the hidden size (no projection), so it shrinks with it
+    return cfg
+
+
+def uniform_layers(num_teacher_layers: int, num_layers: int) -> list[int]:
+    """ETD's depth rule: teacher layers [0, n/m, 2n/m, …] (floored), 0-based."""
+    return [i * num_teacher_layers // num_layers for i in range(num_layers)]
+
+

@@ -1,0 +1,77 @@
+"""The end of a run: CPU latency, the loss plot and the printed report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, input_ids: list[int], runs: int = 20) -> float:
+    """Median batch-1 CPU latency (ms) of ``model`` on one sequence, fp32, after warm-up."""
+    m = model.to("cpu").float().eval()
+    x = torch.tensor([input_ids])
+    mask = torch.ones_like(x)
+    for _ in range(3):
+        m(input_ids=x, attention_mask=mask)
+    times = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        m(input_ids=x, attention_mask=mask)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+
+def plot_losses(metrics: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    recs = [r for r in recs if "loss" in r and "event" not in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    keys = sorted({k for r in recs for k in r if k.startswith("loss_")})
+    for k in ["loss", *keys]:
+        xs = [r["step"] for r in recs if k in r]
+        ys = [r[k] for r in recs if k in r]
+        if xs:
+            ax.plot(xs, ys, label=k, lw=1.5 if k == "loss" else 1)
+    for a, b in zip(recs, recs[1:], strict=False):
+        if a["stage"] != b["stage"]:
+            ax.axvline(b["step"], color="grey", ls=":", lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    positive = all(r[k] > 0 for r in recs for k in r if k.startswith("loss"))
+    ax.set_yscale("log" if positive else "symlog", **({} if positive else {"linthresh": 1e-3}))
+    ax.legend(fontsize=8)
+    ax.set_title("fastkd distillation losses")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def report(result: dict, note: str) -> str:
+    lines = []
+    if note:
+        lines.append(note)
+    if "teacher_test_acc" in result:
+        lines.append(f"teacher test accuracy: {result['teacher_test_acc']:.4f} ({result['test_examples']} examples)")
+        lines.append(f"student test accuracy: {result['student_test_acc']:.4f}")
+    if "student_params" in result:
+        ratio = result["teacher_params"] / result["student_params"]
+        lines.append(f"student size: {result['student_params'] / 1e6:.2f}M params (teacher "
+                     f"{result['teacher_params'] / 1e6:.2f}M, {ratio:.2f}x smaller)")
+        lines.append(f"speed-up: {result['speedup']:.2f}x (CPU batch-1 latency, {result['latency_tokens']} tokens: "
+                     f"teacher {result['teacher_latency_ms']:.1f} ms, student {result['student_latency_ms']:.1f} ms)")
+    lines.append(f"student saved to: {result['student_dir']} (metrics.jsonl, loss.png in {result['output_dir']})")
+    lines.append(f"wall time: {result.get('wall_s', 0):.0f}s")
+    return "\n".join(lines)
+
+

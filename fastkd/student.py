@@ -1,0 +1,78 @@
+"""The student: extracted from the teacher by ETD or randomly initialised."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastkd.batching import LengthBucketSampler
+from fastkd.config import TrainConfig
+from fastkd.engine import batches_for_epoch
+from fastkd.recipes import Recipe
+
+# ---------------------------------------------------------------- models
+
+
+def _has_task_head(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def student_config(teacher_config, cfg: TrainConfig):
+    sc = type(teacher_config).from_dict(teacher_config.to_dict())
+    sc.num_hidden_layers, sc.hidden_size = cfg.student_layers, cfg.student_hidden
+    sc.num_attention_heads, sc.intermediate_size = cfg.student_heads, cfg.student_ffn
+    return sc
+
+
+def etd_batches(dataset, batch_size: int, pad_token_id: int, seed: int):
+    """Labelled (when known) batches as dicts for fastkd.etd's importance pass."""
+    sampler = LengthBucketSampler(dataset["length"], batch_size, seed=seed, shuffle=True)
+    for b in batches_for_epoch(sampler, dataset, pad_token_id):
+        d = b.model_inputs()
+        if b.labels is not None:
+            d["labels"] = b.labels
+        yield d
+
+
+def mapped_teacher_layers(recipe: Recipe, n_s: int, n_t: int) -> list[int] | None:
+    """The teacher layers a recipe maps student layers 0..n_s-1 onto (TinyBERT/ERNIE-Tiny's uniform mapping),
+    so ETD extracts each student layer from the teacher layer it will be distilled against; None when no
+    term maps every student layer."""
+    for stage in recipe.stages:
+        for term in stage.terms:
+            students = sorted(i for i, _ in term.pairs)
+            if term.kind in ("hidden_mse", "att_mse") and students == list(range(n_s)):
+                return [t for _, t in sorted(term.pairs)]
+            if term.kind == "pkd" and students == list(range(n_s - 1)):
+                # PKD maps all but the last student layer; the last one is distilled through the logits, so it
+                # comes from the teacher's last layer.
+                return [t for _, t in sorted(term.pairs)] + [n_t - 1]
+    return None
+
+
+def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num_batches: int = 64,
+                 layers: list[int] | None = None) -> tuple[nn.Module, torch.Tensor | None]:
+    """(student, kept teacher hidden dims or None): ETD extraction (``--etd impt|rand``, fastkd.etd) or, with
+    ``--etd none``, the teacher's class randomly initialised."""
+    torch.manual_seed(cfg.seed)
+    if cfg.etd != "none":
+        from fastkd.etd import extract_student
+
+        log(f"student: extracting with ETD ({cfg.etd}) from the teacher"
+            + (f" (importance over {num_batches} batches)" if cfg.etd == "impt" else "")
+            + (f", teacher layers {layers} (the recipe's layer mapping)" if layers else ", uniform depth"))
+        student, plan = extract_student(teacher, num_layers=cfg.student_layers, hidden_size=cfg.student_hidden,
+                                        num_heads=cfg.student_heads, intermediate_size=cfg.student_ffn,
+                                        strategy=cfg.etd, data=data, seed=cfg.seed, num_batches=num_batches,
+                                        layers=layers, return_plan=True)
+        return student, plan.hidden
+    # --etd none is plain random initialisation: the baseline ETD's savings are measured against.
+    # (PKD's "first k teacher layers" init is what --etd rand gives at the teacher's own width.)
+    log("student: --etd none: random initialisation")
+    return type(teacher)(student_config(teacher.config, cfg)), None
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
