@@ -25,7 +25,7 @@ def teacher_batch():
     from transformers import AutoModel
 
     from fastkd.batching import collate
-    from fastkd.models import default_teacher_path
+    from fastkd.teacher import default_teacher_path
 
     device = "cuda" if HAS_CUDA else "cpu"
     dtype = torch.float16 if HAS_CUDA else torch.float32

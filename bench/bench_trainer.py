@@ -28,7 +28,7 @@ CASES = [("eager", "fp32", "off")] + [(backend, teacher, "auto") for backend in 
 def teacher_dir(tmp_path_factory):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fastkd.models import default_teacher_path
+    from fastkd.teacher import default_teacher_path
 
     path = tmp_path_factory.mktemp("bench-teacher")
     torch.manual_seed(0)
@@ -77,13 +77,13 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
     stage = tr.recipe.stages[0]
     tr.module.set_stage(stage)
     fields = terms.plan_fields(terms.capture_plan(stage.terms, "teacher"), tr.shapes.teacher_layers)
-    cache = tr._make_cache(0, stage, fields)
+    cache = tr.make_cache(stage, fields)
     runner = TeacherRunner(tr.teachers[stage.teacher], fields, cache, tr.device)
     sampler = LengthBucketSampler(tr.data["task"]["length"], batch, shuffle=False)
     b = next(iter(engine.batches_for_epoch(sampler, tr.data["task"], tr.pad_id))).to(tr.device)
     runner(b)  # fills the cache when there is one
     assert teacher not in ("cached", "device") or cache.get(b.index, b.attention_mask.sum(1).cpu()) is not None
-    amp = tr._amp()
+    amp = tr.amp
     opt = torch.optim.AdamW(tr.module.parameters(), lr=1e-5, fused=HAS_CUDA)
 
     def step():

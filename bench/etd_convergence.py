@@ -45,7 +45,7 @@ from fastkd.capture import ActivationCapture
 from fastkd.data import load_task
 from fastkd.device import device_name
 from fastkd.etd import compute_importance, extract_student, student_config, text_batches, uniform_layers
-from fastkd.models import load_encoder
+from fastkd.teacher import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 # Like the tests: read the real data in place beside the checkout, never the hub.

@@ -24,7 +24,6 @@ DDP each rank writes its own files and reads every rank's (call :meth:`TeacherCa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,9 +32,16 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+
+from fastkd.digest import (
+    canonical,
+    sha256_file,
+    sha256_json,
+)
 
 log = logging.getLogger("fastkd.cache")
 
@@ -67,77 +73,6 @@ def prefer_scores(length: int, head_dim: int) -> bool:
 # Keys
 # ---------------------------------------------------------------------------------------------------------------
 
-def _canonical(value, where: str):
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return repr(value)  # exact, and NaN-safe for json
-    if isinstance(value, torch.dtype):
-        return str(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, (set, frozenset)):
-        return sorted(_canonical(v, where) for v in value)
-    if isinstance(value, dict):
-        return {str(k): _canonical(v, f"{where}.{k}") for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if hasattr(value, "__dataclass_fields__"):
-        import dataclasses
-
-        return _canonical(dataclasses.asdict(value), where)
-    raise ValueError(f"{where}: expected str, int, float, bool, None, dtype, Path, list, dict or dataclass in a "
-                     f"cache key, got {type(value).__name__}; pass a fingerprint string instead")
-
-
-def fingerprint_model(model: torch.nn.Module) -> str:
-    """sha256 over a model's config (minus its load path and library version) and every parameter and buffer."""
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        d = config.to_dict()
-        for volatile in ("_name_or_path", "transformers_version", "_attn_implementation_autoset"):
-            d.pop(volatile, None)
-        h.update(json.dumps(d, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def fingerprint_tokenizer(tokenizer) -> str:
-    """sha256 over a tokenizer's full definition (fast tokenizers) or its vocabulary and class."""
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    return h.hexdigest()
-
-
-def fingerprint_dataset(ds, column: str = "input_ids") -> str:
-    """sha256 over a tokenised dataset's token ids (and segment starts of sentence pairs) in row order: what the
-    teacher actually sees."""
-    import pyarrow as pa
-
-    if column not in ds.column_names:
-        raise ValueError(f"ds: expected a {column!r} column (from fastkd.data.tokenize), got {ds.column_names}")
-    h = hashlib.sha256(f"{len(ds)};".encode())
-    for table in ds.select_columns([column]).with_format("arrow").iter(batch_size=50_000):
-        col = table.column(column).combine_chunks()
-        if isinstance(col, pa.ChunkedArray):
-            col = col.combine_chunks()
-        h.update(col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
-        h.update(col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
-    if "type_start" in ds.column_names:  # sentence pairs: the segment ids are part of what the teacher sees
-        h.update(b"type_start;" + np.asarray(ds["type_start"], dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Disk shards
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,14 +92,6 @@ class _Field:
 
 class CacheCorrupt(Exception):
     """A shard or manifest failed verification (internal: turned into a warning and a rebuild)."""
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -243,6 +170,28 @@ class _Shard:
 # The cache
 # ---------------------------------------------------------------------------------------------------------------
 
+class ActivationCache(Protocol):
+    """What the trainer asks of a teacher-activation cache; :class:`TeacherCache` (memory or disk shards) and
+    :class:`fastkd.device_cache.DeviceCache` (GPU buffers) implement it."""
+
+    def get(self, index: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Every field of the batch's examples (None unless all of them are stored)."""
+
+    def put(self, index: torch.Tensor, lengths: torch.Tensor, tensors: dict[str, torch.Tensor],
+            seq_dims: dict[str, int | tuple | None]) -> None:
+        """Store a batch's fields (padding dropped)."""
+
+    def flush(self) -> None:
+        """Make what was stored durable (disk) or visible to the other ranks after :meth:`refresh`."""
+
+    def refresh(self) -> None:
+        """Read what other ranks flushed (call after a barrier)."""
+
+    @property
+    def stats(self) -> dict:
+        """mode, hits, misses, hit_rate, examples, bytes (and an optional note)."""
+
+
 class TeacherCache:
     """Teacher activations per example, keyed by :meth:`make_key`. ``mode``: "off" (every get misses, put does
     nothing), "memory" (this process only) or "disk" (memory-mapped shards, reused by later runs).
@@ -294,9 +243,9 @@ class TeacherCache:
         recipe's captured fields. Order-independent in the part names; any change in a value changes the key."""
         if not parts:
             raise ValueError("parts: expected at least one named part (teacher, data, tokenizer, ...)")
-        canonical = {name: _canonical(value, name) for name, value in parts.items()}
-        canonical["__format__"] = FORMAT_VERSION
-        return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        key = {name: canonical(value, name) for name, value in parts.items()}
+        key["__format__"] = FORMAT_VERSION
+        return sha256_json(key, compact=True)
 
     # -- disk: open, verify, rebuild ---------------------------------------------------------------------------
     def _manifest_path(self, rank: int) -> Path:
@@ -328,7 +277,7 @@ class TeacherCache:
             if size != entry["bytes"]:
                 raise CacheCorrupt(f"{entry['file']} has {size} bytes, the manifest says {entry['bytes']} "
                                    f"(truncated or altered)")
-            if self.verify and _sha256_file(shard_path) != entry["sha256"]:
+            if self.verify and sha256_file(shard_path) != entry["sha256"]:
                 raise CacheCorrupt(f"{entry['file']} fails its sha256 checksum (altered)")
             shards.append((_Shard(shard_path, self.dtype, fields), entry))
         return fields, shards
@@ -538,7 +487,7 @@ class TeacherCache:
         tmp = self.dir / (name + ".tmp")
         _write_safetensors(tmp, tensors, {"key": self.key, "schema": json.dumps(schema, sort_keys=True)})
         os.replace(tmp, self.dir / name)
-        entry = {"file": name, "bytes": (self.dir / name).stat().st_size, "sha256": _sha256_file(self.dir / name),
+        entry = {"file": name, "bytes": (self.dir / name).stat().st_size, "sha256": sha256_file(self.dir / name),
                  "examples": len(ids)}
         self._own_shards.append(entry)
         manifest = {"format": FORMAT_VERSION, "key": self.key, "rank": self.rank,

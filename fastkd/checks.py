@@ -84,3 +84,16 @@ def check_mask(mask: torch.Tensor | None, batch: int, length: int, name: str = "
         rows = (~mask.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"{name}: every sequence needs at least one valid token; rows {rows[:8]} have none")
     return mask
+
+
+def check_transport(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_name: str = "a", b_name: str = "b") -> None:
+    """A batch of transport problems: cost [P, M, N] with histograms a [P, M] and b [P, N], on one device."""
+    check_float("cost", cost, 3, "[P, M, N]")
+    check_float(a_name, a, 2, "[P, M]")
+    check_float(b_name, b, 2, "[P, N]")
+    check_same_device(cost=cost, **{a_name: a, b_name: b})
+    P, M, N = cost.shape
+    if tuple(a.shape) != (P, M):
+        raise ValueError(f"{a_name}: expected shape [P, M] = [{P}, {M}], got {tuple(a.shape)}")
+    if tuple(b.shape) != (P, N):
+        raise ValueError(f"{b_name}: expected shape [P, N] = [{P}, {N}], got {tuple(b.shape)}")

@@ -1,4 +1,9 @@
-"""The trainer's options: :class:`TrainConfig`, its command line and its config files."""
+"""The trainer's options: :class:`TrainConfig`, its command line and its config files.
+
+Each option is one field, declared with :func:`option`: its default, its help line, its choices or its check.
+The command line (:func:`build_parser`), ``--help`` and the checks of a config built in code all come from those
+fields, so adding an option is one field here.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,149 +23,127 @@ CPU_DEV_EXAMPLES = 500
 CPU_MAX_EPOCHS = 1
 DESCRIPTION = "fastkd's lean distillation trainer: ``python -m fastkd.train --method tinybert --etd impt``."
 
-# ---------------------------------------------------------------- configuration
+# A check returns None when the value is fine, else what was expected.
+Check = Callable[[Any], "str | None"]
 
 
-# The options that take one of a few words (the CLI's choices; TrainConfig checks them too).
-_CHOICES = {
-    "method": METHODS,
-    "mode": ("task", "general"),
-    "etd": ("impt", "rand", "none"),
-    "teacher_dtype": ("auto", "fp32", "fp16", "bf16"),
-    "amp": ("auto", "bf16", "fp16", "off"),
-    "cache": ("auto", "off", "memory", "disk", "device"),
-}
+def positive(v) -> str | None:
+    return None if v is None or v >= 1 else "a positive integer"
+
+
+def non_negative(v) -> str | None:
+    return None if v is None or v >= 0 else "0 or a positive integer"
+
+
+def count_or_all(v) -> str | None:
+    return None if v is None or v >= 0 else "0 (all the data) or a positive count"
+
+
+def fraction(v) -> str | None:
+    return None if 0 <= v <= 1 else "a fraction of the steps in [0, 1]"
+
+
+def finite_non_negative(v) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "a finite number >= 0"
+
+
+def one_of(choices) -> Check:
+    return lambda v: None if v in choices else f"one of {', '.join(choices)}"
+
+
+def option(default, help: str, *, choices: tuple[str, ...] | None = None, check: Check | None = None,
+           flag: str | None = None, cli: bool = True):
+    """A TrainConfig field with its CLI help, its choices (argparse enforces them too) or its check, and its flag
+    (default ``--<name>``; a bool defaulting to True gets ``--no-<name>``)."""
+    meta = {"help": help, "choices": choices, "check": check or (one_of(choices) if choices else None),
+            "flag": flag, "cli": cli}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    method: str = "tinybert"
-    mode: str = "task"  # "task" | "general"
-    task: str = "sst2"  # a task name (fastkd.data.TASKS) or a path to a labelled .tsv/.csv/.json(l) file
-    dev: str | None = None  # dev data (task name or path); default: the task's dev split
-    test: str | None = None  # test data; default: the task's test split
-    general_corpus: str | None = None  # unlabelled text (--mode general: the task's; ERNIE-Tiny: agnews)
-    text_column: str | None = None  # a data file's text column when its name is not one fastkd tries
-    label_column: str | None = None  # a data file's label column, likewise
-    text_pair_column: str | None = None  # the second text of sentence pairs (found by name when not given)
-    teacher: str | None = None  # a local model folder; default the packaged MiniLM
-    output_dir: str | None = None
-    etd: str = "none"  # "impt" | "rand" | "none" (none: random initialisation)
-    student_layers: int = 3
-    student_hidden: int = 384
-    student_heads: int = 12
-    student_ffn: int = 1536
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_length: int = 128
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    epochs: int | None = None  # overrides every stage's epochs
-    max_train_examples: int | None = None  # default: all on a GPU, CPU_TRAIN_EXAMPLES on a CPU; 0: all
-    max_dev_examples: int | None = None  # default: all on a GPU, CPU_DEV_EXAMPLES on a CPU; 0: all
-    teacher_dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
-    amp: str = "auto"  # auto (bf16 if supported, else fp16 + GradScaler on CUDA; off on CPU) | bf16 | fp16 | off
-    cache: str = "auto"  # auto (device on a GPU when it fits, else memory) | off | memory | disk | device
-    cache_dir: str | None = None
-    finetune_epochs: int | None = None  # teacher fine-tuning epochs (default 3 on a GPU, 1 on a CPU)
-    # Training examples for the teacher's fine-tune: None = the student's training data (the CPU subset on a
-    # CPU), 0 = all of the task's training data, N = a seeded N-example subset. The fine-tune is cached, so a
-    # stronger teacher costs once per (teacher, data, settings).
-    finetune_examples: int | None = None
-    # Seed of the teacher's fine-tune (default: --seed). Fixing it lets runs with different --seed share one
-    # cached teacher, so a seed sweep measures the student's variance, not the teacher's.
-    finetune_seed: int | None = None
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at epoch ends)
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 0
-    log_every: int = 10
-    latency_runs: int = 20
-    progress: bool = True
-    overrides: dict[str, Any] = field(default_factory=dict)
+    method: str = option("tinybert", f"one of {', '.join(METHODS)}", check=one_of(METHODS))
+    mode: str = option("task", "task: distil on a labelled task (the student gets a classifier head); general: "
+                       "task-agnostic distillation on unlabelled text (a general student, to fine-tune later)",
+                       choices=("task", "general"))
+    task: str = option("sst2", f"task name ({', '.join(TASKS)}; read from FASTKD_DATA_DIR, else the hub) or a "
+                       "labelled .tsv/.csv/.json(l) file with text (or sentence-pair) and label columns")
+    dev: str | None = option(None, "dev data for evaluation and best-checkpoint selection: task name or file "
+                             "(default: the task's own dev split, a task name's or a folder's dev file; else a fixed "
+                             "held-out slice of train, as for AG News)")
+    test: str | None = option(None, "test data for the final report: task name or file (default: the task's own "
+                              "test split, a task name's or a folder's test file; a single file has none)")
+    general_corpus: str | None = option(None, "unlabelled text: a task name or a file (default: --task in general "
+                                        "mode, agnews for ERNIE-Tiny's general stages)")
+    text_column: str | None = option(None, "the text column of data files whose header names it otherwise "
+                                     f"(default: the first of {', '.join(TEXT_COLUMNS)}, else the first text column)")
+    label_column: str | None = option(None, "the label column of data files whose header names it otherwise "
+                                      f"(default: the first of {', '.join(LABEL_COLUMNS)})")
+    text_pair_column: str | None = option(None, "the second text of sentence-pair data files (default: found by "
+                                          "name: sentence1/sentence2, question1/question2, premise/hypothesis, "
+                                          "question/sentence, text_a/text_b)")
+    teacher: str | None = option(None, "local model folder, with or without a task head (default: the packaged "
+                                 "MiniLM); a teacher without a head is fine-tuned first and cached")
+    output_dir: str | None = option(None, "where the run writes checkpoints, metrics.jsonl, loss.png and the "
+                                    "student (default: runs/<method>-<task>-<time>)")
+    etd: str = option("none", "student initialisation: extract the teacher's weights by importance (impt) or at "
+                      "random (rand), or none (random initialisation)", choices=("impt", "rand", "none"))
+    student_layers: int = option(3, "student depth", check=positive)
+    student_hidden: int = option(384, "student width", check=positive)
+    student_heads: int = option(12, "student attention heads", check=positive)
+    student_ffn: int = option(1536, "student FFN width", check=positive)
+    batch_size: int = option(32, "examples per micro-batch", check=positive)
+    grad_accum: int = option(1, "micro-batches per optimizer step", check=positive)
+    max_length: int = option(128, "tokens per example at most (batches are padded to their longest example only)",
+                             check=positive)
+    warmup: float = option(0.1, "fraction of each stage's steps spent in linear warm-up", check=fraction)
+    weight_decay: float = option(0.01, "AdamW weight decay", check=finite_non_negative)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)", check=finite_non_negative)
+    epochs: int | None = option(None, "epochs of every stage (default: each recipe's own; 1 on a CPU)", check=positive)
+    max_train_examples: int | None = option(None, "training examples, a seeded subset (0: all; default: all on a "
+                                            f"GPU, {CPU_TRAIN_EXAMPLES} on a CPU)", check=count_or_all)
+    max_dev_examples: int | None = option(None, f"dev examples (0: all; default: all on a GPU, {CPU_DEV_EXAMPLES} "
+                                          "on a CPU)", check=count_or_all)
+    teacher_dtype: str = option("auto", "precision of the frozen teacher (auto: fp16 on CUDA, fp32 on a CPU)",
+                                choices=("auto", "fp32", "fp16", "bf16"))
+    amp: str = option("auto", "student autocast (auto: bf16 where supported, else fp16 with loss scaling, on CUDA; "
+                      "off on a CPU)", choices=("auto", "bf16", "fp16", "off"))
+    cache: str = option("auto", "teacher activations: host memory, disk shards (reused by later runs), or "
+                        "accelerator memory (device: one gather per field and batch); auto = device on a single GPU "
+                        "when the dataset's activations fit half its free memory, else memory",
+                        choices=("auto", "off", "memory", "disk", "device"))
+    cache_dir: str | None = option(None, "fastkd's cache: the disk cache's shards (activations/) and the fine-tuned "
+                                   "teachers (teachers/) (default: $FASTKD_CACHE_DIR, else ~/.cache/fastkd)")
+    finetune_epochs: int | None = option(None, "epochs of the teacher's fine-tune, when it has no task head "
+                                         "(default: 3 on a GPU, 1 on a CPU)", check=positive)
+    # None = the student's training data (the CPU subset on a CPU), 0 = all of the task's training data, N = a
+    # seeded N-example subset. The fine-tune is cached, so a stronger teacher costs once per (teacher, data,
+    # settings).
+    finetune_examples: int | None = option(None, "teacher fine-tune data: 0 = all training examples (default: the "
+                                           "student's data)", check=count_or_all)
+    # Fixing it lets runs with different --seed share one cached teacher, so a seed sweep measures the student's
+    # variance, not the teacher's.
+    finetune_seed: int | None = option(None, "seed of the teacher's fine-tune (default: --seed)", check=non_negative)
+    save_every: int = option(0, "checkpoint every N optimizer steps (0: only at each epoch's end)",
+                             check=non_negative)
+    keep_checkpoints: int = option(2, "checkpoints kept on disk (the newest)", check=positive)
+    resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
+    seed: int = option(0, "seed of data order, dropout and ETD-Rand", check=non_negative)
+    log_every: int = option(10, "optimizer steps between metrics.jsonl lines", check=positive)
+    latency_runs: int = option(20, "timed batch-1 forward passes per model for the final CPU speed-up (the median "
+                               "is reported)", check=positive)
+    progress: bool = option(True, "no progress bar", flag="--no-progress")
+    overrides: dict[str, Any] = option({}, "recipe overrides (from --set and --config)", cli=False)
 
     def __post_init__(self):
         # Checked here, not only by the CLI, so a config built in code is held to the same rules.
-        def bad(name: str, expected: str):
-            raise ValueError(f"--{name.replace('_', '-')}: expected {expected}, got {getattr(self, name)!r}")
-
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                bad(name, f"one of {', '.join(choices)}")
-        for name in ("batch_size", "grad_accum", "max_length", "student_layers", "student_hidden", "student_heads",
-                     "student_ffn", "keep_checkpoints", "log_every", "latency_runs", "epochs", "finetune_epochs"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                bad(name, "a positive integer")
-        for name in ("save_every", "seed", "finetune_seed"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                bad(name, "0 or a positive integer")
-        for name in ("max_train_examples", "max_dev_examples", "finetune_examples"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                bad(name, "0 (all the data) or a positive count")
-        if not 0 <= self.warmup <= 1:
-            bad("warmup", "a fraction of the steps in [0, 1]")
-        for name in ("weight_decay", "max_grad_norm"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                bad(name, "a finite number >= 0")
-
-
-# One line of help per trainer option (the dataclass comments above say why; these say what).
-_HELP = {
-    "method": f"one of {', '.join(METHODS)}",
-    "mode": "task: distil on a labelled task (the student gets a classifier head); general: task-agnostic "
-            "distillation on unlabelled text (a general student, to fine-tune later)",
-    "task": f"task name ({', '.join(TASKS)}; read from FASTKD_DATA_DIR, else the hub) or a labelled "
-            ".tsv/.csv/.json(l) file with text (or sentence-pair) and label columns",
-    "dev": "dev data for evaluation and best-checkpoint selection: task name or file (default: the task's own dev "
-           "split, a task name's or a folder's dev file; else a fixed held-out slice of train, as for AG News)",
-    "test": "test data for the final report: task name or file (default: the task's own test split, a task "
-            "name's or a folder's test file; a single file has none)",
-    "general_corpus": "unlabelled text: a task name or a file (default: --task in general mode, agnews for "
-                      "ERNIE-Tiny's general stages)",
-    "text_column": "the text column of data files whose header names it otherwise (default: the first of "
-                   f"{', '.join(TEXT_COLUMNS)}, else the first text column)",
-    "label_column": "the label column of data files whose header names it otherwise (default: the first of "
-                    f"{', '.join(LABEL_COLUMNS)})",
-    "text_pair_column": "the second text of sentence-pair data files (default: found by name: sentence1/sentence2, "
-                        "question1/question2, premise/hypothesis, question/sentence, text_a/text_b)",
-    "teacher": "local model folder, with or without a task head (default: the packaged MiniLM); a teacher without "
-               "a head is fine-tuned first and cached",
-    "output_dir": "where the run writes checkpoints, metrics.jsonl, loss.png and the student (default: "
-                  "runs/<method>-<task>-<time>)",
-    "etd": "student initialisation: extract the teacher's weights by importance (impt) or at random (rand), or "
-           "none (random initialisation)",
-    "student_layers": "student depth", "student_hidden": "student width",
-    "student_heads": "student attention heads", "student_ffn": "student FFN width",
-    "batch_size": "examples per micro-batch", "grad_accum": "micro-batches per optimizer step",
-    "max_length": "tokens per example at most (batches are padded to their longest example only)",
-    "save_every": "checkpoint every N optimizer steps (0: only at each epoch's end)",
-    "keep_checkpoints": "checkpoints kept on disk (the newest)",
-    "seed": "seed of data order, dropout and ETD-Rand",
-    "log_every": "optimizer steps between metrics.jsonl lines",
-    "latency_runs": "timed batch-1 forward passes per model for the final CPU speed-up (the median is reported)",
-    "warmup": "fraction of each stage's steps spent in linear warm-up", "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping norm (0: off)",
-    "epochs": "epochs of every stage (default: each recipe's own; 1 on a CPU)",
-    "max_train_examples": "training examples, a seeded subset (0: all; default: all on a GPU, "
-                          f"{CPU_TRAIN_EXAMPLES} on a CPU)",
-    "max_dev_examples": f"dev examples (0: all; default: all on a GPU, {CPU_DEV_EXAMPLES} on a CPU)",
-    "finetune_epochs": "epochs of the teacher's fine-tune, when it has no task head (default: 3 on a GPU, 1 on a "
-                       "CPU)",
-    "finetune_examples": "teacher fine-tune data: 0 = all training examples (default: the student's data)",
-    "finetune_seed": "seed of the teacher's fine-tune (default: --seed)",
-    "teacher_dtype": "precision of the frozen teacher (auto: fp16 on CUDA, fp32 on a CPU)",
-    "amp": "student autocast (auto: bf16 where supported, else fp16 with loss scaling, on CUDA; off on a CPU)",
-    "cache": "teacher activations: host memory, disk shards (reused by later runs), or accelerator memory "
-             "(device: one gather per field and batch); auto = device on a single GPU when the dataset's "
-             "activations fit half its free memory, else memory",
-    "cache_dir": "fastkd's cache: the disk cache's shards (activations/) and the fine-tuned teachers (teachers/) "
-                 "(default: $FASTKD_CACHE_DIR, else ~/.cache/fastkd)",
-    "resume": "continue the run in --output-dir from its last checkpoint",
-    "progress": "no progress bar",
-    "set": "override a recipe setting, e.g. tinybert.att_weight=2 (repeatable; the settings are listed below)",
-    "config": "JSON/YAML file of recipe overrides (+ a 'train' section of the options above)",
-}
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            expected = check(getattr(self, f.name)) if check else None
+            if expected:
+                raise ValueError(f"--{f.name.replace('_', '-')}: expected {expected}, got {getattr(self, f.name)!r}")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -191,36 +175,32 @@ def recipe_settings_help() -> str:
     return "\n".join(lines)
 
 
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _add_option(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    meta, default = f.metadata, f.default
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    if isinstance(default, bool):
+        p.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=meta["help"])
+        return
+    kind = _TYPES[str(f.type).split(" ")[0]]
+    p.add_argument(flag, dest=f.name, default=default, help=meta["help"], choices=meta["choices"],
+                   type=None if kind is str else kind)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
+    """The CLI: one flag per TrainConfig field, plus --set and --config (recipe overrides)."""
     p = argparse.ArgumentParser(prog="python -m fastkd.train", description=DESCRIPTION,
                                 formatter_class=_HelpFormatter, epilog=recipe_settings_help())
-
-    def opt(name: str, **kw):
-        p.add_argument("--" + name.replace("_", "-"), help=_HELP[name], **kw)
-
-    opt("method", default=d.method)
-    opt("mode", default=d.mode, choices=_CHOICES["mode"])
-    for name in ("task", "dev", "test", "general_corpus", "text_column", "label_column", "text_pair_column",
-                 "teacher", "output_dir"):
-        opt(name, default=getattr(d, name))
-    opt("etd", default=d.etd, choices=_CHOICES["etd"])
-    for name in ("student_layers", "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum",
-                 "max_length", "save_every", "keep_checkpoints", "seed", "log_every", "latency_runs"):
-        opt(name, type=int, default=getattr(d, name))
-    for name in ("warmup", "weight_decay", "max_grad_norm"):
-        opt(name, type=float, default=getattr(d, name))
-    for name in ("epochs", "max_train_examples", "max_dev_examples", "finetune_epochs", "finetune_examples",
-                 "finetune_seed"):
-        opt(name, type=int, default=None)
-    opt("teacher_dtype", default=d.teacher_dtype, choices=_CHOICES["teacher_dtype"])
-    opt("amp", default=d.amp, choices=_CHOICES["amp"])
-    opt("cache", default=d.cache, choices=_CHOICES["cache"])
-    opt("cache_dir", default=None)
-    opt("resume", action="store_true")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help=_HELP["progress"])
-    opt("set", action="append", default=[], metavar="METHOD.FIELD=VALUE")
-    opt("config", default=None)
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli", True):
+            _add_option(p, f)
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="override a recipe setting, e.g. tinybert.att_weight=2 (repeatable; the settings are "
+                        "listed below)")
+    p.add_argument("--config", default=None,
+                   help="JSON/YAML file of recipe overrides (+ a 'train' section of the options above)")
     return p
 
 
@@ -241,6 +221,4 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         overrides.update(data)
     overrides.update(parse_set(values.pop("set")))
     values.pop("config")
-    cfg = TrainConfig(**values, overrides=overrides)
-    return cfg
-
+    return TrainConfig(**values, overrides=overrides)

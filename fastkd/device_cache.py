@@ -160,6 +160,9 @@ class DeviceCache:
     def flush(self) -> None:
         """Nothing to write: the buffers are the cache."""
 
+    def refresh(self) -> None:
+        """Nothing to read: no other rank shares this GPU's buffers."""
+
     def __len__(self) -> int:
         return int(self.stored.sum())
 

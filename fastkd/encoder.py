@@ -104,8 +104,8 @@ def _positive_int(name: str, value, upper: int, what: str) -> int:
 
 
 def student_config(teacher, *, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int):
-    """The student's config: a copy of the teacher's (same class and family, same vocab, positions, activation,
-    attention implementation) with the four sizes replaced; validated."""
+    """The student's config for ETD: :func:`resized_config` of the teacher's, validated (no axis larger than the
+    teacher's, since every student unit is a kept teacher unit)."""
     cfg_t = _check_teacher(teacher) if isinstance(teacher, nn.Module) else teacher
     _positive_int("num_layers", num_layers, cfg_t.num_hidden_layers, "num_hidden_layers")
     _positive_int("hidden_size", hidden_size, cfg_t.hidden_size, "hidden_size")
@@ -118,6 +118,14 @@ def student_config(teacher, *, num_layers: int, hidden_size: int, num_heads: int
         raise ValueError(
             f"hidden_size: this teacher projects embeddings ({emb_t}) to its hidden size ({cfg_t.hidden_size}); "
             f"a student hidden_size equal to embedding_size={emb_t} would drop that projection, choose another")
+    return resized_config(cfg_t, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
+                          intermediate_size=intermediate_size)
+
+
+def resized_config(cfg_t, *, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int):
+    """A copy of a teacher's config (same class and family, same vocab, positions, activation, attention
+    implementation) with the four sizes replaced; an embedding size tied to the hidden size shrinks with it."""
+    emb_t = getattr(cfg_t, "embedding_size", None)
     cfg = copy.deepcopy(cfg_t)
     cfg.num_hidden_layers = num_layers
     cfg.hidden_size = hidden_size

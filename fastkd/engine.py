@@ -1,21 +1,85 @@
-"""The training engine shared by the trainer and the teacher fine-tune: batches, schedule, evaluation, DDP."""
+"""The training engine shared by the distillation trainer and the teacher fine-tune.
+
+Optimizer, schedule, AMP, the finite check, DDP helpers, evaluation, and the step loop: :func:`run_epoch` takes
+a ``forward(batch, host) -> (total, terms)`` and knows nothing of methods or losses; :func:`fit_stage` runs it
+over a stage's epochs. What a run does around a step (logging, checkpoints, BERT-EMD's weight update) comes in
+as the ``on_step`` / ``on_epoch_end`` callbacks.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from fastkd.batching import LengthBucketSampler, collate, make_loader
+from fastkd.batching import Batch, LengthBucketSampler, collate, make_loader
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    """A loss term came out NaN/inf: the step is not taken and the message names the last good checkpoint."""
 
 
-# ---------------------------------------------------------------- batches
+# ---------------------------------------------------------------- distributed helpers
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def all_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of ``x`` over ranks (``x`` itself without DDP)."""
+        if not self.enabled:
+            return x
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x / self.world_size
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), world, local)
+
+
+# ---------------------------------------------------------------- batches, optimizer, schedule
 
 
 def batches_for_epoch(sampler: LengthBucketSampler, dataset, pad_token_id: int, *, num_workers: int = 0,
@@ -38,40 +102,175 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
     return f
 
-# ---------------------------------------------------------------- distributed helpers
+
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, *, fused: bool,
+          decay_vectors: bool = False) -> torch.optim.AdamW:
+    """AdamW; biases and LayerNorm weights (1-D) get no weight decay unless ``decay_vectors``."""
+    if decay_vectors:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, fused=fused)
+
+
+def warmup_linear(opt: torch.optim.Optimizer, total_steps: int, warmup: float):
+    """Linear warm-up over ``warmup`` of the steps, then linear decay to 0."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, int(warmup * total_steps)))
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """--amp: None (off), bf16, or fp16 (with loss scaling); auto is bf16 where supported on CUDA, off on a CPU."""
+    if amp == "off" or (amp == "auto" and device.type == "cpu"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def finite_values(terms: dict[str, torch.Tensor], where: str, step: int, last_good: str) -> dict[str, float]:
+    """The loss terms as floats (one device-to-host sync for all); raises on NaN/inf naming step and term."""
+    flat = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
+    vals = dict(zip(terms, flat, strict=True))
+    if all(math.isfinite(v) for v in vals.values()):
+        return vals
+    bad = {k: v for k, v in vals.items() if not math.isfinite(v)}
+    raise NonFiniteLossError(f"non-finite loss at step {step} ({where}): term "
+                             f"{', '.join(f'{k}={v}' for k, v in bad.items())}; last good checkpoint: {last_good}")
+
+
+# ---------------------------------------------------------------- the step loop
 
 
 @dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+class Fit:
+    """What one stage trains with: the (possibly DDP-wrapped) model, the optimizer and its schedule."""
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return Dist(dist.get_rank(), world, local)
+    model: nn.Module  # called by the forward; DDP's no_sync comes from it
+    params: list[nn.Parameter]  # clipped
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dist: Dist = field(default_factory=Dist)
+    amp: torch.dtype | None = None
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    name: str = "train"  # the progress bar's
+    where: str = "train"  # what an error message calls it
+    progress: bool = False
+    last_good: Callable[[], str] = lambda: "none (no checkpoint written yet)"
 
 
-# ---------------------------------------------------------------- evaluation and latency
+@dataclass
+class StepState:
+    """Where the loop stands; the counters a checkpoint records."""
+
+    epoch: int = 0
+    stage_step: int = 0  # optimizer steps taken in this stage
+    global_step: int = 0  # over all stages
+    consumed: int = 0  # micro-batches of this epoch consumed (the sampler's resume point)
+    samples: int = 0  # examples since the last on_step call that logged (for the throughput)
+
+
+Forward = Callable[[Batch, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+OnStep = Callable[[StepState, dict[str, float]], None]
+
+
+def run_epoch(fit: Fit, state: StepState, batches: Iterator[Batch], total: int, forward: Forward,
+              on_step: OnStep | None = None) -> None:
+    """One epoch: forward, finite check, backward with accumulation; every ``grad_accum`` micro-batches (and at
+    the epoch's end) an optimizer step, then ``on_step(state, mean terms)``."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=state.consumed, desc=fit.name, file=sys.stderr, dynamic_ncols=True,
+               disable=not (fit.progress and fit.dist.main), unit="batch")
+    fit.model.train()
+    cuda = fit.device.type == "cuda"
+    micro, acc = 0, {}
+    batch = next(batches, None)
+    while batch is not None:
+        state.consumed += 1
+        host, batch = batch, batch.to(fit.device, non_blocking=cuda)
+        # Peek whether this is the epoch's last micro-batch: a partial accumulation window still steps.
+        nxt = None
+        last_micro = (micro + 1) % fit.grad_accum == 0
+        if not last_micro:
+            nxt = next(batches, None)
+            last_micro = nxt is None
+        no_sync = fit.model.no_sync() if fit.dist.enabled and not last_micro else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(fit.device.type, dtype=fit.amp or torch.float32, enabled=fit.amp is not None):
+                total_loss, terms = forward(batch, host)
+            # One device->host transfer per micro-step serves both the NaN/inf check (before backward, so the
+            # weights are never touched by a bad step) and the logged running sums.
+            values = finite_values(terms, fit.where, state.global_step + 1, fit.last_good())
+            fit.scaler.scale(total_loss / fit.grad_accum).backward()
+        micro += 1
+        state.samples += batch.input_ids.shape[0]
+        for k, v in values.items():
+            acc[k] = acc.get(k, 0.0) + v / fit.grad_accum
+        bar.update(1)
+        if last_micro:
+            micro = 0
+            fit.scaler.unscale_(fit.opt)
+            if fit.max_grad_norm > 0:  # clip_grad_norm_ with 0 would zero every gradient, not switch clipping off
+                torch.nn.utils.clip_grad_norm_(fit.params, fit.max_grad_norm)
+            fit.scaler.step(fit.opt)
+            fit.scaler.update()
+            fit.sched.step()
+            fit.opt.zero_grad(set_to_none=True)
+            state.stage_step += 1
+            state.global_step += 1
+            if on_step is not None:
+                on_step(state, acc)
+            acc = {}
+        batch = nxt if nxt is not None else next(batches, None)
+    bar.close()
+
+
+def fit_stage(fit: Fit, state: StepState, sampler: LengthBucketSampler, data, pad_id: int, epochs: int,
+              forward: Forward, *, on_step: OnStep | None = None,
+              on_epoch_end: Callable[[StepState], None] | None = None, resume_sampler: dict | None = None,
+              num_workers: int = 0) -> None:
+    """The stage's epochs from ``state.epoch`` on (mid-epoch from ``resume_sampler``, a sampler state)."""
+    cuda = fit.device.type == "cuda"
+    for epoch in range(state.epoch, epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch)
+        if resume_sampler is not None:
+            sampler.load_state_dict(resume_sampler)
+            resume_sampler = None
+        # DataLoader workers draw batches ahead, so the resume point is the count the loop consumed.
+        state.consumed, state.samples = sampler.state_dict()["batches_done"], 0
+        batches = batches_for_epoch(sampler, data, pad_id, num_workers=num_workers, pin_memory=cuda)
+        name = fit.name
+        fit.name = f"{name} e{epoch + 1}"
+        try:
+            run_epoch(fit, state, batches, len(sampler), forward, on_step)
+        finally:
+            fit.name = name
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+
+
+def steps_per_epoch(sampler: LengthBucketSampler, grad_accum: int) -> int:
+    return max(1, math.ceil(len(sampler) / grad_accum))
+
+
+class Throughput:
+    """Examples per second between two logged steps."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def rate(self, samples: int, world_size: int) -> float:
+        now = time.perf_counter()
+        rate = samples * world_size / max(now - self.t, 1e-9)
+        self.t = now
+        return rate
+
+
+# ---------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
@@ -92,5 +291,3 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device, pad_token_id: i
         correct += int((logits.argmax(-1) == batch.labels).sum())
     model.train(was_training)
     return correct / max(1, len(order))
-
-

@@ -318,15 +318,12 @@ def text_batches(tokenizer, texts: list[str], *, batch_size: int = 32, max_lengt
 
 
 def _load_teacher(path):
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from fastkd.models import resolve_model_path
+    from fastkd.teacher import load_model, resolve_model_path
 
     path = resolve_model_path(None if str(path) == "default" else path)
-    cfg = AutoConfig.from_pretrained(path)
-    has_head = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
-    cls = AutoModelForSequenceClassification if has_head else AutoModel
-    return cls.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    return load_model(path), AutoTokenizer.from_pretrained(path)
 
 
 def main(argv: list[str] | None = None) -> int:

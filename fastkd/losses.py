@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastkd import reference as ref
-from fastkd.checks import check_float, check_mask, check_same_device
+from fastkd.checks import check_float, check_mask, check_same_device, check_transport
 
 __all__ = [
     "attention_mse",
@@ -195,22 +195,10 @@ def soft_cross_entropy(logits_s, logits_t, temperature: float = 1.0) -> torch.Te
 # ---------------------------------------------------------------- BERT-EMD
 
 
-def _check_transport(cost, a, b, a_name="a", b_name="b"):
-    check_float("cost", cost, 3, "[P, M, N]")
-    check_float(a_name, a, 2, "[P, M]")
-    check_float(b_name, b, 2, "[P, N]")
-    check_same_device(cost=cost, **{a_name: a, b_name: b})
-    P, M, N = cost.shape
-    if tuple(a.shape) != (P, M):
-        raise ValueError(f"{a_name}: expected shape [P, M] = [{P}, {M}], got {tuple(a.shape)}")
-    if tuple(b.shape) != (P, N):
-        raise ValueError(f"{b_name}: expected shape [P, N] = [{P}, {N}], got {tuple(b.shape)}")
-
-
 def sinkhorn(cost, a, b, eps=None, iters=None) -> torch.Tensor:
     """Batched log-domain Sinkhorn: cost [P, M, N], a [P, M], b [P, N] (histograms, each summing to 1)
     -> transport plan [P, M, N]. ``eps`` is relative to each problem's cost scale."""
-    _check_transport(cost, a, b)
+    check_transport(cost, a, b)
     if backend_for(cost) == "triton":
         from fastkd.kernels.sinkhorn import sinkhorn as fused
 
@@ -220,7 +208,7 @@ def sinkhorn(cost, a, b, eps=None, iters=None) -> torch.Tensor:
 
 def emd_loss(cost, w_s, w_t, *, eps=None, iters=None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-EMD's loss: (loss [P] = Σ f_ij·d_ij, plan f [P, M, N]), the plan a constant, so ∂loss/∂cost = f."""
-    _check_transport(cost, w_s, w_t, "w_s", "w_t")
+    check_transport(cost, w_s, w_t, "w_s", "w_t")
     plan = sinkhorn(cost, w_s, w_t, eps=eps, iters=iters).detach()
     loss = (plan.to(cost.dtype) * cost).sum(dim=(1, 2), dtype=torch.float32 if cost.dtype != torch.float64
                                                   else torch.float64)

@@ -16,39 +16,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Loss-term kinds the trainer knows (see fastkd.train.DistillModule for how each is computed).
-TERM_KINDS = (
-    "emb_mse",  # TinyBERT embedding loss: hidden_mse(W·emb_s, emb_t)
-    "hidden_mse",  # TinyBERT hidden loss over `pairs`: hidden_mse(W·h_s,i, h_t,j)
-    "att_mse",  # TinyBERT attention-score MSE over `pairs` (needs equal head counts)
-    "att_kl",  # MiniLM attention-distribution KL over `pairs` (needs equal head counts)
-    "value_kl",  # MiniLM value-relation KL over `pairs`
-    "qkv_relation",  # MiniLMv2 Q-Q/K-K/V-V relation KL (1/3 each) with `relation_heads` heads
-    "pkd",  # Patient-KD normalised [CLS] MSE over `pairs` (a narrower student's [CLS] goes through W first)
-    "emd_att",  # BERT-EMD many-to-many attention-score EMD
-    "emd_hidden",  # BERT-EMD many-to-many hidden-state EMD
-    "soft_ce",  # prediction-layer loss soft_cross_entropy(s/T, t/T), scaled by `t2` ** 2 when t2 is True
-    "hard_ce",  # cross entropy with the gold labels
-)
-LATENT_KINDS = frozenset(TERM_KINDS) - {"soft_ce", "hard_ce"}
+from fastkd.terms import KINDS, LossTerm
 
-
-@dataclass
-class LossTerm:
-    kind: str
-    weight: float = 1.0
-    pairs: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer), 0-based
-    temperature: float = 1.0
-    times_t2: bool = False  # multiply the soft loss by T² (Hinton / PKD / BERT-EMD), TinyBERT does not
-    relation_heads: int | None = None
-
-    def __post_init__(self):
-        if self.kind not in TERM_KINDS:
-            raise ValueError(f"kind: expected one of {TERM_KINDS}, got {self.kind!r}")
+# Loss-term kinds: the registry in fastkd.terms (what each captures and computes).
+TERM_KINDS = tuple(KINDS)
+LATENT_KINDS = frozenset(k for k, v in KINDS.items() if v.latent)
 
 
 @dataclass
@@ -62,12 +39,12 @@ class Stage:
 
     @property
     def needs_labels(self) -> bool:
-        return any(t.kind == "hard_ce" for t in self.terms)
+        return any(KINDS[t.kind].needs_labels for t in self.terms)
 
     @property
     def trains_head(self) -> bool:
         """Does this stage train the classifier (so dev accuracy means something)?"""
-        return any(t.kind in ("soft_ce", "hard_ce") for t in self.terms)
+        return any(KINDS[t.kind].trains_head for t in self.terms)
 
 
 @dataclass
@@ -190,28 +167,31 @@ class ERNIETinyParams:
     layer_map: str | None = None
 
 
-PARAMS: dict[str, type] = {
-    "kd": KDParams,
-    "tinybert": TinyBERTParams,
-    "minilm": MiniLMParams,
-    "minilmv2": MiniLMv2Params,
-    "pkd-last": PKDParams,
-    "pkd-skip": PKDParams,
-    "bert-emd": BertEMDParams,
-    "ernie-tiny": ERNIETinyParams,
-}
-METHODS = tuple(PARAMS)
-# Override prefixes accepted for each method ("--set pkd.beta=100" works for both PKD variants).
-_PREFIXES = {
-    "kd": ("kd",),
-    "tinybert": ("tinybert",),
-    "minilm": ("minilm",),
-    "minilmv2": ("minilmv2",),
-    "pkd-last": ("pkd", "pkd-last", "pkd_last"),
-    "pkd-skip": ("pkd", "pkd-skip", "pkd_skip"),
-    "bert-emd": ("bert-emd", "bert_emd", "emd"),
-    "ernie-tiny": ("ernie-tiny", "ernie_tiny", "ernie"),
-}
+@dataclass(frozen=True)
+class Method:
+    """One distillation method: its settings (paper defaults), the prefixes --set accepts for them, and the
+    builder of its stages for given model shapes."""
+
+    name: str
+    params: type
+    prefixes: tuple[str, ...]
+    build: Callable[[Any, Shapes], list[Stage]]
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register_method(name: str, params: type, prefixes: tuple[str, ...] | None = None):
+    """Decorator: ``@register_method("pkd-skip", PKDParams, ("pkd", "pkd-skip", "pkd_skip"))`` registers the
+    decorated ``build(params, shapes) -> stages`` as a method. ``prefixes``: what --set accepts for its settings
+    (default: the name); the first is the one --help shows."""
+    def deco(build):
+        if name in REGISTRY:
+            raise ValueError(f"method: {name!r} is registered twice")
+        REGISTRY[name] = Method(name, params, prefixes or (name,), build)
+        return build
+
+    return deco
 
 
 @dataclass(frozen=True)
@@ -231,7 +211,7 @@ class MappingError(ValueError):
 
 
 def check_method(method: str) -> str:
-    if method not in PARAMS:
+    if method not in REGISTRY:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     return method
 
@@ -265,13 +245,13 @@ def _coerce(value: Any, annotation: str, name: str) -> Any:
 
 def setting_prefix(method: str) -> str:
     """The prefix of a method's settings in --set and config files (``pkd`` for both PKD variants)."""
-    return _PREFIXES[check_method(method)][0]
+    return REGISTRY[check_method(method)].prefixes[0]
 
 
 def make_params(method: str, overrides: dict[str, Any] | None = None):
     """The method's parameter dataclass with ``overrides`` ({"tinybert.att_weight": 2} or nested
     {"tinybert": {"att_weight": 2}}) applied. Keys for other methods are ignored; unknown fields are errors."""
-    cls = PARAMS[check_method(method)]
+    cls = REGISTRY[check_method(method)].params
     params = cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     flat: dict[str, Any] = {}
@@ -285,10 +265,11 @@ def make_params(method: str, overrides: dict[str, Any] | None = None):
         if "." not in key:
             raise ValueError(f"--set: expected <method>.<field>=<value> (e.g. tinybert.att_weight=2), got {key!r}")
         prefix, name = key.split(".", 1)
-        if prefix not in _PREFIXES[method]:
-            if not any(prefix in p for p in _PREFIXES.values()):
+        if prefix not in REGISTRY[method].prefixes:
+            known = {p for m in REGISTRY.values() for p in m.prefixes}
+            if prefix not in known:
                 raise ValueError(f"--set: unknown method prefix {prefix!r} in {key!r}; expected one of "
-                                 f"{sorted({p for ps in _PREFIXES.values() for p in ps})}")
+                                 f"{sorted(known)}")
             continue  # a setting for another method (a shared config file)
         if name not in fields:
             raise ValueError(f"--set: {method} has no setting {name!r}; expected one of {sorted(fields)}")
@@ -423,41 +404,46 @@ def default_relation_heads(shapes: Shapes) -> int:
 # ---------------------------------------------------------------- recipes
 
 
-def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task") -> Recipe:
-    """The method's stages for these model shapes. ``mode='general'`` keeps only the task-agnostic
-    (latent-loss) stages, on the general corpus with the pretrained teacher."""
-    check_method(method)
-    if mode not in ("task", "general"):
-        raise ValueError(f"mode: expected 'task' or 'general', got {mode!r}")
-    p = params if params is not None else make_params(method)
-    _need_depth(shapes, method)
-    n_s, n_t = shapes.student_layers, shapes.teacher_layers
-    stages: list[Stage]
-    if method == "kd":
-        stages = [Stage("kd", [LossTerm("soft_ce", p.alpha, temperature=p.temperature, times_t2=True),
-                               LossTerm("hard_ce", 1.0 - p.alpha)], p.epochs, p.lr)]
-    elif method == "tinybert":
-        stages = [Stage("intermediate", _latent_terms(p, shapes, method), p.inter_epochs, p.inter_lr),
-                  Stage("prediction", [LossTerm("soft_ce", p.pred_weight, temperature=p.temperature)],
-                        p.pred_epochs, p.pred_lr)]
-    elif method == "minilm":
-        _need_equal_heads(shapes, method)
-        pair = [(n_s - 1, _resolve_layer(p.teacher_layer, n_t, "minilm.teacher_layer"))]
-        stages = [Stage("distill", [LossTerm("att_kl", p.att_weight, pair), LossTerm("value_kl", p.value_weight, pair)],
-                        p.epochs, p.lr),
-                  Stage("finetune", [LossTerm("hard_ce", 1.0)], p.finetune_epochs, p.finetune_lr)]
-    elif method == "minilmv2":
-        heads = p.relation_heads or default_relation_heads(shapes)
-        for side, width in (("student", shapes.student_hidden), ("teacher", shapes.teacher_hidden)):
-            if width % heads:
-                raise MappingError(f"minilmv2: relation_heads={heads} must divide the {side} hidden size {width}; "
-                                   f"set --set minilmv2.relation_heads=<a divisor of both "
-                                   f"{shapes.student_hidden} and {shapes.teacher_hidden}>")
-        pair = [(n_s - 1, _resolve_layer(p.teacher_layer, n_t, "minilmv2.teacher_layer"))]
-        stages = [Stage("distill", [LossTerm("qkv_relation", p.relation_weight, pair, relation_heads=heads)],
-                        p.epochs, p.lr),
-                  Stage("finetune", [LossTerm("hard_ce", 1.0)], p.finetune_epochs, p.finetune_lr)]
-    elif method in ("pkd-last", "pkd-skip"):
+@register_method("kd", KDParams)
+def _kd(p: KDParams, shapes: Shapes) -> list[Stage]:
+    return [Stage("kd", [LossTerm("soft_ce", p.alpha, temperature=p.temperature, times_t2=True),
+                         LossTerm("hard_ce", 1.0 - p.alpha)], p.epochs, p.lr)]
+
+
+@register_method("tinybert", TinyBERTParams)
+def _tinybert(p: TinyBERTParams, shapes: Shapes) -> list[Stage]:
+    return [Stage("intermediate", _latent_terms(p, shapes, "tinybert"), p.inter_epochs, p.inter_lr),
+            Stage("prediction", [LossTerm("soft_ce", p.pred_weight, temperature=p.temperature)],
+                  p.pred_epochs, p.pred_lr)]
+
+
+@register_method("minilm", MiniLMParams)
+def _minilm(p: MiniLMParams, shapes: Shapes) -> list[Stage]:
+    _need_equal_heads(shapes, "minilm")
+    pair = [(shapes.student_layers - 1, _resolve_layer(p.teacher_layer, shapes.teacher_layers, "minilm.teacher_layer"))]
+    return [Stage("distill", [LossTerm("att_kl", p.att_weight, pair), LossTerm("value_kl", p.value_weight, pair)],
+                  p.epochs, p.lr),
+            Stage("finetune", [LossTerm("hard_ce", 1.0)], p.finetune_epochs, p.finetune_lr)]
+
+
+@register_method("minilmv2", MiniLMv2Params)
+def _minilmv2(p: MiniLMv2Params, shapes: Shapes) -> list[Stage]:
+    heads = p.relation_heads or default_relation_heads(shapes)
+    for side, width in (("student", shapes.student_hidden), ("teacher", shapes.teacher_hidden)):
+        if width % heads:
+            raise MappingError(f"minilmv2: relation_heads={heads} must divide the {side} hidden size {width}; "
+                               f"set --set minilmv2.relation_heads=<a divisor of both "
+                               f"{shapes.student_hidden} and {shapes.teacher_hidden}>")
+    pair = [(shapes.student_layers - 1,
+             _resolve_layer(p.teacher_layer, shapes.teacher_layers, "minilmv2.teacher_layer"))]
+    return [Stage("distill", [LossTerm("qkv_relation", p.relation_weight, pair, relation_heads=heads)],
+                  p.epochs, p.lr),
+            Stage("finetune", [LossTerm("hard_ce", 1.0)], p.finetune_epochs, p.finetune_lr)]
+
+
+def _pkd(method: str):
+    def build(p: PKDParams, shapes: Shapes) -> list[Stage]:
+        n_s, n_t = shapes.student_layers, shapes.teacher_layers
         if shapes.student_hidden != shapes.teacher_hidden and not p.project_width:
             raise MappingError(f"{method}: the patience loss compares normalised [CLS] vectors, so widths must "
                                f"match; the teacher's hidden size is {shapes.teacher_hidden}, the student's "
@@ -476,70 +462,69 @@ def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task"
             # batch and features; losses.pkd_mse sums over features and layers, so β is divided by K·d to keep
             # the paper's β = 500 meaning what it meant there (d: the compared width, the teacher's).
             terms.append(LossTerm("pkd", p.beta / (len(pairs) * shapes.teacher_hidden), pairs))
-        stages = [Stage("pkd", terms, p.epochs, p.lr)]
-    elif method == "bert-emd":
-        _need_equal_heads(shapes, method)
-        stages = [Stage("emd", [LossTerm("emb_mse", p.beta), LossTerm("emd_att", p.beta * p.theta),
-                                LossTerm("emd_hidden", p.beta * p.theta),
-                                LossTerm("soft_ce", p.kd_weight, temperature=p.temperature, times_t2=True),
-                                LossTerm("hard_ce", p.ce_weight)], p.epochs, p.lr)]
-    else:  # ernie-tiny
-        latent = _latent_terms(p, shapes, method)
-        stages = [Stage("general", latent, p.general_epochs, p.lr, teacher="pretrained", data="general"),
-                  Stage("general-enhanced", latent, p.enhanced_epochs, p.lr, teacher="finetuned", data="general"),
-                  Stage("task-adaptive", latent, p.adaptive_epochs, p.lr, teacher="finetuned", data="task"),
-                  Stage("task-specific", latent + [LossTerm("soft_ce", p.soft_weight, temperature=p.temperature),
-                                                   LossTerm("hard_ce", p.hard_weight)],
-                        p.specific_epochs, p.lr, teacher="finetuned", data="task")]
+        return [Stage("pkd", terms, p.epochs, p.lr)]
+
+    return build
+
+
+register_method("pkd-last", PKDParams, ("pkd", "pkd-last", "pkd_last"))(_pkd("pkd-last"))
+register_method("pkd-skip", PKDParams, ("pkd", "pkd-skip", "pkd_skip"))(_pkd("pkd-skip"))
+
+
+@register_method("bert-emd", BertEMDParams, ("bert-emd", "bert_emd", "emd"))
+def _bert_emd(p: BertEMDParams, shapes: Shapes) -> list[Stage]:
+    _need_equal_heads(shapes, "bert-emd")
+    return [Stage("emd", [LossTerm("emb_mse", p.beta), LossTerm("emd_att", p.beta * p.theta),
+                          LossTerm("emd_hidden", p.beta * p.theta),
+                          LossTerm("soft_ce", p.kd_weight, temperature=p.temperature, times_t2=True),
+                          LossTerm("hard_ce", p.ce_weight)], p.epochs, p.lr)]
+
+
+@register_method("ernie-tiny", ERNIETinyParams, ("ernie-tiny", "ernie_tiny", "ernie"))
+def _ernie_tiny(p: ERNIETinyParams, shapes: Shapes) -> list[Stage]:
+    latent = _latent_terms(p, shapes, "ernie-tiny")
+    return [Stage("general", latent, p.general_epochs, p.lr, teacher="pretrained", data="general"),
+            Stage("general-enhanced", latent, p.enhanced_epochs, p.lr, teacher="finetuned", data="general"),
+            Stage("task-adaptive", latent, p.adaptive_epochs, p.lr, teacher="finetuned", data="task"),
+            Stage("task-specific", latent + [LossTerm("soft_ce", p.soft_weight, temperature=p.temperature),
+                                             LossTerm("hard_ce", p.hard_weight)],
+                  p.specific_epochs, p.lr, teacher="finetuned", data="task")]
+
+
+METHODS = tuple(REGISTRY)
+PARAMS: dict[str, type] = {name: m.params for name, m in REGISTRY.items()}  # read-only view for callers
+
+
+def _general_stages(method: str, stages: list[Stage]) -> list[Stage]:
+    """--mode general: only the task-agnostic (latent-loss) stages, on the general corpus with the pretrained
+    teacher; ERNIE-Tiny's stages 1-3 collapse to one general stage without a fine-tuned teacher."""
+    general = []
+    for s in stages:
+        terms = [t for t in s.terms if t.kind in LATENT_KINDS]
+        if terms:
+            general.append(dataclasses.replace(s, terms=terms, teacher="pretrained", data="general"))
+    if not general:
+        raise ValueError(f"mode: {method} has no task-agnostic (intermediate-layer) loss, so it can't run "
+                         f"with --mode general; use tinybert, minilm, minilmv2, bert-emd or ernie-tiny")
+    return general[:1] if method == "ernie-tiny" else general
+
+
+def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task") -> Recipe:
+    """The method's stages for these model shapes. ``mode='general'`` keeps only the task-agnostic
+    (latent-loss) stages, on the general corpus with the pretrained teacher."""
+    check_method(method)
+    if mode not in ("task", "general"):
+        raise ValueError(f"mode: expected 'task' or 'general', got {mode!r}")
+    p = params if params is not None else make_params(method)
+    _need_depth(shapes, method)
+    stages = REGISTRY[method].build(p, shapes)
     if mode == "general":
-        general = []
-        for s in stages:
-            terms = [t for t in s.terms if t.kind in LATENT_KINDS]
-            if terms:
-                general.append(dataclasses.replace(s, terms=terms, teacher="pretrained", data="general"))
-        if not general:
-            raise ValueError(f"mode: {method} has no task-agnostic (intermediate-layer) loss, so it can't run "
-                             f"with --mode general; use tinybert, minilm, minilmv2, bert-emd or ernie-tiny")
-        # ERNIE-Tiny's stages 1-3 collapse to one general stage without a fine-tuned teacher.
-        stages = general[:1] if method == "ernie-tiny" else general
+        stages = _general_stages(method, stages)
     for s in stages:
         s.terms = [t for t in s.terms if t.weight != 0.0]  # a zero weight switches a term off
         if not s.terms:
             raise ValueError(f"{method}: every loss weight of stage {s.name!r} is 0; nothing to train")
     return Recipe(method, stages, p)
-
-
-def capture_plan(terms: list[LossTerm], side: str) -> dict[str, Any]:
-    """What one side ("student" or "teacher") must record for ``terms``: embeddings (bool), hidden layers,
-    {layer: "qkv" letters}, all layers (for EMD), logits (bool)."""
-    idx = 0 if side == "student" else 1
-    plan: dict[str, Any] = {"embeddings": False, "hidden": set(), "qkv": {}, "all_hidden": False,
-                            "all_qk": False, "logits": False}
-
-    def add_qkv(layer: int, letters: str):
-        plan["qkv"][layer] = "".join(sorted(set(plan["qkv"].get(layer, "")) | set(letters)))
-
-    for t in terms:
-        if t.kind == "emb_mse":
-            plan["embeddings"] = True
-        elif t.kind in ("hidden_mse", "pkd"):
-            plan["hidden"].update(p[idx] for p in t.pairs)
-        elif t.kind in ("att_mse", "att_kl"):
-            for p in t.pairs:
-                add_qkv(p[idx], "qk")
-        elif t.kind == "value_kl":
-            for p in t.pairs:
-                add_qkv(p[idx], "v")
-        elif t.kind == "qkv_relation":
-            for p in t.pairs:
-                add_qkv(p[idx], "qkv")
-        elif t.kind == "emd_hidden":
-            plan["all_hidden"] = True
-        elif t.kind == "emd_att":
-            plan["all_qk"] = True
-        elif t.kind == "soft_ce":
-            plan["logits"] = True
-    return plan
 
 
 def describe(recipe: Recipe) -> str:

@@ -1,4 +1,5 @@
-"""The end of a run: CPU latency, the loss plot and the printed report."""
+"""The end of a run: the final student, test accuracy, CPU latency, result.json, the loss plot and the printed
+report."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from fastkd.engine import evaluate
+from fastkd.teacher import load_model
 
 
 @torch.no_grad()
@@ -75,3 +79,50 @@ def report(result: dict, note: str) -> str:
     return "\n".join(lines)
 
 
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def finish_run(tr, t_start: float) -> dict:
+    """Save the student (the best dev checkpoint when there is one) and its tokenizer, evaluate teacher and
+    student on the test split, time both on the CPU, write result.json, the final metrics line and loss.png."""
+    cfg = tr.cfg
+    student = tr.module.student
+    final_dir = tr.out_dir / "student"
+    if tr.best is not None and (tr.out_dir / "best").is_dir():
+        student = type(student).from_pretrained(tr.out_dir / "best", dtype=torch.float32).to(tr.device)
+        tr.log(f"student: best dev checkpoint (stage {tr.best['stage']}, epoch {tr.best['epoch'] + 1}, "
+               f"dev acc {tr.best['dev_acc']:.4f})")
+    result: dict = {"output_dir": str(tr.out_dir), "student_dir": str(final_dir)}
+    if not tr.dist.main:
+        return result
+    student.save_pretrained(final_dir)
+    tr.tokenizer.save_pretrained(final_dir)
+    t_path = tr.teacher_paths["finetuned" if "finetuned" in tr.teachers else "pretrained"]
+    if cfg.mode == "task" and tr.data.get("test") is not None:
+        teacher32 = load_model(t_path, head=True).to(tr.device)
+        result["teacher_test_acc"] = evaluate(teacher32, tr.data["test"], 64, tr.device, tr.pad_id)
+        result["student_test_acc"] = evaluate(student, tr.data["test"], 64, tr.device, tr.pad_id)
+        result["test_examples"] = len(tr.data["test"])
+    else:
+        teacher32 = load_model(t_path, head=False)
+    # the latency is measured on a median-length example of the data held out from training, when there is any
+    ref = next(tr.data[k] for k in ("test", "dev", "task", "general") if tr.data.get(k) is not None)
+    result["teacher_params"] = count_params(teacher32)
+    result["student_params"] = count_params(student)
+    lengths = sorted(ref["length"])
+    median_len = int(lengths[len(lengths) // 2])
+    ids = next(r for r in ref if r["length"] == median_len)["input_ids"]
+    result["latency_tokens"] = median_len
+    result["teacher_latency_ms"] = cpu_latency_ms(teacher32, ids, cfg.latency_runs)
+    result["student_latency_ms"] = cpu_latency_ms(student, ids, cfg.latency_runs)
+    result["speedup"] = result["teacher_latency_ms"] / result["student_latency_ms"]
+    result["teacher_forwards"] = tr.teacher_calls
+    result["cache"] = tr.cache_stats
+    result["wall_s"] = time.time() - t_start
+    result["best"] = tr.best
+    (tr.out_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    tr.metrics.write({"step": tr.state.global_step, "event": "final", **{k: v for k, v in result.items()
+                                                                        if k != "cache"}})
+    plot_losses(tr.out_dir / "metrics.jsonl", tr.out_dir / "loss.png")
+    return result

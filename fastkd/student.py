@@ -7,21 +7,9 @@ from torch import nn
 
 from fastkd.batching import LengthBucketSampler
 from fastkd.config import TrainConfig
+from fastkd.encoder import resized_config
 from fastkd.engine import batches_for_epoch
 from fastkd.recipes import Recipe
-
-# ---------------------------------------------------------------- models
-
-
-def _has_task_head(config) -> bool:
-    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-
-
-def student_config(teacher_config, cfg: TrainConfig):
-    sc = type(teacher_config).from_dict(teacher_config.to_dict())
-    sc.num_hidden_layers, sc.hidden_size = cfg.student_layers, cfg.student_hidden
-    sc.num_attention_heads, sc.intermediate_size = cfg.student_heads, cfg.student_ffn
-    return sc
 
 
 def etd_batches(dataset, batch_size: int, pad_token_id: int, seed: int):
@@ -69,10 +57,6 @@ def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num
     # --etd none is plain random initialisation: the baseline ETD's savings are measured against.
     # (PKD's "first k teacher layers" init is what --etd rand gives at the teacher's own width.)
     log("student: --etd none: random initialisation")
-    return type(teacher)(student_config(teacher.config, cfg)), None
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
+    config = resized_config(teacher.config, num_layers=cfg.student_layers, hidden_size=cfg.student_hidden,
+                            num_heads=cfg.student_heads, intermediate_size=cfg.student_ffn)
+    return type(teacher)(config), None

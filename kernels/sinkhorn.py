@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fastkd import reference as ref
-from fastkd.checks import check_float, check_same_device, value_checks_enabled
+from fastkd.checks import check_transport, value_checks_enabled
 
 __all__ = ["sinkhorn", "sinkhorn_with_info", "MAX_SIDE", "DEFAULT_TOL"]
 
@@ -142,15 +142,8 @@ def _schedule(eps: float, iters: int) -> tuple[int, int, int]:
 
 
 def _validate(cost, a, b, eps, iters, tol):
-    check_float("cost", cost, 3, "[P, M, N]")
-    check_float("a", a, 2, "[P, M]")
-    check_float("b", b, 2, "[P, N]")
-    check_same_device(cost=cost, a=a, b=b)
+    check_transport(cost, a, b)
     P, M, N = cost.shape
-    if tuple(a.shape) != (P, M):
-        raise ValueError(f"a: expected shape [P, M] = [{P}, {M}], got {tuple(a.shape)}")
-    if tuple(b.shape) != (P, N):
-        raise ValueError(f"b: expected shape [P, N] = [{P}, {N}], got {tuple(b.shape)}")
     if M < 1 or N < 1:
         raise ValueError(f"cost: expected M, N >= 1, got shape {tuple(cost.shape)}")
     if M > MAX_SIDE or N > MAX_SIDE:

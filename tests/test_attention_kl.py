@@ -27,8 +27,8 @@ import pytest  # noqa: E402
 from fastkd.kernels import attention_kl as akl  # noqa: E402
 
 from fastkd import losses  # noqa: E402
-from tests.conftest import make_mask as _make_mask  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+from tests.helpers import make_mask as _make_mask  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 make_mask = functools.partial(_make_mask, device=DEVICE)

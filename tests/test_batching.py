@@ -104,7 +104,7 @@ def sst2_lengths():
     from transformers import AutoTokenizer
 
     from fastkd.data import load_texts, tokenize
-    from fastkd.models import default_teacher_path
+    from fastkd.teacher import default_teacher_path
 
     tok = AutoTokenizer.from_pretrained(default_teacher_path())
     return np.asarray(tokenize(load_texts("sst2", "train"), tok, max_length=128)["length"])

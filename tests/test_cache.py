@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastkd.cache import (
-    TeacherCache,
-    default_root,
-    fingerprint_dataset,
-    fingerprint_model,
-    fingerprint_tokenizer,
-    prefer_scores,
-)
+from fastkd.cache import TeacherCache, default_root, prefer_scores
+from fastkd.digest import fingerprint_dataset, fingerprint_model, fingerprint_tokenizer
 
 H, D_HEAD, D_MODEL, C = 3, 4, 10, 5
 SEQ_DIMS = {"q.0": 2, "hidden.1": 1, "logits": None, "scores.0": (2, 3)}
@@ -228,9 +222,9 @@ def test_truncated_shard_detected_even_if_manifest_agrees(tmp_path, gen, caplog)
     shard.write_bytes(shard.read_bytes()[:-8])
     manifest = tmp_path / KEY / "manifest-rank0.json"
     m = json.loads(manifest.read_text())
-    from fastkd.cache import _sha256_file
+    from fastkd.digest import sha256_file
 
-    m["shards"][0].update(bytes=shard.stat().st_size, sha256=_sha256_file(shard))
+    m["shards"][0].update(bytes=shard.stat().st_size, sha256=sha256_file(shard))
     manifest.write_text(json.dumps(m))
     with caplog.at_level(logging.WARNING, logger="fastkd.cache"):
         cache = TeacherCache("disk", tmp_path, KEY)
@@ -375,7 +369,8 @@ def test_fingerprints_follow_weights_tokens_and_vocab():
     import datasets
     from transformers import AutoTokenizer, BertModel
 
-    from fastkd.models import default_teacher_path, tiny_bert_config
+    from fastkd.teacher import default_teacher_path
+    from tests.helpers import tiny_bert_config
 
     torch.manual_seed(0)
     model = BertModel(tiny_bert_config())
@@ -417,7 +412,7 @@ def test_cached_capture_matches_teacher_in_another_batch(tmp_path, gen):
 
     from fastkd.batching import collate
     from fastkd.capture import capture
-    from fastkd.models import tiny_bert_config
+    from tests.helpers import tiny_bert_config
 
     torch.manual_seed(1)
     teacher = BertModel(tiny_bert_config()).eval()

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModel, BertModel
 
 from fastkd import capture
-from fastkd.models import default_teacher_path, tiny_bert_config
+from fastkd.teacher import default_teacher_path
+from tests.helpers import tiny_bert_config
 
 SENTENCES = ["a gorgeous , witty , seductive movie .", "the story is n't worth the paper it 's printed on",
              "ok"]

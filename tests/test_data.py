@@ -12,7 +12,7 @@ from fastkd.data import DataNotFoundError, has_splits, label_names, load_texts, 
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from fastkd.models import default_teacher_path
+    from fastkd.teacher import default_teacher_path
 
     return AutoTokenizer.from_pretrained(default_teacher_path())
 

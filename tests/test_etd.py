@@ -23,9 +23,8 @@ from transformers import (
 )
 
 from fastkd import etd
-from fastkd.models import default_teacher_path, tiny_bert_config
-
-from .conftest import rel_err
+from fastkd.teacher import default_teacher_path
+from tests.helpers import rel_err, tiny_bert_config
 
 FULL_TINY = dict(num_layers=4, hidden_size=32, num_heads=4, intermediate_size=64)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastkd import losses
-from tests.conftest import make_mask, rel_err
+from tests.helpers import exact_emd, make_mask, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = 1e-5
@@ -241,25 +241,6 @@ def test_other_bad_inputs():
 
 
 # ---------------------------------------------------------------- Sinkhorn / EMD reference
-
-
-def exact_emd(cost, a, b):
-    from scipy.optimize import linprog
-
-    M, N = cost.shape
-    A_eq = []
-    for i in range(M):
-        row = torch.zeros(M, N)
-        row[i] = 1
-        A_eq.append(row.flatten())
-    for j in range(N):
-        col = torch.zeros(M, N)
-        col[:, j] = 1
-        A_eq.append(col.flatten())
-    res = linprog(cost.flatten().double().numpy(), A_eq=torch.stack(A_eq).double().numpy(),
-                  b_eq=torch.cat([a, b]).double().numpy(), bounds=(0, None), method="highs")
-    assert res.success
-    return res.fun
 
 
 @pytest.mark.parametrize("M, N", [(3, 6), (4, 12), (6, 12), (12, 24), (24, 24)])

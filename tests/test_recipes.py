@@ -9,12 +9,12 @@ from fastkd.recipes import (
     MappingError,
     Shapes,
     build_recipe,
-    capture_plan,
     load_config_file,
     make_params,
     parse_set,
     uniform_pairs,
 )
+from fastkd.terms import capture_plan
 
 BASE = Shapes(teacher_layers=12, student_layers=4, teacher_hidden=768, student_hidden=312, teacher_heads=12,
               student_heads=12)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import make_teacher, write_task
+from tests.helpers import make_teacher, write_task
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _argv(teacher: Path, data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "fastkd.train", "--method", "tinybert", "--teacher", str(teacher),
+    return [sys.executable, "-m", "tests.slow_train", "--method", "tinybert", "--teacher", str(teacher),
             "--task", str(data / "train.tsv"), "--dev", str(data / "dev.tsv"), "--test", str(data / "test.tsv"),
             "--output-dir", str(out), "--student-layers", "2", "--student-hidden", "32", "--student-heads", "4",
             "--student-ffn", "64", "--batch-size", "8", "--epochs", "2", "--set", "tinybert.pred_epochs=1",
@@ -31,7 +31,7 @@ def _argv(teacher: Path, data: Path, out: Path) -> list[str]:
 def _env(delay: float) -> dict:
     # The checkout first, then whatever the caller had on PYTHONPATH (e.g. wheels installed with --target).
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, FASTKD_STEP_DELAY=str(delay), OMP_NUM_THREADS="1", PYTHONPATH=path)
+    return dict(os.environ, FASTKD_TEST_STEP_DELAY=str(delay), OMP_NUM_THREADS="1", PYTHONPATH=path)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -5,62 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastkd import config, engine, terms, train
+from fastkd import distill, engine, rundata, terms, train
 from fastkd import teacher as teacher_mod
 from fastkd import trainer as trainer_mod
-from fastkd.models import tiny_bert_config
-
-WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "a", "movie", "film", "was",
-         "is", "very", "plot", "acting", "really", "not", "so"]
-POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
-
-
-def write_tokenizer(folder: Path):
-    from transformers import BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    tok.save_pretrained(folder)
-    return tok
-
-
-def make_sentences(n: int, seed: int) -> list[tuple[str, int]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        filler = [rng.choice(WORDS[8:]) for _ in range(rng.randint(1, 12))]
-        filler.insert(rng.randint(0, len(filler)), rng.choice(POSITIVE if label else NEGATIVE))
-        rows.append((" ".join(filler), label))
-    return rows
-
-
-def write_task(folder: Path, n_train=48, n_dev=16, n_test=16) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n, seed in (("train", n_train, 1), ("dev", n_dev, 2), ("test", n_test, 3)):
-        lines = ["sentence\tlabel"] + [f"{t}\t{y}" for t, y in make_sentences(n, seed)]
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return folder
-
-
-def make_teacher(folder: Path, *, head: bool = True, num_labels: int = 2, **cfg_overrides) -> Path:
-    from transformers import BertForSequenceClassification, BertModel
-
-    torch.manual_seed(0)
-    cfg = tiny_bert_config(**cfg_overrides)
-    cfg.num_labels = num_labels
-    model = BertForSequenceClassification(cfg) if head else BertModel(cfg)
-    model.save_pretrained(folder)
-    write_tokenizer(folder)
-    return folder
+from tests.helpers import POSITIVE, WORDS, make_sentences, make_teacher, tiny_bert_config, write_task, write_tokenizer  # noqa: F401
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -245,7 +198,7 @@ def test_finetune_seed_shares_one_teacher_across_student_seeds(tiny, tmp_path, m
 
 
 def test_max_train_examples_zero_means_all(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "CPU_TRAIN_EXAMPLES", 10)  # the CPU default subset, shrunk below the 48 examples
+    monkeypatch.setattr(rundata, "CPU_TRAIN_EXAMPLES", 10)  # the CPU default subset, shrunk below the 48 examples
     sizes = {}
     for flag in (None, "0"):
         argv = args_for(tiny, tmp_path / f"run{flag}", "kd", *(["--max-train-examples", flag] if flag else []))
@@ -687,7 +640,7 @@ def test_cli_help_explains_every_option_and_lists_recipe_settings():
     # every trainer option is a CLI flag, and every recipe setting --set accepts is listed with its default
     for f in dataclasses.fields(train.TrainConfig):
         if f.name != "overrides":
-            assert f.name in config._HELP, f.name
+            assert f.metadata.get("help"), f.name
     for method, cls in PARAMS.items():
         assert method in text
         for f in dataclasses.fields(cls):
@@ -753,7 +706,7 @@ def test_etd_student_projection_starts_as_the_kept_hidden_dims():
     shapes = Shapes(4, 2, 32, 16, 4, 4)
     student = BertModel(tiny_bert_config(hidden_size=16, num_hidden_layers=2, intermediate_size=32))
     kept = torch.tensor([1, 4, 5, 7, 9, 11, 12, 13, 17, 20, 22, 25, 26, 28, 30, 31])
-    module = terms.DistillModule(student, shapes, build_recipe("tinybert", shapes), kept)
+    module = distill.DistillModule(student, shapes, build_recipe("tinybert", shapes), kept)
     h_s = torch.randn(3, 16)
     projected = module.fit(h_s)
     assert torch.equal(projected[:, kept], h_s)  # dim j lands on the teacher dim it was extracted from
@@ -761,7 +714,7 @@ def test_etd_student_projection_starts_as_the_kept_hidden_dims():
     dropped[kept] = False
     assert torch.equal(projected[:, dropped], torch.zeros(3, 16))
     # Random init (--etd none) keeps nn.Linear's random projection.
-    assert not torch.equal(terms.DistillModule(student, shapes, build_recipe("tinybert", shapes)).fit.bias,
+    assert not torch.equal(distill.DistillModule(student, shapes, build_recipe("tinybert", shapes)).fit.bias,
                            torch.zeros(32))
 
 

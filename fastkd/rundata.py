@@ -1,0 +1,123 @@
+"""A run's data: the task's train/dev/test splits, the teacher fine-tune's data and the general corpus, each
+tokenised; the CPU profile's subsets. Missing data fails here, naming the paths tried, before any model loads."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastkd.config import CPU_DEV_EXAMPLES, CPU_MAX_EPOCHS, CPU_TRAIN_EXAMPLES, TrainConfig
+from fastkd.data import TASKS, DataNotFoundError, has_splits, label_names, load_texts, tokenize
+
+
+@dataclass
+class RunData:
+    splits: dict[str, Any] = field(default_factory=dict)  # task, dev, test, finetune, general (tokenised)
+    label_names: list[str] | None = None
+    subset_note: str = ""  # what the CPU profile shrank, for the log and the report
+
+
+def subset(ds, n: int | None, seed: int):
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def cpu_profile(cfg: TrainConfig, on_cpu: bool) -> tuple[int | None, int | None, str]:
+    """(train examples, dev examples, note): None = all; on a CPU the defaults are subsets."""
+    # None: the CPU default subset (all data on a GPU); 0: all data, on any device.
+    n_train = (cfg.max_train_examples or None) if cfg.max_train_examples is not None else (
+        CPU_TRAIN_EXAMPLES if on_cpu else None)
+    n_dev = (cfg.max_dev_examples or None) if cfg.max_dev_examples is not None else (
+        CPU_DEV_EXAMPLES if on_cpu else None)
+    parts = []
+    if on_cpu and cfg.max_train_examples is None:
+        parts.append(f"a {n_train}-example training subset per data source")
+    if on_cpu and cfg.max_dev_examples is None:
+        parts.append(f"a {n_dev}-example dev subset")
+    if on_cpu and cfg.epochs is None:
+        parts.append(f"at most {CPU_MAX_EPOCHS} epoch(s) per stage")
+    note = ("CPU default profile (this machine has no GPU): " + ", ".join(parts)
+            + "; a GPU run uses the full data and the papers' epochs") if parts else ""
+    return n_train, n_dev, note
+
+
+def _load(cfg: TrainConfig, source: str, split: str, *, general: bool = False):
+    """``source``'s split; --text-column / --label-column / --text-pair-column name a data file's columns (a
+    general corpus is read as single texts without labels, so it is asked for the text column only)."""
+    return load_texts(source, split, text_column=cfg.text_column, label_column=None if general else cfg.label_column,
+                      text_pair_column=None if general else cfg.text_pair_column)
+
+
+def task_splits(cfg: TrainConfig, log):
+    """Train, dev and test data: --dev/--test when given, else the task's own splits (a task name's, or a
+    folder's <split> files); with no dev split a fixed slice of train is held out for model selection, so the
+    test split stays unseen. Returns (train, dev, test, label names)."""
+    splits = has_splits(cfg.task)
+    train = _load(cfg, cfg.task, "train")
+    if "label" not in train.column_names:
+        raise ValueError(f"--task: {cfg.task} has no labels; task mode needs labelled data "
+                         f"(use --mode general for unlabelled text)")
+    dev = test = None
+    if cfg.dev:
+        dev = _load(cfg, cfg.dev, "dev")
+    elif splits:
+        with contextlib.suppress(DataNotFoundError):  # AG News ships train/test only
+            dev = _load(cfg, cfg.task, "dev")
+    if dev is None and len(train) >= 2:
+        held = train.train_test_split(test_size=max(1, min(1000, len(train) // 10)), seed=0)
+        train, dev = held["train"], held["test"]
+        log(f"data: no dev split for {cfg.task} (pass --dev to name one); holding out {len(dev)} train examples as "
+            f"dev")
+    if cfg.test:
+        test = _load(cfg, cfg.test, "test")
+    elif cfg.task in TASKS:
+        test = _load(cfg, cfg.task, "test")  # a named task's test split must exist
+    elif splits:
+        try:
+            test = _load(cfg, cfg.task, "test")
+        except DataNotFoundError:
+            log(f"data: no test split in {cfg.task} (pass --test to name one); the report gives no test accuracy")
+    names = list(TASKS[cfg.task].labels) if cfg.task in TASKS else label_names(train)
+    n_labels = len(names) if names else int(max(train["label"])) + 1
+    names = names or [str(i) for i in range(n_labels)]
+    for split_name, ds in (("train", train), ("dev", dev), ("test", test)):
+        if ds is not None and "label" in ds.column_names and len(ds):
+            lo, hi = min(ds["label"]), max(ds["label"])
+            if lo < 0 or hi >= n_labels:
+                raise ValueError(f"data: {split_name} labels span {lo}..{hi}, expected 0..{n_labels - 1} ({names})")
+    return train, dev, test, names
+
+
+def load_run_data(cfg: TrainConfig, tokenizer, *, on_cpu: bool, needs_general: bool, finetunes: bool,
+                  finetune_seed: int, log) -> RunData:
+    """Every split the recipe's stages read, tokenised (``finetunes``: the teacher has no head, so
+    --finetune-examples selects its fine-tune data)."""
+    n_train, n_dev, note = cpu_profile(cfg, on_cpu)
+    out = RunData(subset_note=note)
+    if note:
+        log(note)
+    if on_cpu and cfg.teacher_dtype == "auto":
+        log("teacher: fp32 on the CPU (half-precision matmuls are slow on CPUs); fp16 on CUDA")
+    data = out.splits
+    if cfg.mode == "task":
+        train, dev, test, out.label_names = task_splits(cfg, log)
+        if cfg.finetune_examples is not None and finetunes:  # only a fine-tune reads it
+            data["finetune"] = tokenize(subset(train, cfg.finetune_examples or None, finetune_seed), tokenizer,
+                                        cfg.max_length)
+            log(f"teacher fine-tune data: {len(data['finetune'])} training examples "
+                f"(--finetune-examples {cfg.finetune_examples})")
+        train = subset(train, n_train, cfg.seed)
+        dev = subset(dev, n_dev, cfg.seed) if dev is not None else None
+        data["task"] = tokenize(train, tokenizer, cfg.max_length)
+        data["dev"] = tokenize(dev, tokenizer, cfg.max_length) if dev is not None else None
+        data["test"] = tokenize(test, tokenizer, cfg.max_length) if test is not None else None
+    if needs_general or cfg.mode == "general":
+        # --mode general distils on --general-corpus (default: the --task's training texts, labels dropped);
+        # ERNIE-Tiny's general stages in task mode default to AG News.
+        corpus = cfg.general_corpus or (cfg.task if cfg.mode == "general" else "agnews")
+        gen = subset(_load(cfg, corpus, "train", general=True), n_train, cfg.seed + 1)
+        gen = gen.remove_columns([c for c in gen.column_names if c != "text"])
+        data["general"] = tokenize(gen, tokenizer, cfg.max_length)
+    return out

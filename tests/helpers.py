@@ -1,0 +1,111 @@
+"""Shared test scaffolding: tiny random models, and the ‖out − ref‖/‖ref‖ measure and padding masks every kernel
+test uses. Test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+
+def tiny_bert_config(**overrides):
+    """A tiny random BERT config for tests (seconds per run on a CPU)."""
+    from transformers import BertConfig
+
+    cfg = dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+               intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg.update(overrides)
+    return BertConfig(**cfg)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def make_mask(kind: str, B: int, L: int, gen: torch.Generator, device="cpu") -> torch.Tensor | None:
+    """A [B, L] bool padding mask: "none" (None), "prefix" (random lengths), "single" (row 0 has one valid
+    token), "holes" (arbitrary valid positions, not a prefix; at least one per row)."""
+    if kind == "none":
+        return None
+    lens = torch.randint(1, L + 1, (B,), generator=gen)
+    if kind == "single":
+        lens[0] = 1
+    m = torch.arange(L)[None] < lens[:, None]
+    if kind == "holes":
+        m = torch.rand(B, L, generator=gen) < 0.6
+        m[torch.arange(B), torch.randint(0, L, (B,), generator=gen)] = True
+    return m.to(device)
+
+
+def exact_emd(cost, a, b):
+    """The exact EMD of one problem by linear programming (scipy's HiGHS): the ground truth for Sinkhorn."""
+    from scipy.optimize import linprog
+
+    M, N = cost.shape
+    A_eq = []
+    for i in range(M):
+        row = torch.zeros(M, N)
+        row[i] = 1
+        A_eq.append(row.flatten())
+    for j in range(N):
+        col = torch.zeros(M, N)
+        col[:, j] = 1
+        A_eq.append(col.flatten())
+    res = linprog(cost.flatten().double().numpy(), A_eq=torch.stack(A_eq).double().numpy(),
+                  b_eq=torch.cat([a, b]).double().numpy(), bounds=(0, None), method="highs")
+    assert res.success
+    return res.fun
+
+
+
+# ---------------------------------------------------------------- a tiny labelled task and teacher
+
+WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "a", "movie", "film", "was",
+         "is", "very", "plot", "acting", "really", "not", "so"]
+POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
+
+
+def write_tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_sentences(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        filler = [rng.choice(WORDS[8:]) for _ in range(rng.randint(1, 12))]
+        filler.insert(rng.randint(0, len(filler)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append((" ".join(filler), label))
+    return rows
+
+
+def write_task(folder: Path, n_train=48, n_dev=16, n_test=16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 1), ("dev", n_dev, 2), ("test", n_test, 3)):
+        lines = ["sentence\tlabel"] + [f"{t}\t{y}" for t, y in make_sentences(n, seed)]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def make_teacher(folder: Path, *, head: bool = True, num_labels: int = 2, **cfg_overrides) -> Path:
+    from transformers import BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    cfg = tiny_bert_config(**cfg_overrides)
+    cfg.num_labels = num_labels
+    model = BertForSequenceClassification(cfg) if head else BertModel(cfg)
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
