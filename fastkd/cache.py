@@ -170,6 +170,56 @@ class _Shard:
 # The cache
 # ---------------------------------------------------------------------------------------------------------------
 
+def _field_of(name: str, t, seq_dims: dict, batch: int, width: int, dtype: torch.dtype) -> tuple[_Field, torch.Tensor]:
+    """One named batch tensor checked and converted for storing: (its per-example layout, the tensor in ``dtype``
+    on the CPU). Non-finite values (or an fp16 overflow) raise rather than being cached."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"tensors: expected names like 'hidden.3' (a letter, then letters, digits, '.', '_' "
+                         f"or '-'), got {name!r}")
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise ValueError(f"tensors[{name!r}]: expected a floating tensor, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)}")
+    if t.dim() < 1 or t.shape[0] != batch:
+        raise ValueError(f"tensors[{name!r}]: expected batch dim {batch} first, got {tuple(t.shape)}")
+    if name not in seq_dims:
+        raise ValueError(f"seq_dims: expected an entry for {name!r} (an int, a tuple or None)")
+    dims = seq_dims[name]
+    dims = () if dims is None else (dims,) if isinstance(dims, int) else tuple(dims)
+    if any(not isinstance(d, int) or isinstance(d, bool) or not 1 <= d < t.dim() for d in dims):
+        raise ValueError(f"seq_dims[{name!r}]: expected dims in [1, {t.dim() - 1}] of a {t.dim()}-D tensor, "
+                         f"got {seq_dims[name]!r}")
+    for d in dims:
+        if t.shape[d] < width:
+            raise ValueError(f"tensors[{name!r}]: dim {d} has size {t.shape[d]}, shorter than the longest "
+                             f"length {width}")
+    half = t.detach().to(dtype).cpu()  # convert before the copy: half the bytes cross the bus
+    if not bool(torch.isfinite(half).all()):
+        source_finite = bool(torch.isfinite(t).all())
+        raise ValueError(f"tensors[{name!r}]: " + (
+            f"overflows {dtype} (max |value| {float(t.detach().abs().max()):.4g}); cache in "
+            f"dtype=torch.bfloat16" if source_finite else "holds NaN or inf values; refusing to cache them"))
+    per_example = tuple(-1 if d + 1 in dims else s for d, s in enumerate(t.shape[1:]))
+    return _Field(tuple(d - 1 for d in dims), per_example), half
+
+
+def check_index(index, lengths) -> tuple[list[int], list[int]]:
+    """A batch's example ids and token counts as lists (the key of every get and put)."""
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"index: expected a 1-D int64 tensor of example ids, got "
+                         f"{getattr(index, 'shape', type(index).__name__)} {getattr(index, 'dtype', '')}")
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != index.shape or lengths.is_floating_point():
+        raise ValueError(f"lengths: expected an int tensor of shape {tuple(index.shape)} (one length per index), "
+                         f"got {getattr(lengths, 'shape', type(lengths).__name__)}")
+    ids, lens = index.tolist(), lengths.tolist()
+    if index.numel() == 0:
+        raise ValueError("index: expected at least one example id, got an empty tensor")
+    if min(lens) < 1:
+        raise ValueError(f"lengths: expected every length >= 1, got {min(lens)}")
+    if min(ids) < 0:
+        raise ValueError(f"index: expected non-negative example ids, got {min(ids)}")
+    return ids, lens
+
+
 class ActivationCache(Protocol):
     """What the trainer asks of a teacher-activation cache; :class:`TeacherCache` (memory or disk shards) and
     :class:`fastkd.device_cache.DeviceCache` (GPU buffers) implement it."""
@@ -345,23 +395,6 @@ class TeacherCache:
             self._open_others()
 
     # -- get / put -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_index(index, lengths) -> tuple[list[int], list[int]]:
-        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"index: expected a 1-D int64 tensor of example ids, got "
-                             f"{getattr(index, 'shape', type(index).__name__)} {getattr(index, 'dtype', '')}")
-        if not isinstance(lengths, torch.Tensor) or lengths.shape != index.shape or lengths.is_floating_point():
-            raise ValueError(f"lengths: expected an int tensor of shape {tuple(index.shape)} (one length per index), "
-                             f"got {getattr(lengths, 'shape', type(lengths).__name__)}")
-        ids, lens = index.tolist(), lengths.tolist()
-        if index.numel() == 0:
-            raise ValueError("index: expected at least one example id, got an empty tensor")
-        if min(lens) < 1:
-            raise ValueError(f"lengths: expected every length >= 1, got {min(lens)}")
-        if min(ids) < 0:
-            raise ValueError(f"index: expected non-negative example ids, got {min(ids)}")
-        return ids, lens
-
     def _lookup(self, example: int) -> tuple[int, callable] | None:
         """(stored length, name -> unpadded tensor) for a stored example, else None."""
         if example in self._pending:
@@ -376,7 +409,7 @@ class TeacherCache:
     def get(self, index: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """The stored tensors for a batch, re-padded with zeros to ``max(lengths)`` along their seq dims, in the
         cache dtype, on the CPU; None (a miss) unless every example of the batch is stored."""
-        ids, lens = self._check_index(index, lengths)
+        ids, lens = check_index(index, lengths)
         if self.mode == "off" or self.fields is None:
             self.misses += 1
             return None
@@ -412,7 +445,7 @@ class TeacherCache:
         """Store a batch's tensors per example (``index``), cut to each example's length along ``seq_dims[name]``
         (an int, a tuple of ints such as (2, 3) for scores, or None), converted to the cache dtype. Examples already
         stored are skipped. Non-finite values raise ValueError rather than being cached."""
-        ids, lens = self._check_index(index, lengths)
+        ids, lens = check_index(index, lengths)
         if self.mode == "off":
             return
         if not isinstance(tensors, dict) or not tensors:
@@ -420,34 +453,7 @@ class TeacherCache:
         fields, converted = {}, {}
         width = max(lens)
         for name, t in tensors.items():
-            if not isinstance(name, str) or not _NAME_RE.match(name):
-                raise ValueError(f"tensors: expected names like 'hidden.3' (a letter, then letters, digits, '.', '_' "
-                                 f"or '-'), got {name!r}")
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise ValueError(f"tensors[{name!r}]: expected a floating tensor, got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)}")
-            if t.dim() < 1 or t.shape[0] != len(ids):
-                raise ValueError(f"tensors[{name!r}]: expected batch dim {len(ids)} first, got {tuple(t.shape)}")
-            if name not in seq_dims:
-                raise ValueError(f"seq_dims: expected an entry for {name!r} (an int, a tuple or None)")
-            dims = seq_dims[name]
-            dims = () if dims is None else (dims,) if isinstance(dims, int) else tuple(dims)
-            if any(not isinstance(d, int) or isinstance(d, bool) or not 1 <= d < t.dim() for d in dims):
-                raise ValueError(f"seq_dims[{name!r}]: expected dims in [1, {t.dim() - 1}] of a {t.dim()}-D tensor, "
-                                 f"got {seq_dims[name]!r}")
-            for d in dims:
-                if t.shape[d] < width:
-                    raise ValueError(f"tensors[{name!r}]: dim {d} has size {t.shape[d]}, shorter than the longest "
-                                     f"length {width}")
-            half = t.detach().to(self.dtype).cpu()  # convert before the copy: half the bytes cross the bus
-            if not bool(torch.isfinite(half).all()):
-                source_finite = bool(torch.isfinite(t).all())
-                raise ValueError(f"tensors[{name!r}]: " + (
-                    f"overflows {self.dtype} (max |value| {float(t.detach().abs().max()):.4g}); cache in "
-                    f"dtype=torch.bfloat16" if source_finite else "holds NaN or inf values; refusing to cache them"))
-            per_example = tuple(-1 if d + 1 in dims else s for d, s in enumerate(t.shape[1:]))
-            fields[name] = _Field(tuple(d - 1 for d in dims), per_example)
-            converted[name] = half
+            fields[name], converted[name] = _field_of(name, t, seq_dims, len(ids), width, self.dtype)
         if self.fields is None:
             self.fields = fields
         elif fields != self.fields:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastkd.data import LABEL_COLUMNS, TASKS, TEXT_COLUMNS
-from fastkd.recipes import METHODS, PARAMS, load_config_file, parse_set, setting_prefix
+from fastkd.recipes import REGISTRY, load_config_file, parse_set, setting_prefix
 
 CPU_TRAIN_EXAMPLES = 3000  # the CPU default subset (full data on a GPU): ~1.5 min idle, < 10 min on a busy 2-core box
 CPU_DEV_EXAMPLES = 500
@@ -51,6 +51,11 @@ def one_of(choices) -> Check:
     return lambda v: None if v in choices else f"one of {', '.join(choices)}"
 
 
+def registered_method(v) -> str | None:
+    """A method in the recipes' registry (read at each check, so a method registered later is accepted)."""
+    return one_of(tuple(REGISTRY))(v)
+
+
 def option(default, help: str, *, choices: tuple[str, ...] | None = None, check: Check | None = None,
            flag: str | None = None, cli: bool = True):
     """A TrainConfig field with its CLI help, its choices (argparse enforces them too) or its check, and its flag
@@ -64,7 +69,7 @@ def option(default, help: str, *, choices: tuple[str, ...] | None = None, check:
 
 @dataclass
 class TrainConfig:
-    method: str = option("tinybert", f"one of {', '.join(METHODS)}", check=one_of(METHODS))
+    method: str = option("tinybert", f"one of {', '.join(REGISTRY)}", check=registered_method)
     mode: str = option("task", "task: distil on a labelled task (the student gets a classifier head); general: "
                        "task-agnostic distillation on unlabelled text (a general student, to fine-tune later)",
                        choices=("task", "general"))
@@ -161,12 +166,12 @@ def recipe_settings_help() -> str:
     """Every method's recipe settings with their defaults, for --help (what --set and --config accept)."""
     lines = ["recipe settings (--set METHOD.FIELD=VALUE or --config; defaults follow each paper):"]
     seen: set[type] = set()
-    for method in METHODS:
-        cls = PARAMS[method]
+    for method, entry in REGISTRY.items():
+        cls = entry.params
         if cls in seen:
             continue
         seen.add(cls)
-        names = [m for m in METHODS if PARAMS[m] is cls]
+        names = [m for m, e in REGISTRY.items() if e.params is cls]
         prefix = setting_prefix(method)
         defaults = cls()
         fields = ", ".join(f"{f.name}={getattr(defaults, f.name)}" for f in dataclasses.fields(cls))
@@ -184,16 +189,17 @@ def _add_option(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     if isinstance(default, bool):
         p.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=meta["help"])
         return
-    kind = _TYPES[str(f.type).split(" ")[0]]
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kind = _TYPES[annotation.split(" ")[0]]
     p.add_argument(flag, dest=f.name, default=default, help=meta["help"], choices=meta["choices"],
                    type=None if kind is str else kind)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI: one flag per TrainConfig field, plus --set and --config (recipe overrides)."""
+def build_parser(config_cls: type = None) -> argparse.ArgumentParser:
+    """The CLI: one flag per field of ``config_cls`` (TrainConfig), plus --set and --config (recipe overrides)."""
     p = argparse.ArgumentParser(prog="python -m fastkd.train", description=DESCRIPTION,
                                 formatter_class=_HelpFormatter, epilog=recipe_settings_help())
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config_cls or TrainConfig):
         if f.metadata.get("cli", True):
             _add_option(p, f)
     p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",

@@ -124,7 +124,6 @@ def _attention_kl_fwd(
     bh = pid // n_tiles
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ds = tl.arange(0, DS_P)
     offs_dt = tl.arange(0, DT_P)
