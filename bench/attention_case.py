@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from bench.conftest import HAS_CUDA
+from bench.harness import HAS_CUDA
 from fastkd import reference as ref
 
 B, H, D = 32, 12, 64

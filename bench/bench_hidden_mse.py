@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.conftest import HAS_CUDA
+from bench.harness import HAS_CUDA
 from fastkd import reference as ref
 
 B, K, D_S, D_T = 32, 5, 384, 768

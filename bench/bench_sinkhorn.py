@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.conftest import HAS_CUDA
+from bench.harness import HAS_CUDA
 from fastkd import reference as ref
 
 SHAPES = [(4, 12), (6, 12), (12, 24)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.conftest import HAS_CUDA
+from bench.harness import HAS_CUDA
 
 FIELDS = ["emb"] + [f"{c}.{i}" for i in (1, 3, 5) for c in ("hidden", "q", "k")]
 B, L = (32, 128) if HAS_CUDA else (8, 32)

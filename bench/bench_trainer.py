@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.conftest import HAS_CUDA
+from bench.harness import HAS_CUDA
 
 # The baseline a user has today is eager losses, a live fp32 teacher and an fp32 student (amp off); the other
 # cases use the trainer's default AMP (bf16 on a GPU), so the table separates what AMP buys from what fastkd's

@@ -15,12 +15,12 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 # ---------------------------------------------------------------- model structure
 
 
-def _base(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
-def _layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(_base(model), "encoder", None), "layer", None)
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(base_model(model), "encoder", None), "layer", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(
             f"teacher: expected a BERT-family encoder with .encoder.layer (BERT, RoBERTa, ELECTRA, MiniLM), "
@@ -30,7 +30,7 @@ def _layers(model: nn.Module) -> nn.ModuleList:
 
 
 @dataclass
-class _LayerParts:
+class LayerParts:
     query: nn.Linear
     key: nn.Linear
     value: nn.Linear
@@ -41,8 +41,8 @@ class _LayerParts:
     out_norm: nn.LayerNorm
 
 
-# Parameter names inside one encoder layer -> _LayerParts attribute.
-_LAYER_PARAMS = {
+# Parameter names inside one encoder layer -> LayerParts attribute.
+LAYER_PARAMS = {
     "attention.self.query": "query",
     "attention.self.key": "key",
     "attention.self.value": "value",
@@ -54,10 +54,10 @@ _LAYER_PARAMS = {
 }
 
 
-def _layer_parts(layer: nn.Module) -> _LayerParts:
+def layer_parts(layer: nn.Module) -> LayerParts:
     try:
         sa = layer.attention.self
-        parts = _LayerParts(sa.query, sa.key, sa.value, layer.attention.output.dense,
+        parts = LayerParts(sa.query, sa.key, sa.value, layer.attention.output.dense,
                             layer.attention.output.LayerNorm, layer.intermediate.dense, layer.output.dense,
                             layer.output.LayerNorm)
     except AttributeError as e:
@@ -74,7 +74,7 @@ def _fields(obj) -> dict:
     return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
 
 
-def _check_teacher(teacher) -> object:
+def check_encoder(teacher) -> object:
     cfg = getattr(teacher, "config", None)
     if not isinstance(teacher, nn.Module) or cfg is None:
         raise ValueError(f"teacher: expected a transformers BERT-family model, got {type(teacher).__name__}")
@@ -85,11 +85,11 @@ def _check_teacher(teacher) -> object:
         raise ValueError("teacher: expected an encoder; decoders and cross-attention are not supported")
     if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
         raise ValueError(f"teacher: expected absolute position embeddings, got {cfg.position_embedding_type!r}")
-    layers = _layers(teacher)
+    layers = encoder_layers(teacher)
     if len(layers) != cfg.num_hidden_layers:
         raise ValueError(f"teacher: has {len(layers)} layers but config says {cfg.num_hidden_layers}")
     for layer in layers:
-        _layer_parts(layer)
+        layer_parts(layer)
     return cfg
 
 
@@ -106,7 +106,7 @@ def _positive_int(name: str, value, upper: int, what: str) -> int:
 def student_config(teacher, *, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int):
     """The student's config for ETD: :func:`resized_config` of the teacher's, validated (no axis larger than the
     teacher's, since every student unit is a kept teacher unit)."""
-    cfg_t = _check_teacher(teacher) if isinstance(teacher, nn.Module) else teacher
+    cfg_t = check_encoder(teacher) if isinstance(teacher, nn.Module) else teacher
     _positive_int("num_layers", num_layers, cfg_t.num_hidden_layers, "num_hidden_layers")
     _positive_int("hidden_size", hidden_size, cfg_t.hidden_size, "hidden_size")
     _positive_int("num_heads", num_heads, cfg_t.num_attention_heads, "num_attention_heads")

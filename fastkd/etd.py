@@ -64,8 +64,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastkd.encoder import _LAYER_PARAMS, SUPPORTED_MODEL_TYPES, _check_teacher, _layers, student_config, uniform_layers
-from fastkd.importance import OBJECTIVES, Importance, _hidden_axes, compute_importance, ffn_gates, head_gates
+from fastkd.encoder import (
+    LAYER_PARAMS,
+    SUPPORTED_MODEL_TYPES,
+    check_encoder,
+    encoder_layers,
+    student_config,
+    uniform_layers,
+)
+from fastkd.importance import OBJECTIVES, Importance, compute_importance, ffn_gates, head_gates, hidden_axes
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -134,7 +141,7 @@ def _rand(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 def plan_extraction(teacher: nn.Module, cfg_s, *, strategy: str, importance: Importance | None = None,
                     seed: int = 0, layers: list[int] | None = None) -> ExtractionPlan:
     """Choose the kept units: top-k by ``importance`` (``impt``) or seeded random (``rand``) on each axis."""
-    cfg_t = _check_teacher(teacher)
+    cfg_t = check_encoder(teacher)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     if strategy == "impt" and importance is None:
@@ -189,7 +196,7 @@ def _head_rows(heads: torch.Tensor, dims: torch.Tensor, d_t: int, d_s: int) -> t
 
 def apply_plan(teacher: nn.Module, cfg_s, plan: ExtractionPlan, *, seed: int = 0) -> nn.Module:
     """Build ``type(teacher)(cfg_s)`` and fill every weight from the teacher by ``plan``."""
-    cfg_t = _check_teacher(teacher)
+    cfg_t = check_encoder(teacher)
     ref = next(teacher.parameters())
     D_t, H_t = cfg_t.hidden_size, cfg_t.num_attention_heads
     d_t, d_s = D_t // H_t, cfg_s.hidden_size // cfg_s.num_attention_heads
@@ -200,7 +207,7 @@ def apply_plan(teacher: nn.Module, cfg_s, plan: ExtractionPlan, *, seed: int = 0
     std = float(getattr(cfg_t, "initializer_range", 0.02))
     layer_prefix = _layer_prefix(teacher)
     outer = {}  # teacher param id -> list of (axis) carrying the hidden dim
-    for p, axis, b in _hidden_axes(teacher, D_t):
+    for p, axis, b in hidden_axes(teacher, D_t):
         outer.setdefault(id(p), set()).add(axis)
         if b is not None:
             outer.setdefault(id(b), set()).add(0)
@@ -228,7 +235,7 @@ def apply_plan(teacher: nn.Module, cfg_s, plan: ExtractionPlan, *, seed: int = 0
 
 
 def _layer_prefix(model: nn.Module) -> str:
-    layers = _layers(model)
+    layers = encoder_layers(model)
     for name, mod in model.named_modules():
         if mod is layers:
             return name + "."
@@ -238,7 +245,7 @@ def _layer_prefix(model: nn.Module) -> str:
 def _layer_param(rest: str, t: torch.Tensor, plan: ExtractionPlan, li: int, hid: torch.Tensor, d_t: int,
                  d_s: int, gen: torch.Generator, std: float) -> torch.Tensor:
     module, _, kind = rest.rpartition(".")
-    part = _LAYER_PARAMS.get(module)
+    part = LAYER_PARAMS.get(module)
     if part is None:
         raise ValueError(f"teacher: unsupported parameter {rest!r} in an encoder layer")
     heads = plan.heads[li]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd.encoder import _check_teacher, _layer_parts, _LayerParts, _layers
+from fastkd.encoder import LayerParts, check_encoder, encoder_layers, layer_parts
 
 OBJECTIVES = ("auto", "task", "sensitivity")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -31,7 +31,7 @@ def head_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
     """Multiply each head's attention context by ``gates[layer, head]`` inside the ``with`` block: transformers
     5 dropped ``head_mask``, so this is its replacement (0/1 gates = a head mask; gates requiring grad give
     DynaBERT's head importance). A forward pre-hook on each attention-output dense layer scales its input."""
-    cfg, layers = _check_teacher(model), _layers(model)
+    cfg, layers = check_encoder(model), encoder_layers(model)
     heads = cfg.num_attention_heads
     gates = _gate_tensor("gates", gates, len(layers), heads)
     handles = []
@@ -47,7 +47,7 @@ def head_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
 
     try:
         for i, layer in enumerate(layers):
-            handles.append(_layer_parts(layer).attn_out.register_forward_pre_hook(make(i)))
+            handles.append(layer_parts(layer).attn_out.register_forward_pre_hook(make(i)))
         yield
     finally:
         for h in handles:
@@ -57,7 +57,7 @@ def head_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
 @contextlib.contextmanager
 def ffn_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
     """Multiply each FFN neuron's activation by ``gates[layer, neuron]`` (0 = the neuron removed)."""
-    cfg, layers = _check_teacher(model), _layers(model)
+    cfg, layers = check_encoder(model), encoder_layers(model)
     gates = _gate_tensor("gates", gates, len(layers), cfg.intermediate_size)
     handles = []
 
@@ -69,7 +69,7 @@ def ffn_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
 
     try:
         for i, layer in enumerate(layers):
-            handles.append(_layer_parts(layer).ffn_out.register_forward_pre_hook(make(i)))
+            handles.append(layer_parts(layer).ffn_out.register_forward_pre_hook(make(i)))
         yield
     finally:
         for h in handles:
@@ -130,11 +130,11 @@ def _row_score(wg: torch.Tensor, bg: torch.Tensor | None) -> torch.Tensor:
     return (s + bg if bg is not None else s).abs()
 
 
-def _hidden_axes(model: nn.Module, hidden: int) -> list[tuple[nn.Parameter, int, nn.Parameter | None]]:
+def hidden_axes(model: nn.Module, hidden: int) -> list[tuple[nn.Parameter, int, nn.Parameter | None]]:
     """(parameter, axis carrying the hidden dim, bias paired with that axis) for every parameter outside the
     encoder layers whose module has the hidden size on that axis: embeddings, their LayerNorm, ELECTRA's
     embedding projection, the pooler and task heads."""
-    layer_params = {id(p) for layer in _layers(model) for p in layer.parameters()}
+    layer_params = {id(p) for layer in encoder_layers(model) for p in layer.parameters()}
     seen, axes = set(), []
     for mod in model.modules():
         own = [p for p in mod.parameters(recurse=False) if id(p) not in layer_params]
@@ -157,7 +157,7 @@ def _hidden_axes(model: nn.Module, hidden: int) -> list[tuple[nn.Parameter, int,
     return axes
 
 
-def _batch_scores(layers: list[_LayerParts], outer: list, gate_grad: torch.Tensor, g_of: dict, n: int, F: int,
+def _batch_scores(layers: list[LayerParts], outer: list, gate_grad: torch.Tensor, g_of: dict, n: int, F: int,
                   D: int, device) -> dict[str, torch.Tensor]:
     """One batch's importance scores from the gate gradient and the parameter gradients (by parameter id)."""
 
@@ -197,20 +197,20 @@ def compute_importance(teacher: nn.Module, data: Iterable[Mapping], *, num_batch
     """DynaBERT-style importance of every head, FFN neuron, per-head dim and hidden dim over at most
     ``num_batches`` batches of ``data`` (dicts with input_ids, attention_mask, optional token_type_ids and
     labels). One pass, no parameter update; the teacher's mode and requires_grad flags are restored."""
-    cfg = _check_teacher(teacher)
+    cfg = check_encoder(teacher)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches: expected a positive int, got {num_batches!r}")
     if data is None:
         raise ValueError("data: strategy 'impt' needs an iterable of batches (dicts of input_ids, attention_mask)")
-    layers = [_layer_parts(layer) for layer in _layers(teacher)]
+    layers = [layer_parts(layer) for layer in encoder_layers(teacher)]
     n, H, D, F = len(layers), cfg.num_attention_heads, cfg.hidden_size, cfg.intermediate_size
     d = D // H
     device = next(teacher.parameters()).device
     acc = dict(head=torch.zeros(n, H), ffn=torch.zeros(n, F), hidden=torch.zeros(D), qk_dim=torch.zeros(n, D),
                v_dim=torch.zeros(n, D))
-    outer = _hidden_axes(teacher, D)
+    outer = hidden_axes(teacher, D)
     params = list(teacher.parameters())
     flags = [p.requires_grad for p in params]
     was_training = teacher.training

@@ -3,10 +3,19 @@ test uses. Test modules import from here, never from each other."""
 
 from __future__ import annotations
 
+import math
+import os
 import random
 from pathlib import Path
 
 import torch
+
+# Kernel tests run on the GPU when there is one, else through Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+UPSTREAM = 1.7  # the grad of the loss is not 1, so a dropped grad_output factor fails
 
 
 def tiny_bert_config(**overrides):
@@ -109,3 +118,41 @@ def make_teacher(folder: Path, *, head: bool = True, num_labels: int = 2, **cfg_
     model.save_pretrained(folder)
     write_tokenizer(folder)
     return folder
+
+
+# ---------------------------------------------------------------- independent float64 losses
+
+
+def valid_idx(mask, b: int, L: int) -> torch.Tensor:
+    """Row b's valid token positions (all of them without a mask)."""
+    return torch.arange(L) if mask is None else mask[b].cpu().nonzero().flatten()
+
+
+def _scores64(q, k, b, h, i):
+    return q[b, h, i].double() @ k[b, h, i].double().T / math.sqrt(q.shape[-1])
+
+
+def attention_mse_f64(q_s, k_s, q_t, k_t, mask):
+    """TinyBERT's attention-score MSE, mean over heads and valid (query, key) pairs, in float64, by loops."""
+    B, H, L, _ = q_s.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        i = valid_idx(mask, b, L)
+        for h in range(H):
+            total = total + ((_scores64(q_s, k_s, b, h, i) - _scores64(q_t, k_t, b, h, i)) ** 2).sum()
+            count += len(i) ** 2
+    return total / count
+
+
+def attention_kl_f64(q_s, k_s, q_t, k_t, mask):
+    """MiniLM's KL(softmax S_t ‖ softmax S_s), mean over heads and valid query rows, valid keys only, float64."""
+    B, H, L, _ = q_s.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        i = valid_idx(mask, b, L)
+        for h in range(H):
+            logp_t = torch.log_softmax(_scores64(q_t, k_t, b, h, i), -1)
+            logp_s = torch.log_softmax(_scores64(q_s, k_s, b, h, i), -1)
+            total = total + (logp_t.exp() * (logp_t - logp_s)).sum()
+            count += len(i)
+    return total / count

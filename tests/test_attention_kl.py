@@ -27,45 +27,26 @@ import pytest  # noqa: E402
 from fastkd.kernels import attention_kl as akl  # noqa: E402
 
 from fastkd import losses  # noqa: E402
+from tests.helpers import DEVICE, DTYPES, attention_kl_f64, rel_err  # noqa: E402  # noqa: E402, F401
 from tests.helpers import make_mask as _make_mask  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 make_mask = functools.partial(_make_mask, device=DEVICE)
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 VALUE_TOL = 1e-5
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}
 LARGE_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("FASTKD_BACKEND", "triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 # ---------------------------------------------------------------- independent float64 computation
-
-
-def naive_attention_kl(q_s, k_s, q_t, k_t, mask):
-    """Mean over heads and valid query rows of KL(softmax(S_t) ‖ softmax(S_s)), valid tokens only, float64."""
-    B, H, L, _ = q_s.shape
-    total, count = 0.0, 0
-    for b in range(B):
-        i = torch.arange(L) if mask is None else mask[b].cpu().nonzero().flatten()
-        for h in range(H):
-            ss = q_s[b, h, i] @ k_s[b, h, i].T / math.sqrt(q_s.shape[-1])
-            st = q_t[b, h, i] @ k_t[b, h, i].T / math.sqrt(q_t.shape[-1])
-            logp_t, logp_s = torch.log_softmax(st, -1), torch.log_softmax(ss, -1)
-            total = total + (logp_t.exp() * (logp_t - logp_s)).sum()
-            count += len(i)
-    return total / count
 
 
 def float64_loss_and_grads(q_s, k_s, q_t, k_t, mask, upstream):
     """(loss, dq_s, dk_s) in float64 from the (already rounded) inputs, with upstream grad ``upstream``."""
     q64 = q_s.detach().cpu().double().requires_grad_()
     k64 = k_s.detach().cpu().double().requires_grad_()
-    loss = naive_attention_kl(q64, k64, q_t.detach().cpu().double(), k_t.detach().cpu().double(),
+    loss = attention_kl_f64(q64, k64, q_t.detach().cpu().double(), k_t.detach().cpu().double(),
                               None if mask is None else mask.cpu())
     dq, dk = torch.autograd.grad(loss * upstream, (q64, k64))
     return loss.detach(), dq, dk
@@ -149,7 +130,7 @@ def test_large_scores_equal_up_to_a_row_shift_give_zero(gen):
     loss = akl.attention_kl(q, k + v, q, k, None)
     shift = (q @ v.transpose(-1, -2)).abs() / math.sqrt(d)
     assert float(shift.mean()) > 100 and float(shift.max()) > 500
-    ref = naive_attention_kl(q.double(), (k + v).double(), q.double(), k.double(), None)
+    ref = attention_kl_f64(q.double(), (k + v).double(), q.double(), k.double(), None)
     assert abs(float(loss) - float(ref)) < 1e-7
 
 
@@ -182,7 +163,7 @@ def test_relation_kl_non_contiguous_views(dtype, gen):
     x64 = x_s.detach().cpu().double().requires_grad_()
     rs = x64.reshape(B, L, R, 6).permute(0, 2, 1, 3)
     rt = x_t.cpu().double().reshape(B, L, R, 10).permute(0, 2, 1, 3)
-    ref = naive_attention_kl(rs, rs, rt, rt, mask.cpu())
+    ref = attention_kl_f64(rs, rs, rt, rt, mask.cpu())
     (ref_dx,) = torch.autograd.grad(ref * 2.0, x64)
     assert dx.dtype == dtype and dx.shape == x_s.shape
     assert_close(loss, ref.detach(), VALUE_TOL, "loss")
@@ -266,7 +247,7 @@ def test_float64_inputs_use_float64_reference(gen):
     xs = [randn((B, H, L, d), torch.float64, gen) for _ in range(4)]
     loss = akl.attention_kl(*xs, None)
     assert loss.dtype == torch.float64
-    assert rel_err(loss.cpu(), naive_attention_kl(*[x.cpu() for x in xs], None)) < 1e-12
+    assert rel_err(loss.cpu(), attention_kl_f64(*[x.cpu() for x in xs], None)) < 1e-12
 
 
 def test_bad_input_is_rejected_before_the_kernel(gen):

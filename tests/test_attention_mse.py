@@ -8,7 +8,6 @@ output, 2^-11 and 2^-8 relative, plus one of the fp32 Gram/tile products).
 """
 
 import functools
-import math
 import os
 
 import torch
@@ -20,33 +19,15 @@ import fastkd.kernels.attention_mse as kernel  # noqa: E402
 import pytest  # noqa: E402
 
 from fastkd import losses  # noqa: E402
+from tests.helpers import DEVICE, DTYPES, UPSTREAM, attention_mse_f64, rel_err  # noqa: E402  # noqa: E402, F401
 from tests.helpers import make_mask as _make_mask  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 make_mask = functools.partial(_make_mask, device=DEVICE)
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LOSS_TOL = 1e-5
-UPSTREAM = 1.7  # grad of the loss ≠ 1, so a dropped grad_output factor fails
 
 
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("FASTKD_BACKEND", "triton")
-
-
-def float64_attention_mse(q_s, k_s, q_t, k_t, mask):
-    B, H, L, _ = q_s.shape
-    total, count = 0.0, 0
-    for b in range(B):
-        i = torch.arange(L, device=q_s.device) if mask is None else mask[b].nonzero().flatten()
-        for h in range(H):
-            ss = q_s[b, h, i].double() @ k_s[b, h, i].double().T / math.sqrt(q_s.shape[-1])
-            st = q_t[b, h, i].double() @ k_t[b, h, i].double().T / math.sqrt(q_t.shape[-1])
-            total = total + ((ss - st) ** 2).sum()
-            count += len(i) ** 2
-    return total / count
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def rand(shape, dtype, gen, scale=1.0):
@@ -59,7 +40,7 @@ def check_against_float64(q_s, k_s, q_t, k_t, mask, loss_tol, grad_tol):
     assert out.dim() == 0 and out.dtype == torch.float32
     out.backward(torch.tensor(UPSTREAM, device=DEVICE))
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
-    ref = float64_attention_mse(*ref_leaves, mask)
+    ref = attention_mse_f64(*ref_leaves, mask)
     (ref * UPSTREAM).backward()
     assert torch.isfinite(out)
     assert rel_err(out, ref) < loss_tol, (float(out), float(ref))
@@ -124,7 +105,7 @@ def test_near_equal_needs_the_fallback(gen, monkeypatch):
     magnitude, so test_near_equal_small_loss_is_accurate cannot pass by luck."""
     B, H, L, d = 2, 2, 70, 32
     q_s, k_s, q_t, k_t = near_equal(B, H, L, d, 1e-3, gen)
-    ref = float64_attention_mse(q_s, k_s, q_t, k_t, None)
+    ref = attention_mse_f64(q_s, k_s, q_t, k_t, None)
     monkeypatch.setattr(kernel, "CANCELLATION_RATIO", 0.0)
     gram_only = losses.attention_mse(q_s, k_s, q_t, k_t)
     assert rel_err(gram_only, ref) > 1e-4
@@ -146,7 +127,7 @@ def test_student_only_grads_and_float64_inputs(gen):
     out = losses.attention_mse(q_s, k_s, q_t, k_t)
     assert out.dtype == torch.float64
     out.backward()
-    ref = float64_attention_mse(q_s, k_s, q_t, k_t, None)
+    ref = attention_mse_f64(q_s, k_s, q_t, k_t, None)
     assert rel_err(out, ref) < LOSS_TOL  # computed in fp32 inside the kernel
     assert q_s.grad.dtype == torch.float64 and q_t.grad is None
 

@@ -18,20 +18,20 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastkd import losses  # noqa: E402
+from tests.helpers import (  # noqa: E402, F401
+    DEVICE,
+    DTYPES,
+    UPSTREAM,
+    rel_err,  # noqa: E402
+)
 from tests.helpers import make_mask as _make_mask  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 make_mask = functools.partial(_make_mask, device=DEVICE)
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LOSS_TOL = 1e-5
-UPSTREAM = 1.7
 
 
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("FASTKD_BACKEND", "triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def float64_hidden_mse(h_s, h_t, weight, bias, mask):

@@ -16,9 +16,7 @@ from fastkd.kernels.attention_kl import attention_kl  # noqa: E402
 from fastkd.kernels.attention_mse import attention_mse  # noqa: E402
 from fastkd.kernels.hidden_mse import hidden_mse  # noqa: E402
 
-from tests.helpers import make_mask  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.helpers import DEVICE, make_mask  # noqa: E402
 
 
 def _attention_inputs(gen):

@@ -5,47 +5,15 @@ The float64 versions loop over sequences and keep only each sequence's valid tok
 values, so the only error left is fastkd's fp32 accumulation: tolerance 1e-5 (‖out − ref‖/‖ref‖) everywhere.
 """
 
-import math
 
 import pytest
 import torch
 
 from fastkd import losses
-from tests.helpers import exact_emd, make_mask, rel_err
+from tests.helpers import attention_kl_f64, attention_mse_f64, exact_emd, make_mask, rel_err, valid_idx
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = 1e-5
-
-
-def valid_idx(mask, b, L):
-    return torch.arange(L) if mask is None else mask[b].nonzero().flatten()
-
-
-def naive_attention_mse(q_s, k_s, q_t, k_t, mask):
-    B, H, L, _ = q_s.shape
-    total, count = 0.0, 0
-    for b in range(B):
-        i = valid_idx(mask, b, L)
-        for h in range(H):
-            ss = q_s[b, h, i].double() @ k_s[b, h, i].double().T / math.sqrt(q_s.shape[-1])
-            st = q_t[b, h, i].double() @ k_t[b, h, i].double().T / math.sqrt(q_t.shape[-1])
-            total = total + ((ss - st) ** 2).sum()
-            count += len(i) ** 2
-    return total / count
-
-
-def naive_attention_kl(q_s, k_s, q_t, k_t, mask):
-    B, H, L, _ = q_s.shape
-    total, count = 0.0, 0
-    for b in range(B):
-        i = valid_idx(mask, b, L)
-        for h in range(H):
-            ss = q_s[b, h, i].double() @ k_s[b, h, i].double().T / math.sqrt(q_s.shape[-1])
-            st = q_t[b, h, i].double() @ k_t[b, h, i].double().T / math.sqrt(q_t.shape[-1])
-            pt = torch.softmax(st, -1)
-            total = total + (pt * (torch.log_softmax(st, -1) - torch.log_softmax(ss, -1))).sum()
-            count += len(i)
-    return total / count
 
 
 def qk(B, H, L, d, dtype, gen, scale=1.0, grad=False):
@@ -63,7 +31,7 @@ def test_attention_losses_match_float64(name, mask_kind, dtype, gen):
     mask = make_mask(mask_kind, B, L, gen)
     out = getattr(losses, name)(q_s, k_s, q_t, k_t, mask)
     assert out.dtype == torch.float32 and out.dim() == 0
-    naive = {"attention_mse": naive_attention_mse, "attention_kl": naive_attention_kl}[name]
+    naive = {"attention_mse": attention_mse_f64, "attention_kl": attention_kl_f64}[name]
     q64, k64 = q_s.detach().double().requires_grad_(), k_s.detach().double().requires_grad_()
     ref = naive(q64, k64, q_t, k_t, mask)
     assert rel_err(out, ref) < TOL
@@ -81,7 +49,7 @@ def test_attention_kl_large_logits_stays_finite(gen):
     q_t, k_t = qk(B, H, L, d, torch.float32, gen, 30.0), qk(B, H, L, d, torch.float32, gen, 30.0)
     mask = make_mask("prefix", B, L, gen)
     out = losses.attention_kl(q_s, k_s, q_t, k_t, mask)
-    ref = naive_attention_kl(q_s.detach(), k_s.detach(), q_t, k_t, mask)
+    ref = attention_kl_f64(q_s.detach(), k_s.detach(), q_t, k_t, mask)
     assert torch.isfinite(out) and rel_err(out, ref) < TOL
     out.backward()
     assert torch.isfinite(q_s.grad).all()
@@ -103,7 +71,7 @@ def test_relation_kl_matches_float64(dtype, gen):
     x64 = x_s.detach().double().requires_grad_()
     rs = x64.view(B, L, R, D_s // R).transpose(1, 2)
     rt = x_t.double().view(B, L, R, D_t // R).transpose(1, 2)
-    ref = naive_attention_kl(rs, rs, rt, rt, mask)
+    ref = attention_kl_f64(rs, rs, rt, rt, mask)
     assert rel_err(out, ref) < TOL
     out.backward()
     ref.backward()

@@ -18,17 +18,9 @@ from fastkd.kernels.sinkhorn import DEFAULT_TOL, sinkhorn, sinkhorn_with_info  #
 from fastkd import losses  # noqa: E402
 from fastkd import reference as ref  # noqa: E402
 from fastkd.emd import update_layer_weights  # noqa: E402
-from tests.helpers import (
-    exact_emd,  # noqa: E402
-    rel_err,  # noqa: E402
-)
+from tests.helpers import DEVICE, exact_emd, rel_err  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _force_triton(monkeypatch):
-    monkeypatch.setenv("FASTKD_BACKEND", "triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def _histograms(P, n, gen):
