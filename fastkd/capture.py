@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastkd.terms import parse_field
+
 
 @dataclass
 class Captured:
@@ -145,12 +147,12 @@ def capture(
 @contextlib.contextmanager
 def capture_fields(model: nn.Module, fields: list[str]):
     """Hooks recording ``fields`` (cache naming) on ``model``; yields a function returning them."""
-    hidden = [int(f.split(".")[1]) for f in fields if f.startswith("hidden.")]
+    parsed = [parse_field(f) for f in fields]
+    hidden = [i for c, i in parsed if c == "hidden"]
     qkv: dict[int, str] = {}
-    for f in fields:
-        c, _, i = f.partition(".")
-        if c in "qkv" and i:
-            qkv[int(i)] = qkv.get(int(i), "") + c
+    for c, i in parsed:
+        if c in ("q", "k", "v"):
+            qkv[i] = qkv.get(i, "") + c
     layers = sorted(set(hidden) | set(qkv))
     with ActivationCapture(model, layers, hidden=hidden, qkv=qkv, embeddings="emb" in fields) as cap:
         def read(output) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ rotation, and ``metrics.jsonl`` (cut back to the checkpoint on resume)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -103,8 +104,6 @@ def check_output_dir(cfg, log, *, check: bool = True) -> Path:
 
 
 def write_run_file(out: Path, cfg, recipe_text: str) -> None:
-    import dataclasses
-
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(
         {"identity": run_identity(cfg), "config": dataclasses.asdict(cfg), "started": time.strftime("%c"),

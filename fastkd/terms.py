@@ -33,6 +33,12 @@ def field_name(kind: str, layer: int | None = None) -> str:
     return kind if layer is None else f"{kind}.{layer}"
 
 
+def parse_field(name: str) -> tuple[str, int | None]:
+    """(kind, layer) of a field name: ("hidden", 3) for ``hidden.3``, ("emb", None) for ``emb``."""
+    kind, _, layer = name.partition(".")
+    return kind, int(layer) if layer else None
+
+
 def seq_dim(name: str) -> int | None:
     """The token dimension of a field (None for per-example fields such as logits)."""
     return SEQ_DIMS[name.split(".")[0]]

@@ -7,7 +7,6 @@ The command line only; the trainer itself is :class:`fastkd.trainer.Trainer`, it
 from __future__ import annotations
 
 import sys
-import time
 
 from fastkd.config import TrainConfig, build_parser, parse_config
 from fastkd.engine import NonFiniteLossError
@@ -34,14 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         quiet_libraries()
-        t0 = time.time()
-        trainer = Trainer(cfg)
-        trainer.setup()
-        trainer.train()
-        result = trainer.finish(t0)
+        result = run(cfg)
     except (ValueError, MappingError, FileNotFoundError, NonFiniteLossError) as e:
         print(f"fastkd.train: error: {e}", file=sys.stderr)
         return 2
+    trainer = result.pop("trainer")
     if trainer.dist.main:
         print(report(result, trainer.subset_note))
     if trainer.dist.enabled:
