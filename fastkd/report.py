@@ -89,13 +89,15 @@ def finish_run(tr, t_start: float) -> dict:
     cfg = tr.cfg
     student = tr.module.student
     final_dir = tr.out_dir / "student"
+    result: dict = {"output_dir": str(tr.out_dir), "student_dir": str(final_dir)}
+    if not tr.dist.main:
+        # Only rank 0 writes best/ and the student, so only it reads them: another rank loading best/ here raced
+        # rank 0's last write of it (a missing model.safetensors or a half-written config.json).
+        return result
     if tr.best is not None and (tr.out_dir / "best").is_dir():
         student = type(student).from_pretrained(tr.out_dir / "best", dtype=torch.float32).to(tr.device)
         tr.log(f"student: best dev checkpoint (stage {tr.best['stage']}, epoch {tr.best['epoch'] + 1}, "
                f"dev acc {tr.best['dev_acc']:.4f})")
-    result: dict = {"output_dir": str(tr.out_dir), "student_dir": str(final_dir)}
-    if not tr.dist.main:
-        return result
     student.save_pretrained(final_dir)
     tr.tokenizer.save_pretrained(final_dir)
     t_path = tr.teacher_paths["finetuned" if "finetuned" in tr.teachers else "pretrained"]
