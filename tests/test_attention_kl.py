@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 from fastkd.kernels import attention_kl as akl  # noqa: E402
 
 from fastkd import losses  # noqa: E402
+from fastkd.checks import value_checks  # noqa: E402
 from tests.helpers import DEVICE, DTYPES, attention_kl_f64, rel_err  # noqa: E402  # noqa: E402, F401
 from tests.helpers import make_mask as _make_mask  # noqa: E402
 
@@ -238,8 +239,28 @@ def test_nan_input_is_not_hidden(gen):
     q_s, k_s = randn((B, H, L, d), torch.float32, gen), randn((B, H, L, d), torch.float32, gen)
     q_t, k_t = randn((B, H, L, d), torch.float32, gen), randn((B, H, L, d), torch.float32, gen)
     q_s[1, 0, 3, 2] = float("nan")
-    loss, dq, _ = fused_loss_and_grads(q_s, k_s, q_t, k_t, None, 1.0)
+    with pytest.raises(ValueError, match=r"q_s: expected finite values"):  # the API refuses it
+        fused_loss_and_grads(q_s, k_s, q_t, k_t, None, 1.0)
+    with value_checks(False):  # a trainer that checks its own values: the kernel propagates it, never hides it
+        loss, dq, _ = fused_loss_and_grads(q_s, k_s, q_t, k_t, None, 1.0)
     assert torch.isnan(loss) and torch.isnan(dq).any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("arg", ["q_t", "k_t"])
+def test_non_finite_teacher_is_refused_on_both_paths(gen, monkeypatch, backend, bad, arg):
+    """An all-NaN teacher gave loss 0.0 with NaN gradients on the torch path (the softmax zeroed it)."""
+    monkeypatch.setenv("FASTKD_BACKEND", backend)
+    B, H, L, d = 2, 2, 9, 8
+    x = {n: randn((B, H, L, d), torch.float32, gen) for n in ("q_s", "k_s", "q_t", "k_t")}
+    x[arg] = torch.full_like(x[arg], bad)
+    with pytest.raises(ValueError, match=rf"{arg}: expected finite values"):
+        losses.attention_kl(x["q_s"], x["k_s"], x["q_t"], x["k_t"], None)
+    v_s, v_t = randn((B, L, 16), torch.float32, gen), randn((B, L, 16), torch.float32, gen)
+    v_t[1, 4, 3] = bad  # one value of one valid token
+    with pytest.raises(ValueError, match=r"x_t: expected finite values"):
+        losses.relation_kl(v_s, v_t, 2)
 
 
 def test_float64_inputs_use_float64_reference(gen):

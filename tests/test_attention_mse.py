@@ -19,6 +19,7 @@ import fastkd.kernels.attention_mse as kernel  # noqa: E402
 import pytest  # noqa: E402
 
 from fastkd import losses  # noqa: E402
+from fastkd.checks import value_checks  # noqa: E402
 from tests.helpers import DEVICE, DTYPES, UPSTREAM, attention_mse_f64, rel_err  # noqa: E402  # noqa: E402, F401
 from tests.helpers import make_mask as _make_mask  # noqa: E402
 
@@ -142,7 +143,10 @@ def test_nan_propagates_from_valid_tokens_only(gen):
     assert torch.isfinite(losses.attention_mse(padded, k_s, q_t, k_t, mask))
     valid = q_s.clone()
     valid[1, 0, 3] = float("nan")
-    assert torch.isnan(losses.attention_mse(valid, k_s, q_t, k_t, mask))
+    with pytest.raises(ValueError, match=r"q_s: expected finite values at valid"):  # the API refuses it
+        losses.attention_mse(valid, k_s, q_t, k_t, mask)
+    with value_checks(False):  # a trainer that checks its own values: the kernel propagates it, never hides it
+        assert torch.isnan(losses.attention_mse(valid, k_s, q_t, k_t, mask))
 
 
 def test_bad_input_raises_before_launch(gen):

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastkd import losses  # noqa: E402
+from fastkd.checks import value_checks  # noqa: E402
 from tests.helpers import (  # noqa: E402, F401
     DEVICE,
     DTYPES,
@@ -159,7 +160,10 @@ def test_nan_propagates_from_valid_tokens_only(gen):
     assert torch.isfinite(losses.hidden_mse(padded, h_t, weight, None, mask))
     valid = h_s.clone()
     valid[0, 2, 3] = float("nan")
-    assert torch.isnan(losses.hidden_mse(valid, h_t, weight, None, mask))
+    with pytest.raises(ValueError, match=r"h_s: expected finite values at valid"):  # the API refuses it
+        losses.hidden_mse(valid, h_t, weight, None, mask)
+    with value_checks(False):  # a trainer that checks its own values: the kernel propagates it, never hides it
+        assert torch.isnan(losses.hidden_mse(valid, h_t, weight, None, mask))
 
 
 def test_bad_input_raises_before_launch(gen):
