@@ -44,6 +44,28 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def nonfinite_tensors(obj, prefix: str = "") -> list[str]:
+    """The names of the floating tensors in a (nested) state holding NaN/inf; one device-to-host sync."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(o, name):
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point() and o.numel():
+                found.append((name, o))
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{name}[{i}]")
+
+    walk(obj, prefix)
+    if not found:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to("cpu") for _, t in found]).tolist()
+    return [name for (name, _), ok in zip(found, finite, strict=True) if not ok]
+
+
 def _checkpoints(out_dir: Path) -> list[Path]:
     return sorted((out_dir / "checkpoints").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
 

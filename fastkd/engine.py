@@ -138,6 +138,24 @@ def finite_values(terms: dict[str, torch.Tensor], where: str, step: int, last_go
                              f"{', '.join(f'{k}={v}' for k, v in bad.items())}; last good checkpoint: {last_good}")
 
 
+def clip_and_norm(fit) -> torch.Tensor:
+    """The gradients' total norm, clipped to ``max_grad_norm`` first unless it is 0 (clip_grad_norm_ with 0
+    would zero every gradient, not switch clipping off)."""
+    if fit.max_grad_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(fit.params, fit.max_grad_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in fit.params if p.grad is not None])
+
+
+def check_gradients(fit, norm: torch.Tensor, step: int) -> None:
+    """Refuse a step whose gradients hold NaN/inf (a finite loss can have them), before the optimizer touches
+    the weights. With fp16 loss scaling the scaler skips such steps itself, by design."""
+    if fit.scaler.is_enabled() or math.isfinite(float(norm)):
+        return
+    raise NonFiniteLossError(f"non-finite gradients at step {step} ({fit.where}): their norm is {float(norm)} "
+                             f"although every loss term was finite; the weights were not updated; last good "
+                             f"checkpoint: {fit.last_good()}")
+
+
 # ---------------------------------------------------------------- the step loop
 
 
@@ -213,8 +231,7 @@ def run_epoch(fit: Fit, state: StepState, batches: Iterator[Batch], total: int, 
         if last_micro:
             micro = 0
             fit.scaler.unscale_(fit.opt)
-            if fit.max_grad_norm > 0:  # clip_grad_norm_ with 0 would zero every gradient, not switch clipping off
-                torch.nn.utils.clip_grad_norm_(fit.params, fit.max_grad_norm)
+            check_gradients(fit, clip_and_norm(fit), state.global_step + 1)
             fit.scaler.step(fit.opt)
             fit.scaler.update()
             fit.sched.step()

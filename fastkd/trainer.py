@@ -22,6 +22,7 @@ from fastkd.checkpoint import (
     MetricsLog,
     check_output_dir,
     latest_checkpoint,
+    nonfinite_tensors,
     save_checkpoint,
     set_rng_state,
     write_run_file,
@@ -31,6 +32,7 @@ from fastkd.digest import data_digest, fingerprint_dataset, fingerprint_tokenize
 from fastkd.distill import DistillModule
 from fastkd.engine import (
     Fit,
+    NonFiniteLossError,
     StepState,
     Throughput,
     adamw,
@@ -321,9 +323,18 @@ class Trainer:
                 "scaler": fit.scaler.state_dict(), "best": self.best}
 
     def _save(self, state: dict, tag: str) -> None:
-        if self.dist.main:
-            self.last_ckpt = save_checkpoint(self.out_dir, {**state, "model": self.module.state_dict(), "tag": tag},
-                                             self.cfg.keep_checkpoints)
+        """Write a checkpoint, verified finite first: a bad one is never written, so the newest on disk (the one
+        a resume and an error message name) is always good, and rotation only drops older good ones."""
+        if not self.dist.main:
+            return
+        state = {**state, "model": self.module.state_dict(), "tag": tag}
+        bad = nonfinite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite weights or optimizer state after step {state['global_step']}: {', '.join(bad[:4])}"
+                + (f" and {len(bad) - 4} more" if len(bad) > 4 else "") + "; not writing a checkpoint of them; last "
+                f"good checkpoint: {self.last_ckpt or 'none (no checkpoint written yet)'}")
+        self.last_ckpt = save_checkpoint(self.out_dir, state, self.cfg.keep_checkpoints)
 
     def _end_epoch(self, si: int, stage: Stage, fit: Fit) -> None:
         epoch = self.state.epoch
