@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastkd.digest import sha256_file
+
 RUN_FILE = "run.json"
 # Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
 IDENTITY = ("method", "mode", "task", "text_column", "label_column", "text_pair_column", "teacher", "etd",
@@ -70,21 +72,58 @@ def _checkpoints(out_dir: Path) -> list[Path]:
     return sorted((out_dir / "checkpoints").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = _checkpoints(out_dir)
-    return ckpts[-1] if ckpts else None
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
-    """``state`` (with the RNG state added) as ``checkpoints/step-<global_step>.pt``; only the newest ``keep``
-    stay on disk."""
+    """``state`` (with the RNG state added) as ``checkpoints/step-<global_step>.pt`` plus its sha256 beside it
+    (written after it: a checkpoint without one was cut short); only the newest ``keep`` stay on disk."""
     ckdir = out_dir / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     path = ckdir / f"step-{state['global_step']}.pt"
     atomic_save({**state, "rng": rng_state()}, path)
+    tmp = _digest_file(path).with_suffix(".tmp")
+    tmp.write_text(sha256_file(path) + "\n")
+    os.replace(tmp, _digest_file(path))
     for old in _checkpoints(out_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        _digest_file(old).unlink(missing_ok=True)
     return path
+
+
+def _verified_load(path: Path) -> dict:
+    """A checkpoint whose bytes match its recorded sha256, loaded; raises ValueError saying what is wrong."""
+    digest = _digest_file(path)
+    if not digest.is_file():
+        raise ValueError("it has no recorded checksum (its write was cut short)")
+    if sha256_file(path) != digest.read_text().strip():
+        raise ValueError(f"its bytes do not match its sha256 ({path.stat().st_size} bytes: truncated or altered)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same: not usable
+        raise ValueError(f"it does not load ({type(e).__name__}: {e})") from e
+
+
+def load_newest_intact(out_dir: Path, log) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that verifies (sha256) and loads, falling back to older ones and saying so;
+    (None, None) when there is none at all; ValueError when there are some but none is intact."""
+    ckpts = _checkpoints(out_dir)
+    problems = []
+    for path in reversed(ckpts):
+        try:
+            state = _verified_load(path)
+        except ValueError as e:
+            problems.append(f"{path.name}: {e}")
+            log(f"resume: checkpoint {path} is not intact ({e}); trying the one before it")
+            continue
+        if problems:
+            log(f"resume: using {path.name}, the newest intact checkpoint")
+        return path, state
+    if ckpts:
+        raise ValueError(f"--resume: no intact checkpoint in {out_dir / 'checkpoints'} ({'; '.join(problems)}); "
+                         f"start the run again in a new --output-dir")
+    return None, None
 
 
 def run_identity(cfg) -> dict:
@@ -109,7 +148,7 @@ def check_output_dir(cfg, log, *, check: bool = True) -> Path:
         if not run_file.is_file():
             raise ValueError(f"--resume: {out} holds files but no run to resume (no {RUN_FILE}); choose the "
                              f"run's own --output-dir")
-        saved = json.loads(run_file.read_text())["identity"]
+        saved = _read_run_file(run_file)["identity"]
         mine = json.loads(json.dumps(run_identity(cfg)))
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
@@ -118,11 +157,21 @@ def check_output_dir(cfg, log, *, check: bool = True) -> Path:
     elif holds_files:
         what = "other files"
         if run_file.is_file():
-            saved = json.loads(run_file.read_text())
+            saved = _read_run_file(run_file)
             what = f"another run (method {saved['identity'].get('method')}, started {saved.get('started')})"
         raise ValueError(f"--output-dir: {out} already holds {what}; pass --resume to continue it or choose "
                          f"an empty/new --output-dir")
     return out
+
+
+def _read_run_file(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+        saved["identity"]  # noqa: B018 - present in every run file
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume: {path} is damaged ({type(e).__name__}: {e}); it identifies the run, so the run "
+                         f"can't be continued safely: start it again in a new --output-dir") from e
+    return saved
 
 
 def write_run_file(out: Path, cfg, recipe_text: str) -> None:

@@ -21,7 +21,7 @@ from fastkd.cache import TeacherCache
 from fastkd.checkpoint import (
     MetricsLog,
     check_output_dir,
-    latest_checkpoint,
+    load_newest_intact,
     nonfinite_tensors,
     save_checkpoint,
     set_rng_state,
@@ -211,12 +211,11 @@ class Trainer:
     def _resume(self) -> dict | None:
         if not self.cfg.resume:
             return None
-        path = latest_checkpoint(self.out_dir)
+        path, ckpt = load_newest_intact(self.out_dir, self.log)
         if path is None:
             self.log(f"resume: no checkpoint in {self.out_dir}; starting from the beginning")
             self.metrics.truncate(0)
             return None
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         self.module.load_state_dict(ckpt["model"])
         self.last_ckpt = path
         self.metrics.truncate(ckpt["global_step"])

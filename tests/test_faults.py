@@ -68,3 +68,61 @@ def test_diverging_run_names_only_a_finite_checkpoint(tiny, tmp_path, method):
         state = torch.load(ckpt, weights_only=False)
         assert nonfinite(state) == 0, ckpt
     assert named.startswith("none") or Path(named) in on_disk
+
+
+# ---------------------------------------------------------------- item 4: corrupt checkpoints and run files
+
+
+def _finished_run(tiny, out: Path) -> list[str]:
+    argv = args_for(tiny, out, "kd", "--epochs", "2", "--save-every", "1", "--keep-checkpoints", "4")
+    train.run(train.parse_config(argv), log=lambda *_: None)
+    return argv
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+def _corrupt(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "random4k":
+        start = len(data) // 2
+        data[start:start + 4096] = torch.randint(0, 256, (min(4096, len(data) - start),), dtype=torch.uint8).tolist()
+    elif how == "truncated":
+        data = data[: len(data) // 3]
+    else:  # empty
+        data = bytearray()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["random4k", "truncated", "empty"])
+def test_resume_skips_a_corrupt_newest_checkpoint_and_says_so(tiny, tmp_path, how):
+    """4 KiB of random bytes in the newest checkpoint loaded silently (NaN in Adam's exp_avg_sq, diverging 40 steps
+    later); a truncated or empty one gave an EOFError/RuntimeError traceback although older ones were intact."""
+    out = tmp_path / "run"
+    argv = _finished_run(tiny, out)
+    newest, older = _checkpoints(out)[-1], _checkpoints(out)[-2]
+    _corrupt(newest, how)
+    logs: list[str] = []
+    train.run(train.parse_config(argv + ["--resume"]), log=logs.append)
+    said = "\n".join(logs)
+    assert f"checkpoint {newest} is not intact" in said and f"using {older.name}" in said, said
+    assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_resume_with_no_intact_checkpoint_is_a_clear_error(tiny, tmp_path):
+    out = tmp_path / "run"
+    argv = _finished_run(tiny, out)
+    for ckpt in _checkpoints(out):
+        _corrupt(ckpt, "truncated")
+    with pytest.raises(ValueError, match=r"--resume: no intact checkpoint in .*step-\d+\.pt: its bytes do not match"):
+        train.run(train.parse_config(argv + ["--resume"]), log=lambda *_: None)
+
+
+def test_a_truncated_run_file_is_named(tiny, tmp_path):
+    out = tmp_path / "run"
+    argv = _finished_run(tiny, out)
+    run_file = out / "run.json"
+    run_file.write_text(run_file.read_text()[:40])
+    with pytest.raises(ValueError, match=rf"--resume: {run_file} is damaged"):
+        train.run(train.parse_config(argv + ["--resume"]), log=lambda *_: None)
