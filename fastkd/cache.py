@@ -224,8 +224,10 @@ class ActivationCache(Protocol):
     """What the trainer asks of a teacher-activation cache; :class:`TeacherCache` (memory or disk shards) and
     :class:`fastkd.device_cache.DeviceCache` (GPU buffers) implement it."""
 
-    def get(self, index: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    def get(self, index: torch.Tensor, lengths: torch.Tensor, *, count: bool = True) -> dict[str, torch.Tensor] | None:
         """Every field of the batch's examples (None unless all of them are stored)."""
+
+    dtype: torch.dtype  # what get returns (and what the trainer rounds live activations to)
 
     def put(self, index: torch.Tensor, lengths: torch.Tensor, tensors: dict[str, torch.Tensor],
             seq_dims: dict[str, int | tuple | None]) -> None:
@@ -406,18 +408,18 @@ class TeacherCache:
         shard, pos = hit
         return int(shard.lengths[pos]), lambda name, field: shard.example(pos, name, field)
 
-    def get(self, index: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    def get(self, index: torch.Tensor, lengths: torch.Tensor, *, count: bool = True) -> dict[str, torch.Tensor] | None:
         """The stored tensors for a batch, re-padded with zeros to ``max(lengths)`` along their seq dims, in the
         cache dtype, on the CPU; None (a miss) unless every example of the batch is stored."""
         ids, lens = check_index(index, lengths)
         if self.mode == "off" or self.fields is None:
-            self.misses += 1
+            self.misses += count
             return None
         found = []
         for example, length in zip(ids, lens, strict=True):
             hit = self._lookup(example)
             if hit is None:
-                self.misses += 1
+                self.misses += count
                 return None
             if hit[0] != length:
                 if not self._warned_length:
@@ -425,7 +427,7 @@ class TeacherCache:
                                 "tokenisation changed without changing the key, so this batch is recomputed",
                                 example, hit[0], length)
                     self._warned_length = True
-                self.misses += 1
+                self.misses += count
                 return None
             found.append(hit[1])
         width = max(lens)
@@ -437,7 +439,7 @@ class TeacherCache:
                                  for d in range(len(field.shape))))
                 t[region] = read(name, field)
             out[name] = t
-        self.hits += 1
+        self.hits += count
         return out
 
     def put(self, index: torch.Tensor, lengths: torch.Tensor, tensors: dict[str, torch.Tensor],

@@ -19,7 +19,8 @@ RUN_FILE = "run.json"
 # Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
 IDENTITY = ("method", "mode", "task", "text_column", "label_column", "text_pair_column", "teacher", "etd",
             "student_layers", "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum", "seed",
-            "epochs", "max_train_examples", "overrides", "finetune_epochs", "finetune_examples", "finetune_seed")
+            "epochs", "max_train_examples", "overrides", "finetune_epochs", "finetune_examples", "finetune_seed",
+            "max_length")
 
 
 def rng_state() -> dict:
@@ -130,6 +131,41 @@ def run_identity(cfg) -> dict:
     return {k: getattr(cfg, k) for k in IDENTITY}
 
 
+LOCK_FILE = ".lock"
+
+
+class OutputLock:
+    """An exclusive lock on a run's folder (flock on ``<out>/.lock``, released when the process ends however it
+    ends): two runs sharing one --output-dir interleaved their metrics and checkpoints, or one died on the other's
+    missing .tmp file. The holder's pid is written into the file for the second run's error."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--output-dir: {out} is a file, not a folder; choose a folder")
+        try:  # the lock file is also the check that the folder is writable, before anything is loaded
+            out.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f"--output-dir: {out} is not writable ({e.strerror}); choose a folder this user can "
+                             f"write") from e
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise ValueError(f"--output-dir: {out} is in use by another run (pid {holder}); wait for it to end or "
+                             f"choose another --output-dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
 def check_output_dir(cfg, log, *, check: bool = True) -> Path:
     """The run's folder: a new or empty one, or with --resume the same run's (its identity settings unchanged).
     Sets ``cfg.output_dir`` when unset; a --resume of a folder holding no run yet starts it. ``check=False``
@@ -140,7 +176,7 @@ def check_output_dir(cfg, log, *, check: bool = True) -> Path:
     if not check:
         return out
     run_file = out / RUN_FILE
-    holds_files = out.exists() and any(out.iterdir())
+    holds_files = out.exists() and any(p.name != LOCK_FILE for p in out.iterdir())
     if cfg.resume and not run_file.is_file() and not holds_files:
         log(f"resume: {out} holds no run yet (killed before its first checkpoint?); starting it")
         cfg.resume = False

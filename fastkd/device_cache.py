@@ -94,11 +94,11 @@ class DeviceCache:
         return index.cpu().numpy().astype(np.int64), lengths.cpu().numpy().astype(np.int64)
 
     # -- get / put ---------------------------------------------------------------------------------------------
-    def get(self, index: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    def get(self, index: torch.Tensor, lengths: torch.Tensor, *, count: bool = True) -> dict[str, torch.Tensor] | None:
         ids, lens = self._ids(index, lengths)
         if (self.buffers is None or ids.min() < 0 or ids.max() >= len(self.lengths) or not self.stored[ids].all()
                 or not np.array_equal(self.lengths[ids], lens)):
-            self.misses += 1
+            self.misses += count
             return None
         pos, _ = self._positions(ids, lens)
         pos = pos.to(self.device, non_blocking=True)
@@ -115,7 +115,7 @@ class DeviceCache:
                 # A strided view for Q/K ([B, H, W, dh] over [B, W, H, dh]), as the live capture hooks give them:
                 # the losses read strides, so no copy.
                 out[name] = got.movedim(1, sd)
-        self.hits += 1
+        self.hits += count
         return out
 
     def put(self, index: torch.Tensor, lengths: torch.Tensor, tensors: dict[str, torch.Tensor],

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fastkd.batching import LengthBucketSampler
 from fastkd.cache import cache_root
-from fastkd.digest import model_digest, sha256_json
+from fastkd.digest import data_digest, model_digest, sha256_json
 from fastkd.engine import Fit, StepState, adamw, evaluate, fit_stage, warmup_linear
 from fastkd.teacher import load_model
 
@@ -102,3 +102,17 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     else:
         os.replace(tmp, folder)
     return folder
+
+
+def finetune_for_run(path, tokenizer, data: dict, label_names, cfg, *, device, on_cpu: bool, seed: int, log) -> Path:
+    """The trainer's fine-tune of a head-less teacher on its run's data (``data["finetune"]`` when
+    --finetune-examples chose it, else the students' training data), with the run's settings."""
+    # CPU profile: one epoch at a higher lr, word embeddings frozen (their AdamW update dominates).
+    ft = FinetuneConfig(epochs=cfg.finetune_epochs or (1 if on_cpu else 3), seed=seed, lr=1e-4 if on_cpu else 5e-5,
+                        batch_size=cfg.batch_size, freeze_word_embeddings=on_cpu)
+    train_ds = data.get("finetune", data["task"])
+    fp = data_digest(list(train_ds["text"]), list(train_ds["label"]),
+                     list(train_ds["text_pair"]) if "text_pair" in train_ds.column_names else None)
+    return finetune_teacher(path, tokenizer, train_ds, data.get("dev"), label_names, max_length=cfg.max_length, cfg=ft,
+                            data_fingerprint=fp, device=device, root=Path(cfg.cache_dir) if cfg.cache_dir else None,
+                            log=log)

@@ -217,6 +217,13 @@ class TeacherRunner:
         with torch.inference_mode(), capture_fields(self.teacher, self.fields) as read:
             out = read(self.teacher(**batch.model_inputs()))
         self._check_finite(out)
-        if self.cache is not None:
-            self.cache.put(host.index, lengths, out, {k: seq_dim(k) for k in out})
-        return out
+        if self.cache is None:
+            return out
+        self.cache.put(host.index, lengths, out, {k: seq_dim(k) for k in out})
+        # What the losses see must not depend on where it came from: a live forward hands on what the cache now
+        # gives back (its dtype, layout and zero padding), exactly what a later epoch, a resumed run or a second
+        # run reads -- else they differed in the last bits (fp32 vs fp16 values, strided vs contiguous matmuls).
+        got = self.cache.get(host.index, lengths, count=False)  # not a lookup: the hit rate counts batches
+        if got is not None:
+            return {k: v.to(self.device, non_blocking=True) for k, v in got.items()}
+        return {k: v.to(self.cache.dtype) for k, v in out.items()}  # nothing stored (a full device cache)

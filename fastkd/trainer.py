@@ -20,6 +20,7 @@ from fastkd.batching import LengthBucketSampler
 from fastkd.cache import TeacherCache
 from fastkd.checkpoint import (
     MetricsLog,
+    OutputLock,
     check_output_dir,
     load_newest_intact,
     nonfinite_tensors,
@@ -28,7 +29,7 @@ from fastkd.checkpoint import (
     write_run_file,
 )
 from fastkd.config import CPU_MAX_EPOCHS, TrainConfig
-from fastkd.digest import data_digest, fingerprint_dataset, fingerprint_tokenizer, model_digest
+from fastkd.digest import fingerprint_dataset, fingerprint_tokenizer, model_digest
 from fastkd.distill import DistillModule
 from fastkd.engine import (
     Fit,
@@ -43,6 +44,7 @@ from fastkd.engine import (
     steps_per_epoch,
     warmup_linear,
 )
+from fastkd.finetune import finetune_for_run
 from fastkd.recipes import Shapes, Stage, build_recipe, describe, make_params
 from fastkd.report import finish_run
 from fastkd.rundata import load_run_data
@@ -75,6 +77,7 @@ class Trainer:
         self.last_ckpt: Path | None = None
         self.best: dict | None = None
         self.state = StepState()
+        self.lock: OutputLock | None = None
         self.teacher_dtype = teacher_dtype(cfg.teacher_dtype, self.device)
         self.amp = autocast_dtype(cfg.amp, self.device)
 
@@ -88,7 +91,9 @@ class Trainer:
         from transformers import AutoConfig, AutoTokenizer
 
         cfg = self.cfg
-        self.out_dir = check_output_dir(cfg, self.log, check=self.dist.main)  # rank 0 checks, then writes it
+        if self.dist.main:  # rank 0 locks and checks the folder, then writes it
+            self.lock = OutputLock(check_output_dir(cfg, self.log, check=False))
+        self.out_dir = check_output_dir(cfg, self.log, check=self.dist.main)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.dist.main)
         path = resolve_model_path(cfg.teacher)
         if not Path(str(path)).is_dir():
@@ -129,21 +134,10 @@ class Trainer:
 
     def _finetuned_path(self, path: Path) -> Path:
         """The teacher fine-tuned on the task (cached; rank 0 trains it, the others read its path)."""
-        from fastkd.finetune import FinetuneConfig, finetune_teacher
-
-        cfg = self.cfg
-        # CPU profile: one epoch at a higher lr, word embeddings frozen (their AdamW update dominates).
-        ft = FinetuneConfig(epochs=cfg.finetune_epochs or (1 if self.on_cpu else 3), seed=self.finetune_seed,
-                            lr=1e-4 if self.on_cpu else 5e-5, batch_size=cfg.batch_size,
-                            freeze_word_embeddings=self.on_cpu)
-        train_ds = self.data.get("finetune", self.data["task"])
-        fp = data_digest(list(train_ds["text"]), list(train_ds["label"]),
-                         list(train_ds["text_pair"]) if "text_pair" in train_ds.column_names else None)
         finetuned = path
         if self.dist.main:
-            finetuned = finetune_teacher(path, self.tokenizer, train_ds, self.data.get("dev"), self.label_names,
-                                         max_length=cfg.max_length, cfg=ft, data_fingerprint=fp, device=self.device,
-                                         root=Path(cfg.cache_dir) if cfg.cache_dir else None, log=self.log)
+            finetuned = finetune_for_run(path, self.tokenizer, self.data, self.label_names, self.cfg,
+                                         device=self.device, on_cpu=self.on_cpu, seed=self.finetune_seed, log=self.log)
         return Path(self.dist.broadcast(str(finetuned)))
 
     def _load_teachers(self, path: Path, tconf) -> None:
@@ -360,13 +354,21 @@ class Trainer:
     def finish(self, t_start: float) -> dict:
         return finish_run(self, t_start)
 
+    def close(self) -> None:
+        """Release the output folder (a process that ends releases it anyway)."""
+        if self.lock is not None:
+            self.lock.release()
+
 
 def run(cfg: TrainConfig, log=print) -> dict:
     """Set up (every check before training), train, evaluate and save; returns the final metrics."""
     t0 = time.time()
     trainer = Trainer(cfg, log)
-    trainer.setup()
-    trainer.train()
-    result = trainer.finish(t0)
+    try:
+        trainer.setup()
+        trainer.train()
+        result = trainer.finish(t0)
+    finally:
+        trainer.close()
     result["trainer"] = trainer
     return result

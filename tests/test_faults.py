@@ -126,3 +126,101 @@ def test_a_truncated_run_file_is_named(tiny, tmp_path):
     run_file.write_text(run_file.read_text()[:40])
     with pytest.raises(ValueError, match=rf"--resume: {run_file} is damaged"):
         train.run(train.parse_config(argv + ["--resume"]), log=lambda *_: None)
+
+
+# ---------------------------------------------------------------- item 8: one run per output folder
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused(tiny, tmp_path):
+    """Two runs sharing one --output-dir interleaved 250 metrics lines (different seeds) or one died on a missing
+    .tmp file (same seed). The folder is locked while a run holds it."""
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds it
+    os.pwrite(fd, b"4242\n", 0)
+    try:
+        with pytest.raises(ValueError, match=rf"--output-dir: {out} is in use by another run \(pid 4242\)"):
+            train.run(train.parse_config(args_for(tiny, out, "kd")), log=lambda *_: None)
+    finally:
+        os.close(fd)
+    train.run(train.parse_config(args_for(tiny, out, "kd")), log=lambda *_: None)  # free again: it runs
+
+
+# ---------------------------------------------------------------- item 9: unusable output folders
+
+
+def test_an_output_dir_that_is_a_file_or_read_only_is_refused_before_training(tiny, tmp_path):
+    import os
+
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match=r"--output-dir: .*a-file is a file, not a folder"):
+        train.run(train.parse_config(args_for(tiny, target, "kd")), log=lambda *_: None)
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the read-only case needs an ordinary user")
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    with pytest.raises(ValueError, match=r"--output-dir: .*ro/run is not writable"):
+        train.run(train.parse_config(args_for(tiny, ro / "run", "kd")), log=lambda *_: None)
+
+
+# ---------------------------------------------------------------- item 10: resume and repeat exactness
+
+
+def _student(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "student" / "model.safetensors")
+
+
+def test_memory_cache_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
+    """--cache memory with 2 epochs: the cache holds fp16, the restarted run's live teacher gave fp32, and 36
+    tensors of the resumed student differed (<= 2e-7). The run is stopped right after a mid-epoch-2 checkpoint."""
+    from fastkd import checkpoint
+
+    argv = args_for(tiny, tmp_path / "ref", "tinybert", "--cache", "memory", "--epochs", "2", "--save-every", "4",
+                    "--set", "tinybert.pred_epochs=1")
+    train.run(train.parse_config(argv), log=lambda *_: None)
+    crashed = tmp_path / "crashed"
+    argv_c = [str(crashed) if a == str(tmp_path / "ref") else a for a in argv]
+    real = checkpoint.save_checkpoint
+
+    def save_then_die(out, state, keep):
+        path = real(out, state, keep)
+        if state["global_step"] == 8:  # epoch 2 of the intermediate stage, mid-epoch
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr("fastkd.trainer.save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(train.parse_config(argv_c), log=lambda *_: None)
+    monkeypatch.setattr("fastkd.trainer.save_checkpoint", real)
+    train.run(train.parse_config(argv_c + ["--resume"]), log=lambda *_: None)
+    a, b = _student(tmp_path / "ref"), _student(crashed)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_disk_cache_runs_repeat_bit_identically(tiny, tmp_path):
+    """--cache disk gave different students on two identical runs: the first saw the live fp32 teacher, the
+    second the cached fp16 values."""
+    students = []
+    for name in ("first", "second"):
+        argv = args_for(tiny, tmp_path / name, "tinybert", "--cache", "disk", "--cache-dir", str(tmp_path / "cache"),
+                        "--epochs", "2", "--set", "tinybert.pred_epochs=1")
+        res = train.run(train.parse_config(argv), log=lambda *_: None)
+        students.append(_student(tmp_path / name))
+    assert res["cache"][0]["hit_rate"] == 1.0  # the second run read everything from the first run's shards
+    assert [k for k in students[0] if not torch.equal(students[0][k], students[1][k])] == []
+
+
+def test_resume_refuses_a_changed_max_length(tiny, tmp_path):
+    out = tmp_path / "run"
+    argv = args_for(tiny, out, "kd")
+    train.run(train.parse_config(argv), log=lambda *_: None)
+    argv[argv.index("--max-length") + 1] = "20"
+    with pytest.raises(ValueError, match=r"max_length \(saved 24, now 20\)"):
+        train.run(train.parse_config(argv + ["--resume"]), log=lambda *_: None)

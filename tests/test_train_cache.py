@@ -14,7 +14,7 @@ from tests.train_support import args_for, read_metrics, run_cli
 
 
 def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, monkeypatch):
-    """Epoch 2 with the cache: same losses as a live teacher (fp16 storage tolerance), no teacher forward."""
+    """Epoch 2 with the cache: the losses of a live teacher within fp16 storage tolerance, no teacher forward."""
     calls = {"n": 0}
     real_call = teacher_mod.TeacherRunner.__call__
 
@@ -54,9 +54,11 @@ def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, mon
             if k.startswith("loss"):
                 # fp16 storage of the teacher's activations: ~1e-3 relative per value
                 assert abs(a[k] - b[k]) <= 2e-2 * abs(a[k]) + 1e-4, (k, a, b)
-    # Epoch 1 reads no cache, so its losses are identical; epoch 2 reads fp16 activations: close, not equal.
+    # With a cache every epoch trains on what the cache holds (fp16), epoch 1's live forwards included, so a
+    # resumed or repeated run sees the same values (tests/test_faults.py); against the uncached fp32 teacher the
+    # losses are close from the first step on, not equal.
     first = [(a, b) for a, b in zip(live_steps, cached_steps, strict=True) if a["epoch"] == 0]
-    assert all(a["loss"] == b["loss"] for a, b in first[:steps_per_epoch])
+    assert any(a["loss"] != b["loss"] for a, b in first[:steps_per_epoch])
 
 
 @pytest.mark.parametrize("cache", ["memory", "device"])
