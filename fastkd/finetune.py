@@ -2,8 +2,9 @@
 
 The cache key is a sha256 over the teacher's identity (config + weights digest), the training data (texts and
 labels), the label names and every fine-tuning setting; the folder holds a ``save_pretrained`` model, the
-tokenizer and ``fastkd-finetune.json`` (key parts and dev accuracy). A half-written folder is never reused:
-the model is saved to a temporary folder and renamed into place.
+tokenizer and ``fastkd-finetune.json`` (key parts, dev accuracy and the weights' digest, verified at every reuse:
+a damaged folder is fine-tuned again). A half-written folder is never reused: the model is saved to a temporary
+folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -45,6 +46,32 @@ def finetune_key(teacher_path, data: str, label_names, max_length: int, cfg: Fin
     return sha256_json(parts)[:24]
 
 
+META_FILE = "fastkd-finetune.json"
+
+
+def _verified(folder: Path, log) -> bool:
+    """Is the cached fine-tune in ``folder`` intact (its config and weights match the digest recorded when it
+    was written)? A damaged one is removed, and said so, to be fine-tuned again: zeroed weights were reused
+    silently and a truncated file failed with a SafetensorError, never rebuilt."""
+    meta_file = folder / META_FILE
+    if not meta_file.is_file():
+        return False
+    try:
+        meta = json.loads(meta_file.read_text())
+        problem = None if meta.get("weights_digest") == model_digest(folder) else (
+            "its weights do not match the digest recorded when it was written" if meta.get("weights_digest")
+            else "it records no digest of its weights (written by an older fastkd)")
+    except (OSError, ValueError) as e:
+        problem = f"it is unreadable ({e})"
+    if problem is None:
+        log(f"teacher: reusing the fine-tuned teacher cached at {folder} (dev acc {meta.get('dev_acc', 'n/a')}, "
+            f"weights verified)")
+        return True
+    log(f"teacher: the fine-tuned teacher cached at {folder} is not intact ({problem}); fine-tuning it again")
+    shutil.rmtree(folder, ignore_errors=True)
+    return False
+
+
 def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, max_length: int,
                      cfg: FinetuneConfig, data_fingerprint: str, device, root: Path | None = None,
                      log=print) -> Path:
@@ -53,10 +80,7 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
 
     key = finetune_key(teacher_path, data_fingerprint, label_names, max_length, cfg)
     folder = (root or cache_root()) / "teachers" / key
-    meta_file = folder / "fastkd-finetune.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        log(f"teacher: reusing the fine-tuned teacher cached at {folder} (dev acc {meta.get('dev_acc', 'n/a')})")
+    if _verified(folder, log):
         return folder
     log(f"teacher: {teacher_path} has no {len(label_names)}-label task head; fine-tuning it first "
         f"({cfg.epochs} epoch(s), {len(train_ds)} examples, lr {cfg.lr:g}); cached at {folder}")
@@ -94,9 +118,9 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     tmp.mkdir(parents=True)
     model.to("cpu").save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "fastkd-finetune.json").write_text(json.dumps(
+    (tmp / META_FILE).write_text(json.dumps(
         {"key": key, "teacher": str(teacher_path), "labels": list(label_names), "settings": asdict(cfg),
-         "dev_acc": dev_acc, "examples": len(train_ds)}, indent=1))
+         "dev_acc": dev_acc, "examples": len(train_ds), "weights_digest": model_digest(tmp)}, indent=1))
     if folder.exists():  # another process finished first; keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     else:

@@ -224,3 +224,31 @@ def test_resume_refuses_a_changed_max_length(tiny, tmp_path):
     argv[argv.index("--max-length") + 1] = "20"
     with pytest.raises(ValueError, match=r"max_length \(saved 24, now 20\)"):
         train.run(train.parse_config(argv + ["--resume"]), log=lambda *_: None)
+
+
+# ---------------------------------------------------------------- item 5: the cached fine-tuned teacher
+
+
+@pytest.mark.parametrize("damage", ["zero64k", "truncate"])
+def test_a_damaged_cached_teacher_is_fine_tuned_again(tiny, tmp_path, monkeypatch, damage):
+    """Zeroing 64 KiB of the cached fine-tuned teacher's weights: reused silently, exit 0. Truncating it: a
+    SafetensorError traceback, never rebuilt."""
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    bare = make_teacher(tmp_path / "bare", head=False)
+    argv = args_for(tiny, tmp_path / "first", "kd", "--finetune-epochs", "1")
+    argv[argv.index("--teacher") + 1] = str(bare)
+    first = train.run(train.parse_config(argv), log=lambda *_: None)
+    cached = first["trainer"].teacher_paths["finetuned"]
+    weights = cached / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "zero64k":
+        start = len(data) // 4
+        data[start:start + 65536] = bytes(min(65536, len(data) - start))
+    else:
+        data = data[: len(data) // 2]
+    weights.write_bytes(bytes(data))
+    logs: list[str] = []
+    argv[argv.index("--output-dir") + 1] = str(tmp_path / "second")
+    second = train.run(train.parse_config(argv), log=logs.append)
+    assert any("is not intact" in m and "fine-tuning it again" in m for m in logs), logs
+    assert second["teacher_test_acc"] == first["teacher_test_acc"]  # the same seeded fine-tune, redone
