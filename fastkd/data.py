@@ -343,7 +343,13 @@ def load_texts(source: str, split: str = "train", *, label_order: str = "sorted"
     if label_column is None:  # no per-row work: select and rename the text columns
         ds = ds.select_columns(list(texts.values()))
         return ds.rename_columns({c: k for k, c in texts.items() if c != k})
-    mapping, names = _label_mapping(ds[label_column], label_order, list(label_names) if label_names else None)
+    raw_labels = ds[label_column]
+    empty = [i + 1 for i, v in enumerate(raw_labels) if v is None or not str(v).strip()]
+    if empty:  # an empty label became a class of its own and shifted every id
+        raise ValueError(f"{path}: {len(empty)} row(s) have no label (data rows {empty[:8]}"
+                         f"{' ...' if len(empty) > 8 else ''}, 1-based, in column {label_column!r}); give them a label "
+                         f"or remove them")
+    mapping, names = _label_mapping(raw_labels, label_order, list(label_names) if label_names else None)
 
     def to_example(ex):
         raw = str(ex[label_column]).strip()
@@ -351,7 +357,8 @@ def load_texts(source: str, split: str = "train", *, label_order: str = "sorted"
         if mapping is None:
             return {**out, "label": int(raw)}
         if raw not in mapping:
-            raise ValueError(f"label_names: label {raw!r} in {path} is not one of {names}")
+            raise ValueError(f"label_names: label {raw!r} in {path} is not one of {names} (for a dev/test file: the "
+                             f"training data's labels; every dev/test label must occur in the training data)")
         return {**out, "label": mapping[raw]}
 
     ds = ds.map(to_example, remove_columns=ds.column_names)

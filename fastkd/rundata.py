@@ -43,11 +43,31 @@ def cpu_profile(cfg: TrainConfig, on_cpu: bool) -> tuple[int | None, int | None,
     return n_train, n_dev, note
 
 
-def _load(cfg: TrainConfig, source: str, split: str, *, general: bool = False):
+def _load(cfg: TrainConfig, source: str, split: str, *, general: bool = False, names: list[str] | None = None):
     """``source``'s split; --text-column / --label-column / --text-pair-column name a data file's columns (a
-    general corpus is read as single texts without labels, so it is asked for the text column only)."""
+    general corpus is read as single texts without labels, so it is asked for the text column only). ``names``:
+    the training data's label names, so a dev/test file maps its labels to the same ids."""
     return load_texts(source, split, text_column=cfg.text_column, label_column=None if general else cfg.label_column,
-                      text_pair_column=None if general else cfg.text_pair_column)
+                      text_pair_column=None if general else cfg.text_pair_column,
+                      label_names=names if source not in TASKS else None)
+
+
+def _check_labels(train, others: dict, names: list[str], task: str) -> None:
+    """A classifier needs two classes in its training data, and dev/test may only hold labels it was trained on
+    (one-class training trained silently at dev acc 1.0; an unseen test label was never caught)."""
+    seen = set(train["label"])
+    if len(seen) < 2:
+        raise ValueError(f"--task: {task}'s training data holds a single class ({names[next(iter(seen))]!r}, "
+                         f"{len(train)} rows); a classifier needs at least two")
+    for split_name, (source, ds) in others.items():
+        if ds is None or "label" not in ds.column_names:
+            continue
+        unseen = sorted(set(ds["label"]) - seen)
+        if unseen:
+            rows = sum(1 for y in ds["label"] if y in set(unseen))
+            raise ValueError(f"--{split_name}: {source} has {rows} row(s) labelled "
+                             f"{[names[i] if i < len(names) else i for i in unseen]}, which the training data "
+                             f"never has (its labels: {[names[i] for i in sorted(seen)]})")
 
 
 def task_splits(cfg: TrainConfig, log):
@@ -59,29 +79,31 @@ def task_splits(cfg: TrainConfig, log):
     if "label" not in train.column_names:
         raise ValueError(f"--task: {cfg.task} has no labels; task mode needs labelled data "
                          f"(use --mode general for unlabelled text)")
+    train_names = label_names(train) if cfg.task not in TASKS else None
     dev = test = None
     if cfg.dev:
-        dev = _load(cfg, cfg.dev, "dev")
+        dev = _load(cfg, cfg.dev, "dev", names=train_names)
     elif splits:
         with contextlib.suppress(DataNotFoundError):  # AG News ships train/test only
-            dev = _load(cfg, cfg.task, "dev")
+            dev = _load(cfg, cfg.task, "dev", names=train_names)
     if dev is None and len(train) >= 2:
         held = train.train_test_split(test_size=max(1, min(1000, len(train) // 10)), seed=0)
         train, dev = held["train"], held["test"]
         log(f"data: no dev split for {cfg.task} (pass --dev to name one); holding out {len(dev)} train examples as "
             f"dev")
     if cfg.test:
-        test = _load(cfg, cfg.test, "test")
+        test = _load(cfg, cfg.test, "test", names=train_names)
     elif cfg.task in TASKS:
         test = _load(cfg, cfg.task, "test")  # a named task's test split must exist
     elif splits:
         try:
-            test = _load(cfg, cfg.task, "test")
+            test = _load(cfg, cfg.task, "test", names=train_names)
         except DataNotFoundError:
             log(f"data: no test split in {cfg.task} (pass --test to name one); the report gives no test accuracy")
     names = list(TASKS[cfg.task].labels) if cfg.task in TASKS else label_names(train)
     n_labels = len(names) if names else int(max(train["label"])) + 1
     names = names or [str(i) for i in range(n_labels)]
+    _check_labels(train, {"dev": (cfg.dev or cfg.task, dev), "test": (cfg.test or cfg.task, test)}, names, cfg.task)
     for split_name, ds in (("train", train), ("dev", dev), ("test", test)):
         if ds is not None and "label" in ds.column_names and len(ds):
             lo, hi = min(ds["label"]), max(ds["label"])

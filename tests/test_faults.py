@@ -252,3 +252,51 @@ def test_a_damaged_cached_teacher_is_fine_tuned_again(tiny, tmp_path, monkeypatc
     second = train.run(train.parse_config(argv), log=logs.append)
     assert any("is not intact" in m and "fine-tuning it again" in m for m in logs), logs
     assert second["teacher_test_acc"] == first["teacher_test_acc"]  # the same seeded fine-tune, redone
+
+
+# ---------------------------------------------------------------- item 6: labels
+
+
+def _task_files(folder: Path, train_rows, dev_rows=None, test_rows=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", train_rows), ("dev", dev_rows), ("test", test_rows)):
+        if rows is not None:
+            (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    return folder
+
+
+def _labelled(n: int, labels) -> list[tuple[str, str]]:
+    return [(t, labels[i % len(labels)]) for i, (t, _) in enumerate(make_sentences(n, 11))]
+
+
+def _run_task(tiny, tmp_path, folder: Path, *extra: str):
+    argv = args_for(tiny, tmp_path / "run", "kd", *extra)
+    for flag in ("--task", "--dev", "--test"):
+        argv[argv.index(flag) + 1] = str(folder / f"{flag[2:].replace('task', 'train')}.tsv")
+    return train.run(train.parse_config(argv), log=lambda *_: None)
+
+
+def test_empty_labels_are_refused_naming_the_rows(tiny, tmp_path):
+    """Empty labels became a class of their own and shifted every id: id2label {'0': '', '1': '0', '2': '1'},
+    test accuracy 0.0000 with exit 0."""
+    rows = _labelled(30, ["0", "1"])
+    rows[4] = (rows[4][0], "")
+    rows[9] = (rows[9][0], " ")
+    folder = _task_files(tmp_path / "d", rows, _labelled(8, ["0", "1"]), _labelled(8, ["0", "1"]))
+    with pytest.raises(ValueError, match=r"train\.tsv: 2 row\(s\) have no label \(data rows \[5, 10\]"):
+        _run_task(tiny, tmp_path, folder)
+
+
+def test_a_one_class_training_file_is_refused(tiny, tmp_path):
+    folder = _task_files(tmp_path / "d", _labelled(30, ["pos"]), _labelled(8, ["pos"]), _labelled(8, ["pos"]))
+    with pytest.raises(ValueError, match=r"training data holds a single class \('pos', 30 rows\)"):
+        _run_task(tiny, tmp_path, folder)
+
+
+@pytest.mark.parametrize("labels", [("neg", "pos", "neutral"), ("0", "1", "2")])
+def test_a_dev_or_test_label_the_training_data_lacks_is_refused(tiny, tmp_path, labels):
+    """Text labels were mapped per file in sorted order, so a test file with another label set got other ids
+    silently; an unseen integer label was not caught either."""
+    folder = _task_files(tmp_path / "d", _labelled(30, labels[:2]), _labelled(8, labels[:2]), _labelled(9, labels))
+    with pytest.raises(ValueError, match=rf"test(\.tsv)?: .*{labels[2]}"):
+        _run_task(tiny, tmp_path, folder)
