@@ -298,5 +298,5 @@ def test_a_dev_or_test_label_the_training_data_lacks_is_refused(tiny, tmp_path, 
     """Text labels were mapped per file in sorted order, so a test file with another label set got other ids
     silently; an unseen integer label was not caught either."""
     folder = _task_files(tmp_path / "d", _labelled(30, labels[:2]), _labelled(8, labels[:2]), _labelled(9, labels))
-    with pytest.raises(ValueError, match=rf"test.*\b{labels[2]}\b"):
+    with pytest.raises(ValueError, match=rf"(?=.*test\.tsv)(?=.*\b{labels[2]}\b)"):  # the file and the label
         _run_task(tiny, tmp_path, folder)
