@@ -207,6 +207,21 @@ def _sniff_header(path: Path, delimiter: str, names: tuple[str, ...] = ()) -> tu
     return any(f.strip().lower() in known for f in fields), fields
 
 
+def _check_text_file(path: Path) -> int:
+    """The number of non-empty lines of a UTF-8 text file; bytes that are not UTF-8 are refused naming the file,
+    the line and what to do (the codec's own error named no file)."""
+    count = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"source: {path} is not UTF-8 text (line {number}, byte {e.start + 1}: {e.reason}); "
+                                 f"re-save it as UTF-8") from None
+            count += bool(line.strip())
+    return count
+
+
 def _load_table(path: Path, names: tuple[str, ...] = ()):
     """Read a TSV/CSV/JSON/JSONL file with ``datasets``; every column kept as written. ``names``: column names the
     caller expects, which mark the first line as a header."""
@@ -215,10 +230,15 @@ def _load_table(path: Path, names: tuple[str, ...] = ()):
     import datasets
 
     suffix = path.suffix.lower()
+    records = _check_text_file(path)
     if suffix in (".json", ".jsonl"):
+        if not records:
+            raise ValueError(f"source: {path} holds no records")
         return datasets.load_dataset("json", data_files=str(path), split="train")
     delimiter = "\t" if suffix == ".tsv" else ","
     header, first = _sniff_header(path, delimiter, names)
+    if header and records < 2:  # datasets' own message: 'Instruction "train" corresponds to no data!'
+        raise ValueError(f"source: {path} holds a header line ({', '.join(first)}) but no records; add the data rows")
     n_columns = len(first)
     if header:
         names = None
@@ -321,6 +341,8 @@ def load_texts(source: str, split: str = "train", *, label_order: str = "sorted"
         return ds.cast_column("label", datasets.ClassLabel(names=names))
     path, _ = _resolve_source(source, split)
     if path.suffix.lower() not in _TABLE_SUFFIXES:  # a plain-text corpus
+        if not _check_text_file(path):
+            raise ValueError(f"source: {path} holds no text (every line is empty)")
         ds = datasets.load_dataset("text", data_files=str(path), split="train")
         return ds.filter(lambda ex: bool(ex["text"].strip()))
     ds = _load_table(path, tuple(c for c in (text_column, label_column, text_pair_column) if c))

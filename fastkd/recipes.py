@@ -308,13 +308,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config: no such file {str(p)!r}")
-    text = p.read_text()
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config: {p} is not UTF-8 text ({e.reason} at byte {e.start + 1})") from None
+    except Exception as e:  # noqa: BLE001 - json's and yaml's errors: say which file and where
+        kind = "YAML" if p.suffix.lower() in (".yaml", ".yml") else "JSON"
+        raise ValueError(f"--config: {p} is not valid {kind} ({e}); fix the file, e.g. "
+                         f'{{"tinybert": {{"att_weight": 2}}, "train": {{"epochs": 1}}}}') from None
     if not isinstance(data, dict):
         raise ValueError(f"--config: expected a mapping at the top of {p}, got {type(data).__name__}")
     return data

@@ -300,3 +300,32 @@ def test_a_dev_or_test_label_the_training_data_lacks_is_refused(tiny, tmp_path, 
     folder = _task_files(tmp_path / "d", _labelled(30, labels[:2]), _labelled(8, labels[:2]), _labelled(9, labels))
     with pytest.raises(ValueError, match=rf"(?=.*test\.tsv)(?=.*\b{labels[2]}\b)"):  # the file and the label
         _run_task(tiny, tmp_path, folder)
+
+
+# ---------------------------------------------------------------- item 12: data and config files, named
+
+
+def test_a_header_only_data_file_is_named(tiny, tmp_path):
+    folder = _task_files(tmp_path / "d", [], _labelled(8, ["0", "1"]), _labelled(8, ["0", "1"]))
+    with pytest.raises(ValueError, match=r"train\.tsv holds a header line \(sentence, label\) but no records"):
+        _run_task(tiny, tmp_path, folder)
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tiny, tmp_path):
+    folder = _task_files(tmp_path / "d", _labelled(20, ["0", "1"]), _labelled(8, ["0", "1"]), _labelled(8, ["0", "1"]))
+    train_file = folder / "train.tsv"
+    lines = train_file.read_bytes().split(b"\n")
+    lines[3] = b"caf\xe9 au lait\t1"  # latin-1
+    train_file.write_bytes(b"\n".join(lines))
+    with pytest.raises(ValueError, match=r"train\.tsv is not UTF-8 text \(line 4, byte 4"):
+        _run_task(tiny, tmp_path, folder)
+
+
+@pytest.mark.parametrize("suffix,text", [(".json", '{"tinybert": {"att_weight": 2,}}'), (".yaml", "a: [1, 2")])
+def test_a_malformed_config_file_is_named(tmp_path, suffix, text):
+    from fastkd.config import parse_config
+
+    f = tmp_path / f"c{suffix}"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=rf"--config: {f} is not valid (JSON|YAML)"):
+        parse_config(["--config", str(f)])
