@@ -108,6 +108,22 @@ def max_positions(tconf) -> int | None:
     return positions
 
 
+def check_tokenizer(tokenizer, tconf, path) -> None:
+    """The tokenizer must be the model's: a folder without tokenizer files gave AutoTokenizer a 5-token
+    vocabulary, every word became [UNK] and the run exited 0. Real models pad their vocabulary a little past the
+    tokenizer's, never to twice its size, and no token id may fall outside the embeddings."""
+    n, vocab = len(tokenizer), getattr(tconf, "vocab_size", None)
+    if vocab is None:
+        return
+    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("pad", "unk", "cls", "sep", "mask")}
+    outside = {k: v for k, v in special.items() if v is not None and not 0 <= v < vocab}
+    if n > vocab or n < vocab // 2 or outside:
+        detail = f"special token ids {outside} lie outside it" if outside else f"the tokenizer has {n} tokens"
+        raise ValueError(f"--teacher: {path}'s tokenizer does not match its model: the model has a {vocab}-token "
+                         f"vocabulary and {detail}. Its tokenizer files are missing or belong to another model; save "
+                         f"the model's own tokenizer into the folder (tokenizer.save_pretrained)")
+
+
 def check_task_head(tconf, names: list[str], task: str) -> None:
     """A teacher with a task head must predict this task's labels, in this order."""
     t_names = [str(tconf.id2label[i]) for i in sorted(tconf.id2label)]

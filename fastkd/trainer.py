@@ -54,6 +54,7 @@ from fastkd.teacher import (
     cache_bytes,
     cache_dtype,
     check_task_head,
+    check_tokenizer,
     device_cache_budget,
     has_task_head,
     load_model,
@@ -110,6 +111,7 @@ class Trainer:
             s.epochs = cfg.epochs if cfg.epochs is not None else (min(s.epochs, CPU_MAX_EPOCHS) if self.on_cpu
                                                                    else s.epochs)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        check_tokenizer(self.tokenizer, tconf, path)
         # Fingerprint it before any call: a fast tokenizer's serialised state records the last truncation
         # settings, which differ when datasets serves a tokenised split from its cache (no call at all).
         self.tokenizer_fp = fingerprint_tokenizer(self.tokenizer)

@@ -84,7 +84,13 @@ def write_tokenizer(folder: Path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # transformers 5 takes the vocabulary as `vocab` and quietly ignores `vocab_file` (a 5-token tokenizer that made
+    # every word [UNK]: fastkd now refuses such a teacher); 4.x takes `vocab_file`.
+    import inspect
+
+    key = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
+    tok = BertTokenizerFast(**{key: str(folder / "vocab.txt")}, do_lower_case=True)
+    assert len(tok) == len(vocab), (len(tok), len(vocab))
     tok.save_pretrained(folder)
     return tok
 
@@ -112,7 +118,9 @@ def make_teacher(folder: Path, *, head: bool = True, num_labels: int = 2, **cfg_
     from transformers import BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
-    cfg = tiny_bert_config(**cfg_overrides)
+    # The vocabulary padded up from the tokenizer's 25 tokens, as real models pad theirs (fastkd refuses a
+    # tokenizer much smaller than the model's vocabulary: the sign of missing tokenizer files).
+    cfg = tiny_bert_config(**{"vocab_size": 32, **cfg_overrides})
     cfg.num_labels = num_labels
     model = BertForSequenceClassification(cfg) if head else BertModel(cfg)
     model.save_pretrained(folder)

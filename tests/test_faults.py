@@ -329,3 +329,26 @@ def test_a_malformed_config_file_is_named(tmp_path, suffix, text):
     f.write_text(text)
     with pytest.raises(ValueError, match=rf"--config: {f} is not valid (JSON|YAML)"):
         parse_config(["--config", str(f)])
+
+
+# ---------------------------------------------------------------- item 7: the teacher's tokenizer
+
+
+def test_a_teacher_folder_without_its_tokenizer_is_refused(tiny, tmp_path):
+    """Without tokenizer files AutoTokenizer built a 5-token vocabulary from the config: every word became [UNK]
+    and the run exited 0."""
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], folder)
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")  # another, 5-token tokenizer
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / f).unlink(missing_ok=True)
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    argv = args_for(tiny, tmp_path / "run", "kd")
+    argv[argv.index("--teacher") + 1] = str(folder)
+    with pytest.raises(ValueError, match=r"tokenizer does not match its model: the model has a 32-token vocabulary "
+                                         r"and the tokenizer has 5 tokens"):
+        train.run(train.parse_config(argv), log=lambda *_: None)

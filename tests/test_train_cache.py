@@ -37,8 +37,11 @@ def test_cache_epoch2_matches_live_teacher_and_skips_forward(tiny, tmp_path, mon
     # The device cache holds the same fp16 values as the host cache: the same run, loss for loss.
     on_device = results["device"][0]
     assert results["device"][1] == results["memory"][1]
-    assert [m["loss"] for m in on_device if "loss" in m and "event" not in m] == \
-           [m["loss"] for m in cached if "loss" in m and "event" not in m]
+    # Same values, other layouts (the device cache hands out strided views like the live capture's, the host
+    # cache contiguous copies), so the CPU matmuls round differently in the last bits. This was exact only while
+    # the tiny tokenizer turned every word into [UNK] (transformers 5 ignored its vocab_file).
+    assert [m["loss"] for m in on_device if "loss" in m and "event" not in m] == pytest.approx(
+        [m["loss"] for m in cached if "loss" in m and "event" not in m], rel=1e-9, abs=0)
     steps_per_epoch = len([m for m in live if m.get("stage") == "intermediate" and m.get("epoch") == 0
                            and "event" not in m])
     n_stage_steps = sum(1 for m in live if m.get("stage") in ("intermediate", "prediction") and "event" not in m)
