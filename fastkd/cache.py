@@ -42,6 +42,7 @@ from fastkd.digest import (
     sha256_file,
     sha256_json,
 )
+from fastkd.disk import writing
 
 log = logging.getLogger("fastkd.cache")
 
@@ -493,7 +494,9 @@ class TeacherCache:
             tensors[field_name] = torch.cat([self._pending[i][field_name].reshape(-1) for i in ids])
         schema = {n: {"seq_dims": list(f.seq_dims), "shape": list(f.shape)} for n, f in self.fields.items()}
         tmp = self.dir / (name + ".tmp")
-        _write_safetensors(tmp, tensors, {"key": self.key, "schema": json.dumps(schema, sort_keys=True)})
+        kept = f"the {len(self._own_shards)} shard(s) written before are kept and verified"
+        with writing(tmp, f"teacher-cache shard {name}", kept):
+            _write_safetensors(tmp, tensors, {"key": self.key, "schema": json.dumps(schema, sort_keys=True)})
         os.replace(tmp, self.dir / name)
         entry = {"file": name, "bytes": (self.dir / name).stat().st_size, "sha256": sha256_file(self.dir / name),
                  "examples": len(ids)}
@@ -501,7 +504,8 @@ class TeacherCache:
         manifest = {"format": FORMAT_VERSION, "key": self.key, "rank": self.rank,
                     "dtype": str(self.dtype).removeprefix("torch."), "schema": schema, "shards": self._own_shards}
         tmp = self.dir / f"manifest-rank{self.rank}.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
+        with writing(tmp, "the teacher cache's manifest", kept):
+            tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self._manifest_path(self.rank))
         self._add_shard(_Shard(self.dir / name, self.dtype, self.fields), entry)
         self._pending.clear()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fastkd.digest import sha256_file
+from fastkd.disk import writing
 
 RUN_FILE = "run.json"
 # Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
@@ -38,12 +39,14 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill leaves the old file or the new one, never half."""
+def atomic_save(obj, path: Path, kept: str = "") -> None:
+    """torch.save to a temporary file, fsync, rename: a kill leaves the old file or the new one, never half; a
+    full disk leaves no partial file and raises DiskFullError saying what was ``kept``."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    with writing(tmp, path.name, kept):
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -77,15 +80,17 @@ def _digest_file(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
+def save_checkpoint(out_dir: Path, state: dict, keep: int, last_good: Path | None = None) -> Path:
     """``state`` (with the RNG state added) as ``checkpoints/step-<global_step>.pt`` plus its sha256 beside it
     (written after it: a checkpoint without one was cut short); only the newest ``keep`` stay on disk."""
     ckdir = out_dir / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     path = ckdir / f"step-{state['global_step']}.pt"
-    atomic_save({**state, "rng": rng_state()}, path)
+    kept = f"the last good checkpoint, {last_good}, is kept" if last_good else "no checkpoint was written yet"
+    atomic_save({**state, "rng": rng_state()}, path, kept + "; free space, then --resume")
     tmp = _digest_file(path).with_suffix(".tmp")
-    tmp.write_text(sha256_file(path) + "\n")
+    with writing(tmp, _digest_file(path).name, kept):
+        tmp.write_text(sha256_file(path) + "\n")
     os.replace(tmp, _digest_file(path))
     for old in _checkpoints(out_dir)[:-keep]:
         old.unlink(missing_ok=True)

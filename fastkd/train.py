@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from fastkd.config import TrainConfig, build_parser, parse_config
+from fastkd.disk import DiskFullError
 from fastkd.engine import NonFiniteLossError
 from fastkd.recipes import MappingError
 from fastkd.report import report
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
         quiet_libraries()
         result = run(cfg)
-    except (ValueError, MappingError, FileNotFoundError, NonFiniteLossError) as e:
+    except (ValueError, MappingError, FileNotFoundError, NonFiniteLossError, DiskFullError) as e:
         print(f"fastkd.train: error: {e}", file=sys.stderr)
         return 2
     trainer = result.pop("trainer")

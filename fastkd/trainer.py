@@ -30,6 +30,7 @@ from fastkd.checkpoint import (
 )
 from fastkd.config import CPU_MAX_EPOCHS, TrainConfig
 from fastkd.digest import fingerprint_dataset, fingerprint_tokenizer, model_digest
+from fastkd.disk import DiskFullError
 from fastkd.distill import DistillModule
 from fastkd.engine import (
     Fit,
@@ -284,7 +285,7 @@ class Trainer:
         def on_epoch_end(state: StepState) -> None:
             if cache is not None and cfg.cache == "disk":
                 # Ranks see different examples each epoch: share what each stored through the disk shards.
-                cache.flush()
+                flush_cache(cache, self.last_ckpt)
                 self.dist.barrier()
                 cache.refresh()
             self._end_epoch(si, stage, fit)
@@ -299,7 +300,7 @@ class Trainer:
         self.teacher_calls += runner.calls
         if cache is None:
             return
-        cache.flush()
+        flush_cache(cache, self.last_ckpt)
         st = dict(cache.stats)
         st.update(stage=stage.name, teacher_forwards=runner.calls)
         self.cache_stats.append(st)
@@ -329,7 +330,7 @@ class Trainer:
                 f"non-finite weights or optimizer state after step {state['global_step']}: {', '.join(bad[:4])}"
                 + (f" and {len(bad) - 4} more" if len(bad) > 4 else "") + "; not writing a checkpoint of them; last "
                 f"good checkpoint: {self.last_ckpt or 'none (no checkpoint written yet)'}")
-        self.last_ckpt = save_checkpoint(self.out_dir, state, self.cfg.keep_checkpoints)
+        self.last_ckpt = save_checkpoint(self.out_dir, state, self.cfg.keep_checkpoints, self.last_ckpt)
 
     def _end_epoch(self, si: int, stage: Stage, fit: Fit) -> None:
         epoch = self.state.epoch
@@ -360,6 +361,15 @@ class Trainer:
         """Release the output folder (a process that ends releases it anyway)."""
         if self.lock is not None:
             self.lock.release()
+
+
+def flush_cache(cache, last_ckpt: Path | None) -> None:
+    """Write the cache's pending shard; a full disk stops the run saying which checkpoint it can resume from."""
+    try:
+        cache.flush()
+    except DiskFullError as e:
+        raise DiskFullError(e.errno, f"{e.strerror}; the run stopped before this epoch's checkpoint, the last good "
+                            f"one is {last_ckpt or 'none (none written yet)'}") from e
 
 
 def run(cfg: TrainConfig, log=print) -> dict:

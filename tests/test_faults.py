@@ -352,3 +352,52 @@ def test_a_teacher_folder_without_its_tokenizer_is_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer does not match its model: the model has a 32-token vocabulary "
                                          r"and the tokenizer has 5 tokens"):
         train.run(train.parse_config(argv), log=lambda *_: None)
+
+
+# ---------------------------------------------------------------- item 9: full disks
+
+
+def _disk_full(path, nbytes: int = 1000):
+    """What a full disk does to a writer: ``nbytes`` land in the file, then ENOSPC."""
+    import errno
+
+    Path(path).write_bytes(b"\0" * nbytes)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_output_disk_stops_cleanly_keeping_the_last_checkpoint(tiny, tmp_path, monkeypatch):
+    """A full output disk gave 'RuntimeError ... unexpected pos' and left a partial .tmp."""
+    from fastkd import checkpoint
+    from fastkd.disk import DiskFullError
+
+    real, calls = checkpoint.torch.save, {"n": 0}
+
+    def full_from_the_third(obj, path, *a, **k):
+        calls["n"] += 1
+        return real(obj, path, *a, **k) if calls["n"] < 3 else _disk_full(path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_from_the_third)
+    out = tmp_path / "run"
+    said = (r"no space left on the disk of .*checkpoints while writing step-3\.pt; the partial step-3\.pt\.tmp was "
+            r"removed; the last good checkpoint, .*step-2\.pt")
+    with pytest.raises(DiskFullError, match=said):
+        train.run(train.parse_config(args_for(tiny, out, "kd", "--save-every", "1")), log=lambda *_: None)
+    assert not list(out.rglob("*.tmp"))
+    monkeypatch.setattr(checkpoint.torch, "save", real)
+    logs: list[str] = []
+    train.run(train.parse_config(args_for(tiny, out, "kd", "--save-every", "1", "--resume")), log=logs.append)
+    assert any("resume: from" in m and "step-2.pt" in m for m in logs), logs  # the kept checkpoint is intact
+
+
+def test_a_full_cache_disk_stops_before_the_epoch_checkpoint_without_tmp_shards(tiny, tmp_path, monkeypatch):
+    """A full cache disk during cache.flush() lost the epoch with a traceback and left a .tmp shard."""
+    from fastkd import cache
+    from fastkd.disk import DiskFullError
+
+    monkeypatch.setattr(cache, "_write_safetensors", lambda path, tensors, metadata: _disk_full(path))
+    argv = args_for(tiny, tmp_path / "run", "tinybert", "--cache", "disk", "--cache-dir", str(tmp_path / "cache"),
+                    "--epochs", "2", "--set", "tinybert.pred_epochs=1")
+    with pytest.raises(DiskFullError, match=r"while writing teacher-cache shard .*the run stopped before this "
+                                            r"epoch's checkpoint"):
+        train.run(train.parse_config(argv), log=lambda *_: None)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
