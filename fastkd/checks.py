@@ -9,6 +9,7 @@ GPU; they are on by default and can be switched off for production training loop
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 
@@ -43,6 +44,8 @@ def value_checks(enabled: bool) -> Iterator[None]:
 def check_float(name: str, x: torch.Tensor, ndim: int | tuple[int, ...] | None = None, what: str = "") -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.is_meta:
+        raise ValueError(f"{name}: expected a tensor with data, got a meta tensor (no values to compute with)")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(
             f"{name}: expected a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
@@ -55,7 +58,8 @@ def check_float(name: str, x: torch.Tensor, ndim: int | tuple[int, ...] | None =
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
+    # Only tensors: what is not one (a mask given as a list) is refused by its own check, naming it.
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
     if not items:
         return
     first_name, first = items[0]
@@ -122,3 +126,37 @@ def check_finite(mask: torch.Tensor | None = None, *, batch_dim: int = 0, seq_di
         if not finite:
             where = " at valid (unmasked) positions" if mask is not None and seq_dim is not None else ""
             raise ValueError(f"{name}: expected finite values{where}, found NaN or inf")
+
+
+def check_sinkhorn_args(eps, iters) -> None:
+    """Sinkhorn's settings, for both paths: the torch one looped forever with eps=-1 and returned a NaN plan for
+    eps=0 or NaN, and took iters of 0, -5 or 2.7."""
+    if eps is not None and not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps)
+                                and 0 < eps <= 1):
+        raise ValueError(f"eps: expected a number in (0, 1] (relative to max |cost|), got {eps!r}")
+    if iters is not None and not (isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1):
+        raise ValueError(f"iters: expected a positive int, got {iters!r}")
+
+
+def check_histograms(**hists: torch.Tensor) -> None:
+    """Transport marginals [P, M]: finite, non-negative, each row summing to 1 (to the rounding of its dtype).
+    Data-dependent (one sync), so off with the other value checks."""
+    if not _value_checks:
+        return
+    items = [(n, h) for n, h in hists.items() if h.numel()]
+    if not items:
+        return
+    flags = []
+    for _, h in items:
+        tol = 1e-4 if h.dtype in (torch.float32, torch.float64) else 2e-2
+        sums = h.double().sum(-1)
+        flags += [torch.isfinite(h).all(), (h >= 0).all(), ((sums - 1).abs() <= tol).all()]
+    got = torch.stack(flags).tolist()
+    for i, (name, h) in enumerate(items):
+        finite, nonneg, sums_to_one = got[3 * i: 3 * i + 3]
+        if not (finite and nonneg):
+            raise ValueError(f"{name}: expected finite, non-negative masses")
+        if not sums_to_one:
+            bad = h.double().sum(-1)
+            raise ValueError(f"{name}: expected each row to sum to 1 (a histogram), got sums "
+                             f"{[round(float(s), 6) for s in bad[:4]]}")

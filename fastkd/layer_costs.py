@@ -53,8 +53,9 @@ def hidden_costs(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Tensor | No
         proj = proj + bias.to(dt)
     tgt = h_t.to(dt)
     if mask is not None:
-        m = mask[None, :, :, None].to(dt)
-        proj, tgt = proj * m, tgt * m  # padded tokens contribute 0 to every norm and cross term
+        m = mask[None, :, :, None]
+        # padded tokens contribute 0 to every norm and cross term (where, not a product: 0·NaN would be NaN)
+        proj, tgt = torch.where(m, proj, 0.0), torch.where(m, tgt, 0.0)
         count = mask.sum().to(dt) * d_t
     else:
         count = torch.tensor(float(h_s.shape[1] * h_s.shape[2] * d_t), dtype=dt, device=h_s.device)
@@ -85,8 +86,9 @@ def attention_costs(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t
     N, d_t = q_t.shape[0], q_t.shape[-1]
     qs, ks, qt, kt = (x.to(dt) for x in (q_s, k_s, q_t, k_t))
     if mask is not None:
-        m = mask[None, :, None, :, None].to(dt)
-        qs, ks, qt, kt = qs * m, ks * m, qt * m, kt * m  # zero rows => zero scores on every padded pair
+        m = mask[None, :, None, :, None]
+        # zero rows => zero scores on every padded pair (where, not a product: 0·NaN would be NaN)
+        qs, ks, qt, kt = (torch.where(m, x, 0.0) for x in (qs, ks, qt, kt))
         pairs = H * mask.sum(1).to(dt).square().sum()
     else:
         pairs = torch.tensor(float(B * H * L * L), dtype=dt, device=q_s.device)

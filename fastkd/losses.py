@@ -14,13 +14,22 @@ Triton path runs on the CPU, which is how the kernels are tested without a GPU).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from torch import nn
 
 from fastkd import reference as ref
-from fastkd.checks import check_finite, check_float, check_mask, check_same_device, check_transport
+from fastkd.checks import (
+    check_finite,
+    check_float,
+    check_histograms,
+    check_mask,
+    check_same_device,
+    check_sinkhorn_args,
+    check_transport,
+)
 
 __all__ = [
     "attention_mse",
@@ -55,6 +64,33 @@ def backend_for(x: torch.Tensor) -> str:
 # ---------------------------------------------------------------- validation helpers
 
 
+def _backend(*xs: torch.Tensor | None) -> str:
+    """``backend_for`` the first tensor, except that float64 inputs always take the float64 reference: the
+    kernels compute in fp32, which would silently break the promise of fp64 results."""
+    if any(x is not None and x.dtype == torch.float64 for x in xs):
+        return "torch"
+    return backend_for(xs[0])
+
+
+def _teacher(*xs: torch.Tensor | None):
+    """Teacher tensors get no gradient, on either path (the kernels never produced one; the references did when
+    a teacher tensor required grad)."""
+    return tuple(None if x is None else x.detach() for x in xs)
+
+
+def _zero_padding(mask: torch.Tensor | None, batch_dim: int, seq_dim: int, *xs: torch.Tensor):
+    """The inputs with padded positions zeroed, for the references: the kernels never read padded tokens, and a
+    NaN there leaked into the references' sums (0·NaN = NaN)."""
+    if mask is None:
+        return xs
+    out = []
+    for x in xs:
+        shape = [1] * x.dim()
+        shape[batch_dim], shape[seq_dim] = mask.shape
+        out.append(torch.where(mask.reshape(shape), x, x.new_zeros(())))
+    return tuple(out)
+
+
 def _check_qk(q_s, k_s, q_t, k_t, mask):
     for name, x in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
         check_float(name, x, 4, "[B, H, L, d]")
@@ -73,8 +109,9 @@ def _check_qk(q_s, k_s, q_t, k_t, mask):
             f"q_t: expected {H} heads (the student's; head counts must match, head dims may differ), "
             f"got {q_t.shape[1]}"
         )
-    if L == 0 or q_s.shape[-1] == 0 or q_t.shape[-1] == 0:
-        raise ValueError(f"q_s: expected a non-empty sequence and head dim, got {tuple(q_s.shape)}")
+    if 0 in (B, H, L, q_s.shape[-1], q_t.shape[-1]):
+        raise ValueError(f"q_s: expected a non-empty batch, head count, sequence and head dim, got q_s "
+                         f"{tuple(q_s.shape)} and q_t {tuple(q_t.shape)}")
     mask = check_mask(mask, B, L)
     check_finite(mask, batch_dim=-4, seq_dim=-2, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
     return mask
@@ -87,22 +124,24 @@ def attention_mse(q_s, k_s, q_t, k_t, mask=None) -> torch.Tensor:
     """TinyBERT's attention-score loss: mean over heads and valid (query, key) pairs of (S_s − S_t)²,
     S = q·kᵀ/√d. q, k: [B, H, L, d]; student and teacher head dims may differ, head counts must match."""
     mask = _check_qk(q_s, k_s, q_t, k_t, mask)
-    if backend_for(q_s) == "triton":
+    q_t, k_t = _teacher(q_t, k_t)
+    if _backend(q_s, k_s, q_t, k_t) == "triton":
         from fastkd.kernels.attention_mse import attention_mse as fused
 
         return fused(q_s, k_s, q_t, k_t, mask)
-    return ref.attention_mse(q_s, k_s, q_t, k_t, mask)
+    return ref.attention_mse(*_zero_padding(mask, 0, 2, q_s, k_s, q_t, k_t), mask)
 
 
 def attention_kl(q_s, k_s, q_t, k_t, mask=None) -> torch.Tensor:
     """MiniLM's attention-distribution loss: KL(softmax(S_t) ‖ softmax(S_s)) per query row, padded keys
     excluded from both softmaxes, mean over heads and valid query rows."""
     mask = _check_qk(q_s, k_s, q_t, k_t, mask)
-    if backend_for(q_s) == "triton":
+    q_t, k_t = _teacher(q_t, k_t)
+    if _backend(q_s, k_s, q_t, k_t) == "triton":
         from fastkd.kernels.attention_kl import attention_kl as fused
 
         return fused(q_s, k_s, q_t, k_t, mask)
-    return ref.attention_kl(q_s, k_s, q_t, k_t, mask)
+    return ref.attention_kl(*_zero_padding(mask, 0, 2, q_s, k_s, q_t, k_t), mask)
 
 
 def relation_kl(x_s, x_t, num_heads: int, mask=None) -> torch.Tensor:
@@ -117,6 +156,8 @@ def relation_kl(x_s, x_t, num_heads: int, mask=None) -> torch.Tensor:
             f"x_t: expected batch and length {tuple(x_s.shape[:2])} (those of x_s), got {tuple(x_t.shape)}"
         )
     for name, x in (("x_s", x_s), ("x_t", x_t)):
+        if 0 in x.shape:
+            raise ValueError(f"{name}: expected a non-empty batch, sequence and feature dim, got {tuple(x.shape)}")
         if x.shape[-1] % num_heads:
             raise ValueError(
                 f"num_heads: {name}'s feature size {x.shape[-1]} is not divisible by num_heads={num_heads}"
@@ -164,14 +205,18 @@ def hidden_mse(h_s, h_t, weight=None, bias=None, mask=None) -> torch.Tensor:
         if tuple(bias.shape) != (*lead, d_t):
             raise ValueError(f"bias: expected shape {list(lead) + [d_t]}, got {tuple(bias.shape)}")
     B, L = h_s.shape[-3], h_s.shape[-2]
+    if 0 in (*h_s.shape, d_t):
+        raise ValueError(f"h_s: expected non-empty dims (K, B, L and features), got h_s {tuple(h_s.shape)} and h_t "
+                         f"{tuple(h_t.shape)}")
     mask = check_mask(mask, B, L)
     check_finite(mask, batch_dim=-3, seq_dim=-2, h_s=h_s, h_t=h_t)
     check_finite(weight=weight, bias=bias)
-    if backend_for(h_s) == "triton":
+    (h_t,) = _teacher(h_t)
+    if _backend(h_s, h_t, weight, bias) == "triton":
         from fastkd.kernels.hidden_mse import hidden_mse as fused
 
         return fused(h_s, h_t, weight, bias, mask)
-    return ref.hidden_mse(h_s, h_t, weight, bias, mask)
+    return ref.hidden_mse(*_zero_padding(mask, -3, -2, h_s, h_t), weight, bias, mask)
 
 
 def pkd_mse(h_s, h_t) -> torch.Tensor:
@@ -182,8 +227,10 @@ def pkd_mse(h_s, h_t) -> torch.Tensor:
     check_same_device(h_s=h_s, h_t=h_t)
     if h_t.shape != h_s.shape:
         raise ValueError(f"h_t: expected shape {tuple(h_s.shape)} (that of h_s), got {tuple(h_t.shape)}")
+    if 0 in h_s.shape:
+        raise ValueError(f"h_s: expected a non-empty batch and width, got {tuple(h_s.shape)}")
     check_finite(h_s=h_s, h_t=h_t)
-    return ref.pkd_mse(h_s, h_t)
+    return ref.pkd_mse(h_s, *_teacher(h_t))
 
 
 def soft_cross_entropy(logits_s, logits_t, temperature: float = 1.0) -> torch.Tensor:
@@ -195,10 +242,13 @@ def soft_cross_entropy(logits_s, logits_t, temperature: float = 1.0) -> torch.Te
         raise ValueError(
             f"logits_t: expected shape {tuple(logits_s.shape)} (that of logits_s), got {tuple(logits_t.shape)}"
         )
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite positive number, got {temperature!r}")
+    if 0 in logits_s.shape:
+        raise ValueError(f"logits_s: expected a non-empty batch and at least one class, got {tuple(logits_s.shape)}")
     check_finite(logits_s=logits_s, logits_t=logits_t)
-    return ref.soft_cross_entropy(logits_s, logits_t, float(temperature))
+    return ref.soft_cross_entropy(logits_s, *_teacher(logits_t), float(temperature))
 
 
 # ---------------------------------------------------------------- BERT-EMD
@@ -208,7 +258,14 @@ def sinkhorn(cost, a, b, eps=None, iters=None) -> torch.Tensor:
     """Batched log-domain Sinkhorn: cost [P, M, N], a [P, M], b [P, N] (histograms, each summing to 1)
     -> transport plan [P, M, N]. ``eps`` is relative to each problem's cost scale."""
     check_transport(cost, a, b)
-    if backend_for(cost) == "triton":
+    return _sinkhorn(cost, a, b, eps, iters, "a", "b")
+
+
+def _sinkhorn(cost, a, b, eps, iters, a_name: str, b_name: str) -> torch.Tensor:
+    check_sinkhorn_args(eps, iters)
+    check_finite(cost=cost)
+    check_histograms(**{a_name: a, b_name: b})
+    if _backend(cost, a, b) == "triton":
         from fastkd.kernels.sinkhorn import sinkhorn as fused
 
         return fused(cost, a, b, eps=eps, iters=iters)
@@ -218,7 +275,7 @@ def sinkhorn(cost, a, b, eps=None, iters=None) -> torch.Tensor:
 def emd_loss(cost, w_s, w_t, *, eps=None, iters=None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-EMD's loss: (loss [P] = Σ f_ij·d_ij, plan f [P, M, N]), the plan a constant, so ∂loss/∂cost = f."""
     check_transport(cost, w_s, w_t, "w_s", "w_t")
-    plan = sinkhorn(cost, w_s, w_t, eps=eps, iters=iters).detach()
+    plan = _sinkhorn(cost, w_s, w_t, eps, iters, "w_s", "w_t").detach()
     loss = (plan.to(cost.dtype) * cost).sum(dim=(1, 2), dtype=torch.float32 if cost.dtype != torch.float64
                                                   else torch.float64)
     return loss, plan

@@ -26,14 +26,12 @@ no −inf − (−inf) = NaN can arise); their rows/columns carry exactly zero m
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from fastkd import reference as ref
-from fastkd.checks import check_transport, value_checks_enabled
+from fastkd.checks import check_sinkhorn_args, check_transport, value_checks_enabled
 
 __all__ = ["sinkhorn", "sinkhorn_with_info", "MAX_SIDE", "DEFAULT_TOL"]
 
@@ -148,10 +146,7 @@ def _validate(cost, a, b, eps, iters, tol):
         raise ValueError(f"cost: expected M, N >= 1, got shape {tuple(cost.shape)}")
     if M > MAX_SIDE or N > MAX_SIDE:
         raise ValueError(f"cost: expected M, N <= {MAX_SIDE} (one problem per program), got {tuple(cost.shape)}")
-    if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 < eps <= 1):
-        raise ValueError(f"eps: expected a number in (0, 1] (relative to max |cost|), got {eps!r}")
-    if iters is not None and not (isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1):
-        raise ValueError(f"iters: expected a positive int, got {iters!r}")
+    check_sinkhorn_args(eps, iters)
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"tol: expected a non-negative number, got {tol!r}")
     if value_checks_enabled() and P > 0:

@@ -45,9 +45,11 @@ def check_against_float64(q_s, k_s, q_t, k_t, mask, loss_tol, grad_tol):
     (ref * UPSTREAM).backward()
     assert torch.isfinite(out)
     assert rel_err(out, ref) < loss_tol, (float(out), float(ref))
-    for name, x, r in zip(("q_s", "k_s", "q_t", "k_t"), leaves, ref_leaves, strict=True):
+    for name, x, r in zip(("q_s", "k_s"), leaves, ref_leaves, strict=False):
         assert x.grad.dtype == x.dtype and x.grad.shape == x.shape, name
         assert rel_err(x.grad, r.grad) < grad_tol, (name, rel_err(x.grad, r.grad))
+    # The documented rule on both paths: teacher tensors get no gradient, even when they require one.
+    assert leaves[2].grad is None and leaves[3].grad is None
     return out, ref
 
 

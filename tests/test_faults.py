@@ -189,8 +189,8 @@ def test_memory_cache_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
     argv_c = [str(crashed) if a == str(tmp_path / "ref") else a for a in argv]
     real = checkpoint.save_checkpoint
 
-    def save_then_die(out, state, keep):
-        path = real(out, state, keep)
+    def save_then_die(out, state, *args):
+        path = real(out, state, *args)
         if state["global_step"] == 8:  # epoch 2 of the intermediate stage, mid-epoch
             raise KeyboardInterrupt
         return path
