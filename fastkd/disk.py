@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,3 +35,26 @@ def writing(tmp: Path, what: str, kept: str = "") -> Iterator[None]:
             raise DiskFullError(errno.ENOSPC, f"no space left on the disk of {tmp.parent} while writing {what}; the "
                                 f"partial {tmp.name} was removed" + (f"; {kept}" if kept else "")) from e
         raise
+
+
+def save_model_dir(folder: Path, *savers, kept: str = "") -> None:
+    """``save_pretrained`` (of each of ``savers``: a model, its tokenizer) into ``folder`` atomically: written
+    beside it, then swapped in, so a reader never sees half a model and a full disk leaves the old folder (or
+    none) and no partial one."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for saver in savers:
+            saver.save_pretrained(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            raise DiskFullError(errno.ENOSPC, f"no space left on the disk of {folder.parent} while writing "
+                                f"{folder.name}/; the partial copy was removed" + (f"; {kept}" if kept else "")) from e
+        raise
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)

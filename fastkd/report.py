@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastkd.disk import save_model_dir
 from fastkd.engine import evaluate
 from fastkd.teacher import load_model
 
@@ -98,8 +99,7 @@ def finish_run(tr, t_start: float) -> dict:
         student = type(student).from_pretrained(tr.out_dir / "best", dtype=torch.float32).to(tr.device)
         tr.log(f"student: best dev checkpoint (stage {tr.best['stage']}, epoch {tr.best['epoch'] + 1}, "
                f"dev acc {tr.best['dev_acc']:.4f})")
-    student.save_pretrained(final_dir)
-    tr.tokenizer.save_pretrained(final_dir)
+    save_model_dir(final_dir, student, tr.tokenizer, kept=f"best/ and the checkpoints in {tr.out_dir} are kept")
     t_path = tr.teacher_paths["finetuned" if "finetuned" in tr.teachers else "pretrained"]
     if cfg.mode == "task" and tr.data.get("test") is not None:
         teacher32 = load_model(t_path, head=True).to(tr.device)

@@ -30,7 +30,7 @@ from fastkd.checkpoint import (
 )
 from fastkd.config import CPU_MAX_EPOCHS, TrainConfig
 from fastkd.digest import fingerprint_dataset, fingerprint_tokenizer, model_digest
-from fastkd.disk import DiskFullError
+from fastkd.disk import DiskFullError, save_model_dir
 from fastkd.distill import DistillModule
 from fastkd.engine import (
     Fit,
@@ -343,7 +343,8 @@ class Trainer:
             if si == self.last_head_stage and (self.best is None or acc > self.best["dev_acc"]):
                 self.best = {"dev_acc": acc, "stage": stage.name, "epoch": epoch, "step": self.state.global_step}
                 if self.dist.main:
-                    student.save_pretrained(self.out_dir / "best")
+                    save_model_dir(self.out_dir / "best", student, self.tokenizer,
+                                   kept=f"the last good checkpoint is {self.last_ckpt}")
                 rec["best"] = True
         self.metrics.write(rec)
         # The epoch-end checkpoint resumes at the next epoch (or the next stage).

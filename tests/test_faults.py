@@ -401,3 +401,25 @@ def test_a_full_cache_disk_stops_before_the_epoch_checkpoint_without_tmp_shards(
                                             r"epoch's checkpoint"):
         train.run(train.parse_config(argv), log=lambda *_: None)
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_a_full_disk_while_saving_the_student_leaves_no_partial_folder(tiny, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from fastkd.disk import DiskFullError
+
+    real = PreTrainedModel.save_pretrained
+
+    def full_for_the_student(self, folder, *a, **k):
+        if Path(folder).name == "student.tmp":
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            _disk_full(Path(folder) / "model.safetensors")
+        return real(self, folder, *a, **k)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_for_the_student)
+    out = tmp_path / "run"
+    with pytest.raises(DiskFullError, match=r"while writing student/; the partial copy was removed; best/ and the "
+                                            r"checkpoints .* are kept"):
+        train.run(train.parse_config(args_for(tiny, out, "kd")), log=lambda *_: None)
+    assert not (out / "student.tmp").exists() and not (out / "student").exists()
+    assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "tokenizer.json").is_file()
