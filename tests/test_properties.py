@@ -202,3 +202,36 @@ def test_invalid_hidden_inputs_are_refused_alike_naming_the_argument(monkeypatch
     assert all(isinstance(e, ValueError) for e in got), got
     assert str(got[0]) == str(got[1])
     assert str(got[0]).startswith(f"{HIDDEN_BREAKS[kind]}:"), (kind, str(got[0]))
+
+
+@BUDGET
+@given(P=st.integers(1, 3), M=st.integers(1, 5), N=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_emd_loss_is_the_plans_cost_on_both_paths(monkeypatch, P, M, N, seed):
+    g = torch.Generator().manual_seed(seed)
+    cost = (torch.rand(P, M, N, generator=g) * 2).to(DEVICE)
+    w_s, w_t = torch.rand(P, M, generator=g) + 0.1, torch.rand(P, N, generator=g) + 0.1
+    w_s, w_t = (w_s / w_s.sum(1, keepdim=True)).to(DEVICE), (w_t / w_t.sum(1, keepdim=True)).to(DEVICE)
+    for loss, plan in _both(lambda: losses.emd_loss(cost, w_s, w_t), monkeypatch):
+        ref = (plan.double() * cost.double()).sum(dim=(1, 2))
+        assert rel_err(loss.cpu(), ref.cpu()) < 1e-5
+        assert torch.allclose(plan.sum(2).double(), w_s.double(), atol=2e-3)
+
+
+@BUDGET
+@given(x=batches(d_choices=(4, 8)), M=st.integers(1, 3), N=st.integers(1, 3))
+def test_layer_costs_match_float64_pairwise_losses(monkeypatch, x, M, N):
+    B, H, L = x["B"], x["H"], x["L"]
+    x = {**x, "dtype": torch.float32}  # the Gram identity's cancellation: fp32 inputs, a stated 1e-3
+    h_s, h_t = _randn(x, M, B, L, 8), _randn(x, N, B, L, 8).flip(-1)
+    q_s, k_s = _randn(x, M, B, H, L, 8), _randn(x, M, B, H, L, 8).flip(-2)
+    q_t, k_t = _randn(x, N, B, H, L, 4), _randn(x, N, B, H, L, 4).flip(-1)
+    mask = None if x["mask"] is None else x["mask"].to(DEVICE)
+    eye = torch.eye(8, device=DEVICE)
+    for hidden, attention in _both(lambda: losses.layer_costs(h_s=h_s, h_t=h_t, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t,
+                                                              mask=mask), monkeypatch):
+        for i in range(M):
+            for j in range(N):
+                h_ref = _hidden_mse_f64(h_s[i], h_t[j], eye, torch.zeros(8, device=DEVICE), mask)
+                a_ref = attention_mse_f64(q_s[i], k_s[i], q_t[j], k_t[j], mask)
+                assert abs(float(hidden[i, j]) - float(h_ref)) <= 1e-3 * float(h_ref) + 1e-5
+                assert abs(float(attention[i, j]) - float(a_ref)) <= 1e-3 * float(a_ref) + 1e-5
