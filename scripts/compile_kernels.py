@@ -108,14 +108,17 @@ def record_gpu_shaped() -> int:
     import os
 
     os.environ["TRITON_INTERPRET"] = "1"
+    import fastkd.kernels._common as common
     import fastkd.kernels.attention_kl as akl
     import fastkd.kernels.attention_mse as amse
     import fastkd.kernels.hidden_mse as hmse
     import fastkd.kernels.sinkhorn as skn
     import torch
 
-    akl._interpreting = lambda: False  # GPU tile sizes and warps
-    amse._INTERPRET = hmse._INTERPRET = False
+    # GPU tile sizes and warps, no interpreter upcasts: every module that asks kernels/_common whether it runs in
+    # the interpreter is told no (each holds its own reference to the function).
+    for module in (common, akl, amse, hmse):
+        module.interpreting = lambda: False
     rec = _Recorder()
     rec.pytest_configure(None)
     g = torch.Generator().manual_seed(0)
