@@ -164,3 +164,27 @@ def attention_kl_f64(q_s, k_s, q_t, k_t, mask):
             total = total + (logp_t.exp() * (logp_t - logp_s)).sum()
             count += len(i)
     return total / count
+
+
+def hidden_mse_f64(h_s, h_t, weight, bias, mask):
+    """TinyBERT's hidden MSE: mean over layer pairs of Σ_valid Σ_e (W·h + b − h_t)² / (n_valid·d_t), token by
+    token, in float64."""
+    if h_s.dim() == 3:
+        h_s, h_t = h_s[None], h_t[None]
+        weight = None if weight is None else weight[None]
+        bias = None if bias is None else bias[None]
+    K, B, L, _ = h_s.shape
+    per_pair = []
+    for k in range(K):
+        total, count = 0.0, 0
+        for b in range(B):
+            i = torch.arange(L) if mask is None else mask[b].cpu().nonzero().flatten()
+            x = h_s[k, b, i].double()
+            if weight is not None:
+                x = x @ weight[k].double().T
+            if bias is not None:
+                x = x + bias[k].double()
+            total = total + ((x - h_t[k, b, i].double()) ** 2).sum()
+            count += len(i) * h_t.shape[-1]
+        per_pair.append(total / count)
+    return sum(per_pair) / K

@@ -19,12 +19,7 @@ import pytest  # noqa: E402
 
 from fastkd import losses  # noqa: E402
 from fastkd.checks import value_checks  # noqa: E402
-from tests.helpers import (  # noqa: E402, F401
-    DEVICE,
-    DTYPES,
-    UPSTREAM,
-    rel_err,  # noqa: E402
-)
+from tests.helpers import DEVICE, DTYPES, UPSTREAM, hidden_mse_f64, rel_err  # noqa: E402
 from tests.helpers import make_mask as _make_mask  # noqa: E402
 
 make_mask = functools.partial(_make_mask, device=DEVICE)
@@ -33,29 +28,6 @@ LOSS_TOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
-
-
-def float64_hidden_mse(h_s, h_t, weight, bias, mask):
-    """Mean over layer pairs of Σ_valid Σ_e (W·h + b − h_t)² / (n_valid·d_t), token by token."""
-    if h_s.dim() == 3:
-        h_s, h_t = h_s[None], h_t[None]
-        weight = None if weight is None else weight[None]
-        bias = None if bias is None else bias[None]
-    K, B, L, _ = h_s.shape
-    per_pair = []
-    for k in range(K):
-        total, count = 0.0, 0
-        for b in range(B):
-            i = torch.arange(L, device=h_s.device) if mask is None else mask[b].nonzero().flatten()
-            x = h_s[k, b, i].double()
-            if weight is not None:
-                x = x @ weight[k].double().T
-            if bias is not None:
-                x = x + bias[k].double()
-            total = total + ((x - h_t[k, b, i].double()) ** 2).sum()
-            count += len(i) * h_t.shape[-1]
-        per_pair.append(total / count)
-    return sum(per_pair) / K
 
 
 def rand(shape, dtype, gen, scale=1.0):
@@ -69,7 +41,7 @@ def check_against_float64(h_s, h_t, weight, bias, mask, grad_tol):
     assert out.dim() == 0 and out.dtype == torch.float32
     out.backward(torch.tensor(UPSTREAM, device=DEVICE))
     ref_leaves = [None if x is None else x.detach().double().requires_grad_() for x in leaves]
-    ref = float64_hidden_mse(ref_leaves[0], h_t, ref_leaves[1], ref_leaves[2], mask)
+    ref = hidden_mse_f64(ref_leaves[0], h_t, ref_leaves[1], ref_leaves[2], mask)
     (ref * UPSTREAM).backward()
     assert torch.isfinite(out)
     assert rel_err(out, ref) < LOSS_TOL, (float(out.detach()), float(ref.detach()))
@@ -145,7 +117,7 @@ def test_float64_inputs_and_teacher_needs_no_grad(gen):
     out = losses.hidden_mse(h_s, h_t, weight)
     assert out.dtype == torch.float64
     out.backward()
-    assert rel_err(out, float64_hidden_mse(h_s, h_t, weight, None, None)) < LOSS_TOL
+    assert rel_err(out, hidden_mse_f64(h_s, h_t, weight, None, None)) < LOSS_TOL
     assert h_s.grad.dtype == torch.float64 and weight.grad.dtype == torch.float64
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastkd import losses
-from tests.helpers import DEVICE, attention_kl_f64, attention_mse_f64, rel_err, valid_idx
+from tests.helpers import DEVICE, attention_kl_f64, attention_mse_f64, hidden_mse_f64, rel_err
 
 BUDGET = settings(max_examples=int(os.environ.get("FASTKD_PROPERTY_EXAMPLES", "20")), deadline=None,
                   derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -68,13 +68,6 @@ def test_attention_losses_match_float64_on_both_paths(monkeypatch, name, x):
         _close(out, ref, x["dtype"])
 
 
-def _hidden_mse_f64(h_s, h_t, w, b, mask):
-    p = h_s.double() @ w.double().T + b.double()
-    i = [valid_idx(mask, r, h_s.shape[1]) for r in range(h_s.shape[0])]
-    diffs = torch.cat([(p[r, i[r]] - h_t[r, i[r]].double()).reshape(-1) for r in range(h_s.shape[0])])
-    return (diffs ** 2).mean()
-
-
 @BUDGET
 @given(x=batches())
 def test_hidden_mse_matches_float64_on_both_paths(monkeypatch, x):
@@ -82,7 +75,7 @@ def test_hidden_mse_matches_float64_on_both_paths(monkeypatch, x):
     h_s, h_t = _randn(x, B, L, x["d_s"]), _randn(x, B, L, x["d_t"])
     w, b = _randn(x, x["d_t"], x["d_s"]) / math.sqrt(x["d_s"]), _randn(x, x["d_t"])
     mask = None if x["mask"] is None else x["mask"].to(DEVICE)
-    ref = _hidden_mse_f64(h_s, h_t, w, b, mask)
+    ref = hidden_mse_f64(h_s, h_t, w, b, mask)
     for out in _both(lambda: losses.hidden_mse(h_s, h_t, w, b, mask), monkeypatch):
         _close(out, ref, x["dtype"])
 
@@ -231,7 +224,7 @@ def test_layer_costs_match_float64_pairwise_losses(monkeypatch, x, M, N):
                                                               mask=mask), monkeypatch):
         for i in range(M):
             for j in range(N):
-                h_ref = _hidden_mse_f64(h_s[i], h_t[j], eye, torch.zeros(8, device=DEVICE), mask)
+                h_ref = hidden_mse_f64(h_s[i], h_t[j], eye, torch.zeros(8, device=DEVICE), mask)
                 a_ref = attention_mse_f64(q_s[i], k_s[i], q_t[j], k_t[j], mask)
                 assert abs(float(hidden[i, j]) - float(h_ref)) <= 1e-3 * float(h_ref) + 1e-5
                 assert abs(float(attention[i, j]) - float(a_ref)) <= 1e-3 * float(a_ref) + 1e-5

@@ -57,26 +57,36 @@ def _ddp_worker(rank, world, port, argv, q, slow_rank0_saves=False):
         q.put((rank, repr(e), None, None, None))
 
 
-def test_ddp_two_processes_gloo(tiny, tmp_path):
+def _free_port() -> int:
     import socket
-
-    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = args_for(tiny, tmp_path / "ddp", "bert-emd", "--cache-dir", str(tmp_path / "cache"))
-    argv[argv.index("--cache") + 1] = "disk"
-    argv[argv.index("--epochs") + 1] = "2"
+        return s.getsockname()[1]
+
+
+def _run_two_ranks(argv: list[str], slow_rank0_saves: bool = False) -> list[tuple]:
+    """Both ranks' reports, sorted by rank; asserts neither raised."""
+    import torch.multiprocessing as mp
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, argv, q)) for r in range(2)]
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, argv, q, slow_rank0_saves)) for r in range(2)]
     for p in procs:
         p.start()
     got = sorted(q.get(timeout=180) for _ in procs)
     for p in procs:
         p.join(timeout=60)
     assert [g[1] for g in got] == [None, None], got
+    return got
+
+
+def test_ddp_two_processes_gloo(tiny, tmp_path):
+    argv = args_for(tiny, tmp_path / "ddp", "bert-emd", "--cache-dir", str(tmp_path / "cache"))
+    argv[argv.index("--cache") + 1] = "disk"
+    argv[argv.index("--epochs") + 1] = "2"
+    got = _run_two_ranks(argv)
     # 48 examples, batch 8, 2 ranks: 3 steps per rank and epoch; both ranks hold identical weights (synced
     # gradients and EMD layer weights).
     assert got[0][3] == got[1][3] == 6
@@ -88,29 +98,9 @@ def test_ddp_two_processes_gloo(tiny, tmp_path):
     assert json.loads((tmp_path / "ddp" / "result.json").read_text())["student_test_acc"] >= 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("repeat", range(5))  # the end of a run raced in 4 of 7 runs: one pass proves little
 def test_ddp_run_ends_cleanly_while_rank0_writes_best(tiny, tmp_path, repeat):
     """One epoch, so best/ is written at the very end, slowly on rank 0; every rank gets through finish()."""
-    import torch.multiprocessing as mp
-
-    argv = args_for(tiny, tmp_path / "ddp", "kd")
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, argv, q, True)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = sorted(q.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert [g[1] for g in got] == [None, None], got
+    _run_two_ranks(args_for(tiny, tmp_path / "ddp", "kd"), slow_rank0_saves=True)
     assert (tmp_path / "ddp" / "student" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "ddp" / "result.json").read_text())["best"]["epoch"] == 0
