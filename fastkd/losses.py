@@ -135,7 +135,12 @@ def attention_mse(q_s, k_s, q_t, k_t, mask=None) -> torch.Tensor:
 def attention_kl(q_s, k_s, q_t, k_t, mask=None) -> torch.Tensor:
     """MiniLM's attention-distribution loss: KL(softmax(S_t) ‖ softmax(S_s)) per query row, padded keys
     excluded from both softmaxes, mean over heads and valid query rows."""
-    mask = _check_qk(q_s, k_s, q_t, k_t, mask)
+    return _attention_kl(q_s, k_s, q_t, k_t, _check_qk(q_s, k_s, q_t, k_t, mask))
+
+
+def _attention_kl(q_s, k_s, q_t, k_t, mask) -> torch.Tensor:
+    """attention_kl on validated inputs (relation_kl has checked its own, so its split heads are not re-checked:
+    that was a second validation and device sync per call)."""
     q_t, k_t = _teacher(q_t, k_t)
     if _backend(q_s, k_s, q_t, k_t) == "triton":
         from fastkd.kernels.attention_kl import attention_kl as fused
@@ -166,7 +171,7 @@ def relation_kl(x_s, x_t, num_heads: int, mask=None) -> torch.Tensor:
     mask = check_mask(mask, x_s.shape[0], x_s.shape[1])
     check_finite(mask, batch_dim=-3, seq_dim=-2, x_s=x_s, x_t=x_t)
     rs, rt = ref.split_heads(x_s, num_heads), ref.split_heads(x_t, num_heads)
-    return attention_kl(rs, rs, rt, rt, mask)
+    return _attention_kl(rs, rs, rt, rt, mask)
 
 
 # ---------------------------------------------------------------- hidden-state losses
