@@ -58,9 +58,8 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
                     "timing on a CPU)")
     if not HAS_CUDA and amp_flag == "off":
         pytest.skip("CPU: AMP is off by default there, so this case is the eager fp32 live case")
-    from fastkd import config, engine, terms, trainer
+    from fastkd import config, engine, trainer
     from fastkd.batching import LengthBucketSampler
-    from fastkd.teacher import TeacherRunner
 
     monkeypatch.setenv("FASTKD_BACKEND", "torch" if backend == "eager" else "triton")
     batch, length = (32, 126) if HAS_CUDA else (8, 30)  # + [CLS], [SEP]
@@ -75,10 +74,10 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
     tr = trainer.Trainer(cfg, log=lambda *_: None)
     tr.setup()
     stage = tr.recipe.stages[0]
-    tr.module.set_stage(stage)
-    fields = terms.plan_fields(terms.capture_plan(stage.terms, "teacher"), tr.shapes.teacher_layers)
+    fields = tr.module.teacher_fields(stage)
     cache = tr.make_cache(stage, fields)
-    runner = TeacherRunner(tr.teachers[stage.teacher], fields, cache, tr.device)
+    tr.module.set_stage(stage, cache=cache)
+    runner = tr.module.runner
     sampler = LengthBucketSampler(tr.data["task"]["length"], batch, shuffle=False)
     b = next(iter(engine.batches_for_epoch(sampler, tr.data["task"], tr.pad_id))).to(tr.device)
     runner(b)  # fills the cache when there is one
@@ -89,7 +88,7 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
     def step():
         t_out = runner(b)
         with torch.autocast(tr.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = tr.module(b.input_ids, b.attention_mask, b.labels, t_out)
+            loss = tr.module(b.input_ids, b.attention_mask, labels=b.labels, teacher_outputs=t_out).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.module.parameters(), 1.0)
         opt.step()

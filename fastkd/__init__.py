@@ -31,4 +31,13 @@ from fastkd import losses  # noqa: E402
 from fastkd.capture import ActivationCapture, Captured, capture  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["losses", "ActivationCapture", "Captured", "capture", "__version__"]
+__all__ = ["losses", "ActivationCapture", "Captured", "capture", "Distiller", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: fastkd.Distiller pulls in transformers, which `import fastkd.losses` does not need.
+    if name == "Distiller":
+        from fastkd.distiller import Distiller
+
+        return Distiller
+    raise AttributeError(f"module 'fastkd' has no attribute {name!r}")

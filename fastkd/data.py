@@ -6,7 +6,9 @@ Tasks are read with the ``datasets`` library; layout per task: ``<data_dir>/<tas
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,15 +136,20 @@ LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
 # Sentence pairs found by name (the GLUE/SuperGLUE and common hub spellings), tried in this order.
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("question1", "question2"), ("premise", "hypothesis"),
                 ("question", "sentence"), ("text_a", "text_b"), ("text", "text_pair"))
-_TABLE_SUFFIXES = (".tsv", ".csv", ".json", ".jsonl")
+_TABLE_SUFFIXES = (".tsv", ".csv", ".json", ".jsonl", ".parquet")
+# A folder's or a DatasetDict's name for each split, tried in this order.
+SPLIT_NAMES = {"train": ("train",), "dev": ("dev", "validation", "valid", "validation_matched"),
+               "test": ("test", "validation_mismatched")}
 _TEXT_SUFFIXES = (".txt", ".text")
 LAYOUT_HELP = (
     "Provide a task name (" + ", ".join(sorted(TASKS)) + ") with FASTKD_DATA_DIR set, a .tsv/.csv file (a header "
     "line naming a text column 'text' or 'sentence' and optionally a 'label' column, or columns named by "
     "text_column / label_column, on the command line --text-column / --label-column; a two-column file without a "
     "header is read as text, label; sentence pairs as two columns such as sentence1/sentence2 or premise/"
-    "hypothesis, or named by text_pair_column / --text-pair-column), a .json/.jsonl file of records with those "
-    "keys, a plain-text file (one text per line, no labels), or a folder holding <split>.tsv/.csv/.json/.jsonl/.txt"
+    "hypothesis, or named by text_pair_column / --text-pair-column), a .json/.jsonl/.parquet file of records with "
+    "those keys, a plain-text file (one text per line, no labels), a folder holding "
+    "<split>.tsv/.csv/.json/.jsonl/.parquet/.txt (or <split>-*.parquet shards), a datasets save_to_disk folder, or "
+    "a hub dataset name (online)"
 )
 
 
@@ -154,16 +161,22 @@ def label_names(ds) -> list[str] | None:
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
-def has_splits(source: str) -> bool:
-    """Does ``source`` have splits of its own (a task name, or a folder of ``<split>.<ext>`` files, also relative to
-    the data directory) rather than being one file?"""
-    if source in TASKS:
+def has_splits(source) -> bool:
+    """Does ``source`` have splits of its own (a task name, a DatasetDict or a hub name, or a folder of
+    ``<split>.<ext>`` files or a saved DatasetDict, also relative to the data directory) rather than being one
+    file or Dataset?"""
+    import datasets
+
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return isinstance(source, datasets.DatasetDict)
+    source = str(source)
+    if source in TASKS or is_hub_name(source):
         return True
     p = Path(source).expanduser()
-    if p.exists():
-        return p.is_dir()
     root = data_dir()
-    return root is not None and not p.is_absolute() and (root / p).is_dir()
+    if not p.exists() and root is not None and not p.is_absolute():
+        p = root / p
+    return p.is_dir() and not (p / "state.json").is_file()  # a saved single Dataset is one split
 
 
 def _resolve_source(source: str, split: str) -> tuple[Path, list[str]]:
@@ -172,10 +185,18 @@ def _resolve_source(source: str, split: str) -> tuple[Path, list[str]]:
     if p.is_file():
         return p, [str(p)]
     if p.is_dir():
-        tried = [str(p / f"{split}{ext}") for ext in _TABLE_SUFFIXES + _TEXT_SUFFIXES]
+        if is_saved_dataset(p):
+            return p, [str(p)]
+        names = SPLIT_NAMES.get(split, (split,))
+        tried = [str(p / f"{name}{ext}") for name in names for ext in _TABLE_SUFFIXES + _TEXT_SUFFIXES]
         for candidate in tried:
             if Path(candidate).is_file():
                 return Path(candidate), tried
+        for pattern in (f"{name}-*.parquet" for name in names):  # a hub repository's shards, in data/ or not
+            for folder in (p, p / "data"):
+                tried.append(str(folder / pattern))
+                if any(folder.glob(pattern)):
+                    return folder / pattern, tried
         raise DataNotFoundError(f"data: no {split} split in folder {p}. Tried: {', '.join(tried)}. {LAYOUT_HELP}.")
     tried = [str(p)]
     root = data_dir()
@@ -223,13 +244,15 @@ def _check_text_file(path: Path) -> int:
 
 
 def _load_table(path: Path, names: tuple[str, ...] = ()):
-    """Read a TSV/CSV/JSON/JSONL file with ``datasets``; every column kept as written. ``names``: column names the
-    caller expects, which mark the first line as a header."""
+    """Read a TSV/CSV/JSON/JSONL/Parquet file (or a glob of Parquet shards) with ``datasets``; every column kept as
+    written. ``names``: column names the caller expects, which mark the first line as a header."""
     import csv
 
     import datasets
 
     suffix = path.suffix.lower()
+    if suffix == ".parquet":  # binary: never read as text (it was, and failed with a UnicodeDecodeError)
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
     records = _check_text_file(path)
     if suffix in (".json", ".jsonl"):
         if not records:
@@ -257,7 +280,7 @@ def _load_table(path: Path, names: tuple[str, ...] = ()):
                                  keep_default_na=False, features=features, **kwargs)
 
 
-def _named_column(ds, name: str, argument: str, path: Path) -> str:
+def _named_column(ds, name: str, argument: str, where: str, path: Path | None = None) -> str:
     """The column of ``ds`` called ``name`` (exact, else the one match ignoring case)."""
     if name in ds.column_names:
         return name
@@ -265,9 +288,10 @@ def _named_column(ds, name: str, argument: str, path: Path) -> str:
     if len(matches) == 1:
         return matches[0]
     columns = ds.column_names
-    if path.suffix.lower() in (".tsv", ".csv"):  # show the header as written, not the names a headerless read gave
+    if path is not None and path.suffix.lower() in (".tsv", ".csv"):
+        # show the header as written, not the names a headerless read gave
         columns = [c.strip() for c in _sniff_header(path, "\t" if path.suffix.lower() == ".tsv" else ",")[1]]
-    raise ValueError(f"{argument}: {path} has no column {name!r}; its columns are {columns}")
+    raise ValueError(f"{argument}: {where} has no column {name!r}; its columns are {columns}")
 
 
 def _pick_text_column(ds) -> str:
@@ -293,21 +317,34 @@ def _pick_label_column(ds, text_column: str) -> str | None:
     return None
 
 
-def _label_mapping(values: list, order: str, names: list[str] | None) -> tuple[dict[str, int] | None, list[str] | None]:
-    """(name -> id mapping or None when the labels are already ints, the label names or None)."""
+def _is_number(s: str) -> bool:
+    try:
+        return math.isfinite(float(s))
+    except ValueError:
+        return False
+
+
+def _label_mapping(values: list, order: str, names: list[str] | None, feature=None
+                   ) -> tuple[str, dict[str, int] | None, list[str] | None]:
+    """(kind, name -> id mapping, label names): kind "int" (ids as written), "float" (regression: real numbers,
+    or a float column; they once became one class per distinct value) or "names" (mapped to ids)."""
     if names is not None:
-        return {str(n): i for i, n in enumerate(names)}, [str(n) for n in names]
+        return "names", {str(n): i for i, n in enumerate(names)}, [str(n) for n in names]
     as_text = [str(v).strip() for v in values]
+    if getattr(feature, "dtype", "").startswith("float") and all(_is_number(v) for v in as_text):
+        return "float", None, None
     if all(_is_int(v) for v in as_text):
-        return None, None
+        return "int", None, None
+    if all(_is_number(v) for v in as_text):
+        return "float", None, None
     if order == "sorted":
         ordered = sorted(set(as_text))
     else:
         ordered = list(dict.fromkeys(as_text))
-    return {n: i for i, n in enumerate(ordered)}, ordered
+    return "names", {n: i for i, n in enumerate(ordered)}, ordered
 
 
-def _refuse_empty_labels(values: list, path: Path, column: str) -> None:
+def _refuse_empty_labels(values: list, path, column: str) -> None:
     """An empty label became a class of its own and shifted every id (test accuracy 0 with exit 0)."""
     empty = [i + 1 for i, v in enumerate(values) if v is None or not str(v).strip()]
     if empty:
@@ -320,77 +357,194 @@ def _is_int(s: str) -> bool:
     return s.lstrip("-").isdigit()
 
 
-def load_texts(source: str, split: str = "train", *, label_order: str = "sorted",
+def load_texts(source, split: str = "train", *, label_order: str = "sorted",
                label_names: list[str] | tuple[str, ...] | None = None, text_column: str | None = None,
                label_column: str | None = None, text_pair_column: str | None = None):
-    """A ``datasets.Dataset`` with a ``text`` column and, when the source has labels, an int ``label`` column.
+    """A ``datasets.Dataset`` with a ``text`` column and, when the source has labels, a ``label`` column: int
+    class ids, or float32 values for a regression task (labels written as real numbers, or a float column).
 
-    ``source`` is a task name in :data:`TASKS` (read by :func:`load_task`), a .tsv/.csv/.json/.jsonl file, a
-    plain-text file (one text per line, empty lines skipped, no labels), or a folder holding ``<split>.<ext>``.
-    The text column is "text", else "sentence" (any case), else the first string column. Integer labels are kept;
-    label names are mapped to ids in ``label_order`` ("sorted", the default, so that every split of a data set gets
+    ``source`` is a task name in :data:`TASKS` (read by :func:`load_task`); a .tsv/.csv/.json/.jsonl/.parquet
+    file; a plain-text file (one text per line, empty lines skipped, no labels); a folder holding
+    ``<split>.<ext>`` (Parquet also as ``<split>-*.parquet`` shards, as hub repositories store them); a
+    ``save_to_disk`` folder; a ``datasets.Dataset`` or ``DatasetDict``; or a hub dataset name
+    (``stanfordnlp/sst2``, fetched with ``datasets.load_dataset``; refused offline, naming the name). A
+    DatasetDict's dev split is ``validation`` (or ``dev``/``valid``). The text column is "text", else "sentence"
+    (any case), else the first string column. Integer labels are kept (a ClassLabel's names with them); label
+    names are mapped to ids in ``label_order`` ("sorted", the default, so that every split of a data set gets
     the same ids, or "first_seen"), or by the given ``label_names``; the names are then exposed as a
     ``datasets.ClassLabel`` (:func:`label_names` reads them back). Missing data raises :class:`DataNotFoundError`
-    naming every path tried and the layout to provide. ``text_column`` / ``label_column`` name a table file's
-    columns when they are not among the names tried (:data:`TEXT_COLUMNS`, :data:`LABEL_COLUMNS`); a task name's
-    columns are fixed, so they do not apply to it. Sentence pairs: a file with two columns of :data:`PAIR_COLUMNS`
-    (sentence1/sentence2, premise/hypothesis, ...), or ``text_pair_column`` naming the second text, gives a
+    naming every path tried and the layout to provide. ``text_column`` / ``label_column`` name a table's columns
+    when they are not among the names tried (:data:`TEXT_COLUMNS`, :data:`LABEL_COLUMNS`); a task name's columns
+    are fixed, so they do not apply to it. Sentence pairs: two columns of :data:`PAIR_COLUMNS`
+    (sentence1/sentence2, premise/hypothesis, ...), or ``text_pair_column`` naming the second text, give a
     ``text_pair`` column beside ``text``.
     """
     import datasets
 
-    if not isinstance(source, (str, os.PathLike)):
-        raise ValueError(f"source: expected a task name or a path, got {type(source).__name__}")
     if label_order not in ("sorted", "first_seen"):
         raise ValueError(f"label_order: expected 'sorted' or 'first_seen', got {label_order!r}")
+    columns = dict(text_column=text_column, label_column=label_column, text_pair_column=text_pair_column)
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return _normalise(pick_split(source, split, "source"), f"the given dataset's {split} split", None,
+                          label_order, label_names, **columns)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"source: expected a task name, a path, a hub name or a datasets.Dataset/DatasetDict, got "
+                         f"{type(source).__name__}")
     source = str(source)
     if source in TASKS:
         ds = load_task(source, split)
         names = list(label_names) if label_names is not None else list(TASKS[source].labels)
         return ds.cast_column("label", datasets.ClassLabel(names=names))
+    if is_hub_name(source):
+        return _normalise(pick_split(load_hub(source), split, source), f"{source}'s {split} split", None,
+                          label_order, label_names, **columns)
     path, _ = _resolve_source(source, split)
+    if is_saved_dataset(path):
+        return _normalise(pick_split(datasets.load_from_disk(str(path)), split, str(path)),
+                          f"{path} ({split} split)", None, label_order, label_names, **columns)
     if path.suffix.lower() not in _TABLE_SUFFIXES:  # a plain-text corpus
         if not _check_text_file(path):
             raise ValueError(f"source: {path} holds no text (every line is empty)")
         ds = datasets.load_dataset("text", data_files=str(path), split="train")
         return ds.filter(lambda ex: bool(ex["text"].strip()))
     ds = _load_table(path, tuple(c for c in (text_column, label_column, text_pair_column) if c))
-    if len(ds) == 0:
-        raise ValueError(f"source: {path} holds no records")
+    return _normalise(ds, str(path), path, label_order, label_names, **columns)
+
+
+def _text_columns(ds, where: str, path: Path | None, text_column, text_pair_column) -> dict[str, str]:
+    """{"text": column, "text_pair": column (pairs only)} of a table, found by name or given."""
     if text_pair_column:
-        text_pair_column = _named_column(ds, text_pair_column, "text_pair_column", path)
+        text_pair_column = _named_column(ds, text_pair_column, "text_pair_column", where, path)
     elif not text_column:
         lower = {c.lower(): c for c in ds.column_names}
         pair = next((p for p in PAIR_COLUMNS if p[0] in lower and p[1] in lower), None)
         if pair is not None:
             text_column, text_pair_column = lower[pair[0]], lower[pair[1]]
-    text_column = _named_column(ds, text_column, "text_column", path) if text_column else \
+    text_column = _named_column(ds, text_column, "text_column", where, path) if text_column else \
         _pick_text_column(ds.remove_columns([text_pair_column]) if text_pair_column else ds)
     if text_column == text_pair_column:
         raise ValueError(f"text_pair_column: the second text must be another column than the first ({text_column!r})")
-    label_column = (_named_column(ds, label_column, "label_column", path) if label_column
-                    else _pick_label_column(ds, text_column))
-    texts = {"text": text_column, "text_pair": text_pair_column} if text_pair_column else {"text": text_column}
+    return {"text": text_column, "text_pair": text_pair_column} if text_pair_column else {"text": text_column}
+
+
+def _normalise(ds, where: str, path: Path | None, label_order: str, label_names, *, text_column=None,
+               label_column=None, text_pair_column=None):
+    """A table's rows as ``text`` (+ ``text_pair``) and ``label`` (class ids, or floats for regression)."""
+    import datasets
+
+    if len(ds) == 0:
+        raise ValueError(f"source: {where} holds no records")
+    texts = _text_columns(ds, where, path, text_column, text_pair_column)
+    label_column = (_named_column(ds, label_column, "label_column", where, path) if label_column
+                    else _pick_label_column(ds, texts["text"]))
     if label_column is None:  # no per-row work: select and rename the text columns
         ds = ds.select_columns(list(texts.values()))
         return ds.rename_columns({c: k for k, c in texts.items() if c != k})
     raw_labels = ds[label_column]
-    _refuse_empty_labels(raw_labels, path, label_column)
-    mapping, names = _label_mapping(raw_labels, label_order, list(label_names) if label_names else None)
+    _refuse_empty_labels(raw_labels, where, label_column)
+    feature = ds.features.get(label_column)
+    if label_names is None and isinstance(feature, datasets.ClassLabel):
+        label_names = feature.names  # a ClassLabel's ids are kept with their names
+        raw_labels = [feature.names[v] if 0 <= v < len(feature.names) else v for v in raw_labels]
+    kind, mapping, names = _label_mapping(raw_labels, label_order, list(label_names) if label_names else None,
+                                          feature)
 
     def to_example(ex):
-        raw = str(ex[label_column]).strip()
+        value = ex[label_column]
+        if isinstance(feature, datasets.ClassLabel) and isinstance(value, int) and 0 <= value < len(feature.names):
+            value = feature.names[value]
+        raw = str(value).strip()
         out = {k: str(ex[c]) for k, c in texts.items()}
-        if mapping is None:
-            return {**out, "label": int(raw)}
+        if kind != "names":
+            return {**out, "label": float(raw) if kind == "float" else int(raw)}
         if raw not in mapping:
-            raise ValueError(f"label_names: label {raw!r} in {path} is not one of {names} (for a dev/test file: the "
-                             f"training data's labels; every dev/test label must occur in the training data)")
+            raise ValueError(f"label_names: label {raw!r} in {where} is not one of {names} (for a dev/test file: "
+                             f"the training data's labels; every dev/test label must occur in the training data)")
         return {**out, "label": mapping[raw]}
 
     ds = ds.map(to_example, remove_columns=ds.column_names)
-    feature = datasets.ClassLabel(names=names) if names is not None else datasets.Value("int64")
+    if kind == "float":
+        feature = datasets.Value("float32")
+    else:
+        feature = datasets.ClassLabel(names=names) if names is not None else datasets.Value("int64")
     return ds.cast_column("label", feature).select_columns([*texts, "label"])
+
+
+def is_regression(ds) -> bool:
+    """Does a dataset from :func:`load_texts` hold regression labels (real numbers)?"""
+    feature = ds.features.get("label") if ds is not None and hasattr(ds, "features") else None
+    return getattr(feature, "dtype", "").startswith("float")
+
+
+def pick_split(source, split: str, where: str):
+    """A DatasetDict's ``split`` (``dev``: validation, dev or valid), or a Dataset itself (its only split)."""
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        return source
+    names = SPLIT_NAMES.get(split, (split,))
+    for name in names:
+        if name in source:
+            return source[name]
+    raise DataNotFoundError(f"data: {where} has no {split} split (looked for {', '.join(names)}; it has "
+                            f"{', '.join(source)})")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A ``save_to_disk`` folder (of a Dataset or a DatasetDict)?"""
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_name(source: str) -> bool:
+    """``name`` or ``owner/name`` that is no local file or folder (nor one in the data directory) and has no
+    data-file suffix: what ``datasets.load_dataset`` would fetch from the hub."""
+    p = Path(source).expanduser()
+    root = data_dir()
+    if p.exists() or (root is not None and (root / source).exists()):
+        return False
+    return bool(_HUB_NAME.fullmatch(source)) and p.suffix.lower() not in _TABLE_SUFFIXES + _TEXT_SUFFIXES
+
+
+def load_hub(name: str):
+    """A hub dataset's splits (a DatasetDict) through ``datasets.load_dataset``; offline, a clear refusal."""
+    import datasets
+
+    if offline():
+        raise DataNotFoundError(
+            f"data: {name!r} is not a local file or folder, and as a hub dataset it can't be fetched: the hub is "
+            f"switched off here (HF_DATASETS_OFFLINE=1 or HF_HUB_OFFLINE=1). Unset HF_DATASETS_OFFLINE / "
+            f"HF_HUB_OFFLINE to download it, or pass a local file or folder ({LAYOUT_HELP})")
+    try:
+        return datasets.load_dataset(name)
+    except Exception as e:  # noqa: BLE001 - no network, no such dataset, a config to choose, ...
+        raise DataNotFoundError(f"data: could not load {name!r} from the Hugging Face hub ({type(e).__name__}: "
+                                f"{e}); check the name, or pass a local file or folder") from e
+
+
+def prepare_dataset(ds, tokenizer, max_length: int = 128, argument: str = "dataset"):
+    """A Dataset for a Trainer: tokenised ones are kept as they are; raw ones (``text`` and ``label`` columns, as
+    :func:`load_texts` reads them) are normalised and tokenised, with ``token_type_ids`` for sentence pairs."""
+    import datasets
+
+    if ds is None:
+        return None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = pick_split(ds, "train", argument)
+    if not isinstance(ds, datasets.Dataset):
+        raise ValueError(f"{argument}: expected a datasets.Dataset or DatasetDict, got {type(ds).__name__}")
+    if "input_ids" in ds.column_names:
+        return ds
+    if tokenizer is None:
+        raise ValueError(f"{argument}: it is not tokenised (no input_ids column), so pass processing_class (the "
+                         f"tokenizer)")
+    ds = tokenize(load_texts(ds), tokenizer, max_length)
+    if "type_start" in ds.column_names:
+        ds = ds.map(lambda ex: {"token_type_ids": [0] * ex["type_start"]
+                                + [1] * (len(ex["input_ids"]) - ex["type_start"])})
+    return ds.remove_columns([c for c in ds.column_names if c in ("text", "text_pair", "length", "type_start")])
 
 
 def tokenize(ds, tokenizer, max_length: int, *, batch_size: int = 1000, num_proc: int | None = None):

@@ -62,6 +62,11 @@ class DistillModule(nn.Module):
         return h, self.fit.weight.to(h.dtype), self.fit.bias.to(h.dtype)
 
     def forward(self, input_ids, attention_mask, labels, teacher: dict[str, torch.Tensor], token_type_ids=None):
+        total, terms, _ = self.distill(input_ids, attention_mask, labels, teacher, token_type_ids)
+        return total, terms
+
+    def distill(self, input_ids, attention_mask, labels, teacher: dict[str, torch.Tensor], token_type_ids=None):
+        """(total, {kind: weighted value}, the student's logits or None) of the stage's terms on one batch."""
         mask = attention_mask.bool()
         segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         with capture_fields(self.student, self.student_fields) as read:
@@ -78,4 +83,4 @@ class DistillModule(nn.Module):
         with value_checks(False), torch.autocast(input_ids.device.type, enabled=False):
             for term in self.terms:
                 terms[term.kind] = terms.get(term.kind, 0.0) + term.weight * kind_of(term).compute(inputs, term)
-        return sum(terms.values()), terms
+        return sum(terms.values()), terms, inputs.logits

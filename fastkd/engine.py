@@ -64,6 +64,15 @@ class Dist:
         return box[0]
 
 
+def current_dist() -> Dist:
+    """The process group someone else started (torchrun + the HF Trainer, Lightning, accelerate), else none."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dist()
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def init_distributed() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

@@ -207,7 +207,8 @@ class TeacherRunner:
     inference mode (and stored). Counts live forwards (``calls``) so tests can prove the cache is used. Every
     live forward is checked finite (one device-to-host sync; cached values were checked when stored)."""
 
-    def __init__(self, teacher: nn.Module, fields: list[str], cache, device, name: str = "teacher"):
+    def __init__(self, teacher: nn.Module, fields: list[str], cache, device=None, name: str = "teacher"):
+        """``device``: where cached activations go (None: the batch's device)."""
         self.teacher, self.fields, self.cache, self.device, self.name = teacher, fields, cache, device, name
         self.calls = 0
 
@@ -224,11 +225,13 @@ class TeacherRunner:
         if not self.fields:  # the stage's losses need nothing from the teacher: no forward at all
             return {}
         host = batch if host is None else host
-        lengths = host.attention_mask.sum(1).cpu()
-        if self.cache is not None:
+        device = self.device if self.device is not None else batch.input_ids.device
+        lengths = None
+        if self.cache is not None:  # the lengths are a device-to-host sync when there is no host copy: only here
+            lengths = host.attention_mask.sum(1).cpu()
             got = self.cache.get(host.index, lengths)
             if got is not None:
-                return {k: v.to(self.device, non_blocking=True) for k, v in got.items()}
+                return {k: v.to(device, non_blocking=True) for k, v in got.items()}
         self.calls += 1
         with torch.inference_mode(), capture_fields(self.teacher, self.fields) as read:
             out = read(self.teacher(**batch.model_inputs()))
@@ -241,5 +244,5 @@ class TeacherRunner:
         # run reads -- else they differed in the last bits (fp32 vs fp16 values, strided vs contiguous matmuls).
         got = self.cache.get(host.index, lengths, count=False)  # not a lookup: the hit rate counts batches
         if got is not None:
-            return {k: v.to(self.device, non_blocking=True) for k, v in got.items()}
+            return {k: v.to(device, non_blocking=True) for k, v in got.items()}
         return {k: v.to(self.cache.dtype) for k, v in out.items()}  # nothing stored (a full device cache)

@@ -264,6 +264,8 @@ def _emd_record(module) -> dict:
 
 
 def _soft_ce(x: Inputs, term: LossTerm) -> torch.Tensor:
+    if x.logits.shape[-1] == 1:  # a regression head: TinyBERT's prediction loss is MSE to the teacher's output
+        return F.mse_loss(x.logits.float().squeeze(-1), x.t["logits"].float().squeeze(-1))
     val = losses.soft_cross_entropy(x.logits.float(), x.t["logits"].float(), term.temperature)
     return val * term.temperature ** 2 if term.times_t2 else val
 
@@ -271,6 +273,12 @@ def _soft_ce(x: Inputs, term: LossTerm) -> torch.Tensor:
 def _hard_ce(x: Inputs, term: LossTerm) -> torch.Tensor:
     if x.labels is None:
         raise ValueError("hard_ce: this stage needs labels but the data has none")
+    if x.logits.shape[-1] == 1:  # regression: MSE to the gold value
+        return F.mse_loss(x.logits.float().squeeze(-1), x.labels.float())
+    if x.labels.is_floating_point():
+        raise ValueError(f"labels: the student has a {x.logits.shape[-1]}-way classifier but the labels are real "
+                         f"numbers ({x.labels.dtype}); for a regression task give the student and teacher one output "
+                         f"(num_labels=1), for classification pass integer class ids")
     return F.cross_entropy(x.logits.float(), x.labels)
 
 
@@ -295,9 +303,11 @@ for _kind in (
              after_step=update_emd_weights, record=_emd_record),
     TermKind("emd_hidden", "BERT-EMD many-to-many hidden-state EMD", _reads("all_hidden"), _emd("hidden"),
              after_step=update_emd_weights, record=_emd_record),
-    TermKind("soft_ce", "prediction-layer soft_cross_entropy(s/T, t/T), × T² when `times_t2`",
+    TermKind("soft_ce", "prediction-layer soft_cross_entropy(s/T, t/T), × T² when `times_t2` (MSE for a "
+             "one-output regression head)",
              _reads("logits"), _soft_ce, latent=False, trains_head=True),
-    TermKind("hard_ce", "cross entropy with the gold labels", _nothing, _hard_ce, latent=False, needs_labels=True,
+    TermKind("hard_ce", "cross entropy with the gold labels (MSE for a one-output regression head)", _nothing,
+             _hard_ce, latent=False, needs_labels=True,
              trains_head=True),
 ):
     register_kind(_kind)

@@ -31,7 +31,7 @@ from fastkd.checkpoint import (
 from fastkd.config import CPU_MAX_EPOCHS, TrainConfig
 from fastkd.digest import fingerprint_dataset, fingerprint_tokenizer, model_digest
 from fastkd.disk import DiskFullError, save_model_dir
-from fastkd.distill import DistillModule
+from fastkd.distiller import Distiller
 from fastkd.engine import (
     Fit,
     NonFiniteLossError,
@@ -64,7 +64,6 @@ from fastkd.teacher import (
     resolve_model_path,
     teacher_dtype,
 )
-from fastkd.terms import stage_fields
 
 
 class Trainer:
@@ -172,7 +171,9 @@ class Trainer:
             src32.to(self.device), cfg, data=batches, log=self.log, num_batches=16 if self.on_cpu else 64,
             layers=mapped_teacher_layers(self.recipe, cfg.student_layers, self.shapes.teacher_layers))
         del src32
-        self.module = DistillModule(student, self.shapes, self.recipe, kept_hidden).to(self.device)
+        names = {k: f"the {k} teacher ({self.teacher_paths[k]})" for k in self.teachers}
+        self.module = Distiller(self.teachers, student, self.recipe, kept_hidden=kept_hidden,
+                                teacher_names=names).to(self.device)
         self.model = self.module
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -235,11 +236,10 @@ class Trainer:
 
     def _train_stage(self, si: int, ckpt: dict | None) -> None:
         cfg, stage = self.cfg, self.recipe.stages[si]
-        self.module.set_stage(stage)
-        fields = stage_fields(stage.terms, "teacher", self.shapes.teacher_layers)
+        fields = self.module.teacher_fields(stage)
         cache = self.make_cache(stage, fields)
-        runner = TeacherRunner(self.teachers[stage.teacher], fields, cache, self.device,
-                               name=f"the {stage.teacher} teacher ({self.teacher_paths[stage.teacher]})")
+        self.module.set_stage(si, cache=cache)
+        runner = self.module.runner
         data = self.data[stage.data]
         if stage.needs_labels and "label" not in data.column_names:
             raise ValueError(f"stage {stage.name}: needs labels but its data has none")
@@ -266,9 +266,11 @@ class Trainer:
         throughput = Throughput()
 
         def forward(batch, host):
-            with torch.autocast(self.device.type, enabled=False):  # the frozen teacher runs in its own dtype
-                teacher = runner(batch, host)
-            return self.model(batch.input_ids, batch.attention_mask, batch.labels, teacher, batch.token_type_ids)
+            # The teacher runs outside DDP's forward (its cache look-up reads the host copy of the batch).
+            teacher = self.module.teacher_outputs(batch, host)
+            out = self.model(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.labels,
+                             teacher_outputs=teacher)
+            return out.loss, out.terms
 
         def on_step(state: StepState, terms: dict[str, float]) -> None:
             self.module.after_step(self.dist)

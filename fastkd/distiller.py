@@ -1,0 +1,220 @@
+"""``fastkd.Distiller``: one method's distillation for any training loop (a plain loop, Lightning, the HF Trainer).
+
+>>> distiller = Distiller(teacher, student, method="tinybert")
+>>> opt = torch.optim.AdamW(distiller.trainable_parameters(), lr=5e-5)
+>>> for stage in distiller.stages:                 # TinyBERT: intermediate, then prediction
+...     distiller.set_stage(stage.name)
+...     for batch in loader:                        # input_ids, attention_mask, labels (token_type_ids, index)
+...         out = distiller(**batch)                # the frozen teacher, then the student
+...         out.loss.backward(); opt.step(); opt.zero_grad(); distiller.after_step()
+>>> distiller.save_student("student/", tokenizer)  # a clean transformers model: no projection, no wrapper keys
+
+It is the trainer's loss module (:class:`fastkd.distill.DistillModule`: the student, TinyBERT's ``fit_dense``
+projection, BERT-EMD's layer weights) plus the frozen teacher, which is kept outside the module's parameters,
+buffers and state dict: ``.to()``, DDP, optimizers and checkpoints never see it. The teacher moves to the batch's
+device on first use (fp16 on CUDA, fp32 on a CPU, unless ``teacher_dtype`` says otherwise), runs under
+``inference_mode`` with hooks that capture only what the stage's losses read, never sees the labels, and its
+outputs are checked finite. ``fastkd.train`` trains through this class too, so the two give the same losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from fastkd.batching import Batch
+from fastkd.cache import TeacherCache
+from fastkd.disk import save_model_dir
+from fastkd.distill import DistillModule
+from fastkd.engine import Dist, current_dist
+from fastkd.recipes import Recipe, Shapes, Stage, build_recipe, make_params
+from fastkd.teacher import TEACHER_DTYPES, TeacherRunner, teacher_dtype
+from fastkd.terms import stage_fields
+
+TEACHER_KINDS = ("pretrained", "finetuned")
+
+
+@dataclass
+class DistillOutput(ModelOutput):
+    """``loss``: the stage's weighted total; ``logits``: the student's; ``terms``: {kind: weighted value}."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] | None = None
+
+
+def _encoder_config(model, argument: str):
+    cfg = getattr(model, "config", None)
+    need = ("num_hidden_layers", "hidden_size", "num_attention_heads")
+    if not isinstance(model, nn.Module) or cfg is None or any(getattr(cfg, n, None) is None for n in need):
+        raise ValueError(f"{argument}: expected a transformers encoder (a model with a config giving "
+                         f"{', '.join(need)}), got {type(model).__name__}")
+    return cfg
+
+
+def model_shapes(teacher: nn.Module, student: nn.Module) -> Shapes:
+    """What a recipe needs to know of the two models, read off their configs."""
+    t, s = _encoder_config(teacher, "teacher"), _encoder_config(student, "student")
+    return Shapes(t.num_hidden_layers, s.num_hidden_layers, t.hidden_size, s.hidden_size, t.num_attention_heads,
+                  s.num_attention_heads)
+
+
+def _teachers(teacher) -> dict[str, nn.Module]:
+    """{"pretrained": m, "finetuned": m}: one model serves both unless a dict names them (ERNIE-Tiny's general
+    stages read the pretrained encoder, its task stages the fine-tuned one)."""
+    if isinstance(teacher, dict):
+        unknown = set(teacher) - set(TEACHER_KINDS)
+        if unknown or not teacher:
+            raise ValueError(f"teacher: expected a model or a dict with keys from {TEACHER_KINDS}, got keys "
+                             f"{sorted(teacher)}")
+        one = next(iter(teacher.values()))
+        return {k: teacher.get(k, one) for k in TEACHER_KINDS}
+    return dict.fromkeys(TEACHER_KINDS, teacher)
+
+
+def _check_vocab(teacher: nn.Module, student: nn.Module, recipe: Recipe) -> None:
+    """Token-level losses compare the two models token by token, so both must read the same token ids."""
+    v_t, v_s = (getattr(m.config, "vocab_size", None) for m in (teacher, student))
+    token_level = sorted({t.kind for s in recipe.stages for t in s.terms if t.kind not in ("soft_ce", "hard_ce")})
+    if token_level and v_t is not None and v_s is not None and v_t != v_s:
+        raise ValueError(f"student: its vocabulary has {v_s} tokens and the teacher's {v_t}, so they do not share a "
+                         f"tokenizer and the token-level terms {token_level} of {recipe.method} compare different "
+                         f"tokens; use a student with the teacher's tokenizer, or method='kd' (logits only)")
+
+
+class Distiller(DistillModule):
+    """The student, the recipe's trainable extras and the frozen teacher; ``distiller(**batch)`` returns a
+    :class:`DistillOutput`. ``method``: a registered method name or a :class:`fastkd.recipes.Recipe`;
+    ``settings``: the method's overrides ({"tinybert.att_weight": 2}); ``kept_hidden``: an ETD student's kept
+    teacher hidden dims (``extract_student(..., return_plan=True)[1].hidden``), which start the projection as
+    that selection; ``cache="memory"`` keeps the teacher's activations of each example (batches then need an
+    ``index`` of example ids, as :func:`fastkd.data.tokenize` adds) so later epochs skip the teacher."""
+
+    def __init__(self, teacher, student: nn.Module, method: str | Recipe = "kd", *, settings: dict | None = None,
+                 mode: str = "task", kept_hidden: torch.Tensor | None = None, teacher_dtype: str = "auto",
+                 cache: str = "off", teacher_names: dict[str, str] | None = None):
+        teachers = _teachers(teacher)
+        shapes = model_shapes(teachers["finetuned"], student)
+        if isinstance(method, Recipe):
+            recipe = method
+        else:
+            recipe = build_recipe(method, shapes, make_params(method, settings), mode=mode)
+        if teacher_dtype != "auto" and teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype: expected 'auto' or one of {tuple(TEACHER_DTYPES)}, got "
+                             f"{teacher_dtype!r}")
+        if cache not in ("off", "memory"):
+            raise ValueError(f"cache: expected 'off' or 'memory', got {cache!r}")
+        _check_vocab(teachers["finetuned"], student, recipe)
+        super().__init__(student, shapes, recipe, kept_hidden)
+        for t in teachers.values():
+            t.eval().requires_grad_(False)
+        # A plain dict is not registered: the teachers stay out of parameters(), state_dict(), .to() and DDP.
+        self.teachers = teachers
+        self.recipe = recipe
+        self.teacher_dtype = teacher_dtype
+        self.cache_mode = cache
+        self.teacher_names = teacher_names or {k: f"the {k} teacher" for k in TEACHER_KINDS}
+        self.stage_index = -1
+        self.runner: TeacherRunner | None = None
+        self.set_stage(0)
+
+    # ------------------------------------------------------------ stages
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The method's stages in order (name, terms, epochs, lr, teacher, data): TinyBERT has two, ERNIE-Tiny
+        four, KD one. Train each in turn after :meth:`set_stage`; every stage starts a fresh optimizer in
+        ``fastkd.train``."""
+        return self.recipe.stages
+
+    @property
+    def stage(self) -> Stage:
+        return self.recipe.stages[self.stage_index]
+
+    def set_stage(self, stage: int | str | Stage, cache=None) -> None:
+        """Switch to a stage (its index, name or itself). ``cache``: an activation cache for it (fastkd.train
+        passes its own); by default a fresh one when the distiller was made with ``cache="memory"``."""
+        names = [s.name for s in self.stages]
+        if isinstance(stage, Stage):
+            stage = self.stages.index(stage)
+        elif isinstance(stage, str):
+            if stage not in names:
+                raise ValueError(f"stage: expected one of {names}, got {stage!r}")
+            stage = names.index(stage)
+        elif not isinstance(stage, int) or not 0 <= stage < len(self.stages):
+            raise ValueError(f"stage: expected a stage name in {names} or an index 0..{len(names) - 1}, got {stage!r}")
+        super().set_stage(self.stages[stage])
+        self.stage_index = stage
+        fields = self.teacher_fields()
+        if cache is None and self.cache_mode == "memory" and fields:
+            cache = TeacherCache("memory", dtype=torch.bfloat16 if self.teacher_dtype == "bf16" else torch.float16)
+        kind = self.stage.teacher
+        self.runner = TeacherRunner(self.teachers[kind], fields, cache, name=self.teacher_names[kind])
+
+    def teacher_fields(self, stage: Stage | None = None) -> list[str]:
+        """What a stage's losses read from the teacher (field names, see :mod:`fastkd.terms`)."""
+        return stage_fields((stage or self.stage).terms, "teacher", self.shapes.teacher_layers)
+
+    # ------------------------------------------------------------ the forward
+
+    def _place(self, teacher: nn.Module, device: torch.device) -> None:
+        p = next(teacher.parameters(), None)
+        if p is not None and p.device != device:
+            teacher.to(device=device, dtype=teacher_dtype(self.teacher_dtype, device))
+
+    def teacher_outputs(self, batch: Batch, host: Batch | None = None) -> dict[str, torch.Tensor]:
+        """The stage's teacher activations for a batch: cached, or a live frozen forward (in its own dtype,
+        outside any autocast, without the labels). ``host``: the batch's CPU copy, for cache look-ups."""
+        if self.runner.cache is not None and batch.index is None:
+            raise ValueError("index: the activation cache keys examples by a per-example `index` (an int column, "
+                             "as fastkd.data.tokenize adds); pass it in the batch, or use cache='off'")
+        self._place(self.runner.teacher, batch.input_ids.device)
+        with torch.autocast(batch.input_ids.device.type, enabled=False):
+            return self.runner(batch, host)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                index: torch.Tensor | None = None, teacher_outputs: dict[str, torch.Tensor] | None = None
+                ) -> DistillOutput:
+        """The stage's losses on one batch. ``teacher_outputs``: the teacher's activations when the caller ran
+        it already (fastkd.train does, outside DDP); else the teacher runs here."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a [batch, tokens] tensor of token ids, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if teacher_outputs is None:
+            batch = Batch(index, input_ids, attention_mask, labels, token_type_ids)
+            teacher_outputs = self.teacher_outputs(batch)
+        total, terms, logits = self.distill(input_ids, attention_mask, labels, teacher_outputs, token_type_ids)
+        return DistillOutput(loss=total, logits=logits, terms=terms)
+
+    # ------------------------------------------------------------ training-loop hooks and the result
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student's parameters plus the recipe's projection (never the teacher's)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def after_step(self, dist: Dist | None = None) -> None:
+        """Call after each optimizer step: BERT-EMD's layer-weight update (averaged over ranks when a process
+        group is running); a no-op for the other methods."""
+        super().after_step(dist if dist is not None else current_dist())
+
+    def student_state(self) -> dict[str, torch.Tensor]:
+        """The student's own state dict: the keys ``from_pretrained`` expects, nothing of the distiller."""
+        return self.student.state_dict()
+
+    def extras_state(self) -> dict[str, torch.Tensor]:
+        """Everything of the distiller but the student (projection, EMD layer weights): what a resume needs."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+    def save_student(self, folder: str | Path, tokenizer=None) -> Path:
+        """Write the student (``save_pretrained``, plus the tokenizer when given) into ``folder``, atomically."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        save_model_dir(folder, self.student, *([tokenizer] if tokenizer is not None else []))
+        return folder
