@@ -132,7 +132,7 @@ def load_task(task: str, split: str):
 # ---------------------------------------------------------------------------------------------------------------
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")  # tried in this order
-LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "score")
 # Sentence pairs found by name (the GLUE/SuperGLUE and common hub spellings), tried in this order.
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("question1", "question2"), ("premise", "hypothesis"),
                 ("question", "sentence"), ("text_a", "text_b"), ("text", "text_pair"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastkd.config import CPU_DEV_EXAMPLES, CPU_MAX_EPOCHS, CPU_TRAIN_EXAMPLES, TrainConfig
-from fastkd.data import TASKS, DataNotFoundError, has_splits, label_names, load_texts, tokenize
+from fastkd.data import TASKS, DataNotFoundError, has_splits, is_regression, label_names, load_texts, tokenize
 
 
 @dataclass
@@ -43,13 +43,17 @@ def cpu_profile(cfg: TrainConfig, on_cpu: bool) -> tuple[int | None, int | None,
     return n_train, n_dev, note
 
 
-def _load(cfg: TrainConfig, source: str, split: str, *, general: bool = False, names: list[str] | None = None):
+def _load(cfg: TrainConfig, source, split: str, *, general: bool = False, names: list[str] | None = None,
+          data=None):
     """``source``'s split; --text-column / --label-column / --text-pair-column name a data file's columns (a
     general corpus is read as single texts without labels, so it is asked for the text column only). ``names``:
-    the training data's label names, so a dev/test file maps its labels to the same ids."""
+    the training data's label names, so a dev/test file maps its labels to the same ids. ``data``: the
+    Dataset/DatasetDict given in code for --task (``run(cfg, data=...)``), read in its place."""
+    if data is not None and source == cfg.task:
+        source = data
     return load_texts(source, split, text_column=cfg.text_column, label_column=None if general else cfg.label_column,
                       text_pair_column=None if general else cfg.text_pair_column,
-                      label_names=names if source not in TASKS else None)
+                      label_names=None if isinstance(source, str) and source in TASKS else names)
 
 
 def _check_labels(train, others: dict, names: list[str], task: str) -> None:
@@ -70,22 +74,33 @@ def _check_labels(train, others: dict, names: list[str], task: str) -> None:
                              f"never has (its labels: {[names[i] for i in sorted(seen)]})")
 
 
-def task_splits(cfg: TrainConfig, log):
-    """Train, dev and test data: --dev/--test when given, else the task's own splits (a task name's, or a
-    folder's <split> files); with no dev split a fixed slice of train is held out for model selection, so the
-    test split stays unseen. Returns (train, dev, test, label names)."""
-    splits = has_splits(cfg.task)
-    train = _load(cfg, cfg.task, "train")
+def _refuse_regression(train, task: str) -> None:
+    if is_regression(train):
+        sample = ", ".join(f"{v:g}" for v in train["label"][:3])
+        raise ValueError(f"--task: {task}'s labels are real numbers ({sample}, ...): a regression task. fastkd.train "
+                         f"distils classifiers (it would otherwise have trained one class per distinct value); for "
+                         f"regression use fastkd.hf.DistillationTrainer or fastkd.Distiller with one-output models "
+                         f"(num_labels=1), whose prediction losses are then MSE, or give integer class labels")
+
+
+def task_splits(cfg: TrainConfig, log, data=None):
+    """Train, dev and test data: --dev/--test when given, else the task's own splits (a task name's, a folder's
+    <split> files, a DatasetDict's); with no dev split a fixed slice of train is held out for model selection,
+    so the test split stays unseen. ``data``: a Dataset/DatasetDict given in code in place of --task. Returns
+    (train, dev, test, label names)."""
+    splits = has_splits(cfg.task if data is None else data)
+    train = _load(cfg, cfg.task, "train", data=data)
     if "label" not in train.column_names:
         raise ValueError(f"--task: {cfg.task} has no labels; task mode needs labelled data "
                          f"(use --mode general for unlabelled text)")
+    _refuse_regression(train, cfg.task)
     train_names = label_names(train) if cfg.task not in TASKS else None
     dev = test = None
     if cfg.dev:
         dev = _load(cfg, cfg.dev, "dev", names=train_names)
     elif splits:
         with contextlib.suppress(DataNotFoundError):  # AG News ships train/test only
-            dev = _load(cfg, cfg.task, "dev", names=train_names)
+            dev = _load(cfg, cfg.task, "dev", names=train_names, data=data)
     if dev is None and len(train) >= 2:
         held = train.train_test_split(test_size=max(1, min(1000, len(train) // 10)), seed=0)
         train, dev = held["train"], held["test"]
@@ -97,7 +112,7 @@ def task_splits(cfg: TrainConfig, log):
         test = _load(cfg, cfg.task, "test")  # a named task's test split must exist
     elif splits:
         try:
-            test = _load(cfg, cfg.task, "test", names=train_names)
+            test = _load(cfg, cfg.task, "test", names=train_names, data=data)
         except DataNotFoundError:
             log(f"data: no test split in {cfg.task} (pass --test to name one); the report gives no test accuracy")
     names = list(TASKS[cfg.task].labels) if cfg.task in TASKS else label_names(train)
@@ -113,9 +128,9 @@ def task_splits(cfg: TrainConfig, log):
 
 
 def load_run_data(cfg: TrainConfig, tokenizer, *, on_cpu: bool, needs_general: bool, finetunes: bool,
-                  finetune_seed: int, log) -> RunData:
+                  finetune_seed: int, log, task_data=None) -> RunData:
     """Every split the recipe's stages read, tokenised (``finetunes``: the teacher has no head, so
-    --finetune-examples selects its fine-tune data)."""
+    --finetune-examples selects its fine-tune data; ``task_data``: a Dataset/DatasetDict in place of --task)."""
     n_train, n_dev, note = cpu_profile(cfg, on_cpu)
     out = RunData(subset_note=note)
     if note:
@@ -124,7 +139,7 @@ def load_run_data(cfg: TrainConfig, tokenizer, *, on_cpu: bool, needs_general: b
         log("teacher: fp32 on the CPU (half-precision matmuls are slow on CPUs); fp16 on CUDA")
     data = out.splits
     if cfg.mode == "task":
-        train, dev, test, out.label_names = task_splits(cfg, log)
+        train, dev, test, out.label_names = task_splits(cfg, log, task_data)
         if cfg.finetune_examples is not None and finetunes:  # only a fine-tune reads it
             data["finetune"] = tokenize(subset(train, cfg.finetune_examples or None, finetune_seed), tokenizer,
                                         cfg.max_length)
@@ -139,7 +154,7 @@ def load_run_data(cfg: TrainConfig, tokenizer, *, on_cpu: bool, needs_general: b
         # --mode general distils on --general-corpus (default: the --task's training texts, labels dropped);
         # ERNIE-Tiny's general stages in task mode default to AG News.
         corpus = cfg.general_corpus or (cfg.task if cfg.mode == "general" else "agnews")
-        gen = subset(_load(cfg, corpus, "train", general=True), n_train, cfg.seed + 1)
+        gen = subset(_load(cfg, corpus, "train", general=True, data=task_data), n_train, cfg.seed + 1)
         gen = gen.remove_columns([c for c in gen.column_names if c != "text"])
         data["general"] = tokenize(gen, tokenizer, cfg.max_length)
     return out

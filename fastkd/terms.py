@@ -265,7 +265,8 @@ def _emd_record(module) -> dict:
 
 def _soft_ce(x: Inputs, term: LossTerm) -> torch.Tensor:
     if x.logits.shape[-1] == 1:  # a regression head: TinyBERT's prediction loss is MSE to the teacher's output
-        return F.mse_loss(x.logits.float().squeeze(-1), x.t["logits"].float().squeeze(-1))
+        # (s − t)² rather than F.mse_loss, which saves the teacher's (inference-mode) tensor for backward.
+        return (x.logits.float().squeeze(-1) - x.t["logits"].float().squeeze(-1)).pow(2).mean()
     val = losses.soft_cross_entropy(x.logits.float(), x.t["logits"].float(), term.temperature)
     return val * term.temperature ** 2 if term.times_t2 else val
 

@@ -67,8 +67,13 @@ from fastkd.teacher import (
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, log=None):
+    def __init__(self, cfg: TrainConfig, log=None, data=None):
+        """``data``: a ``datasets.Dataset`` or ``DatasetDict`` to train on in place of ``cfg.task`` (whose text
+        becomes its fingerprint, which the run's identity and the cache keys record)."""
+        if data is not None:
+            cfg.task = dataset_label(data)
         self.cfg = cfg
+        self.task_data = data
         self.dist = init_distributed()
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
         self.on_cpu = self.device.type == "cpu"
@@ -118,7 +123,8 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         run_data = load_run_data(cfg, self.tokenizer, on_cpu=self.on_cpu, finetune_seed=self.finetune_seed,
                                  needs_general=any(s.data == "general" for s in self.recipe.stages),
-                                 finetunes=not has_task_head(tconf), log=self.log)
+                                 finetunes=not has_task_head(tconf), log=self.log,
+                                 task_data=self.task_data)
         self.data, self.label_names, self.subset_note = run_data.splits, run_data.label_names, run_data.subset_note
         self._load_teachers(path, tconf)
         self._make_student()
@@ -375,10 +381,22 @@ def flush_cache(cache, last_ckpt: Path | None) -> None:
                             f"one is {last_ckpt or 'none (none written yet)'}") from e
 
 
-def run(cfg: TrainConfig, log=print) -> dict:
-    """Set up (every check before training), train, evaluate and save; returns the final metrics."""
+def dataset_label(data) -> str:
+    """What --task says of a Dataset/DatasetDict given in code: its kind and fingerprint(s)."""
+    import datasets
+
+    if isinstance(data, datasets.DatasetDict):
+        return "datasetdict-" + "-".join(f"{k}.{v._fingerprint}" for k, v in sorted(data.items()))
+    if isinstance(data, datasets.Dataset):
+        return f"dataset-{data._fingerprint}"
+    raise ValueError(f"data: expected a datasets.Dataset or DatasetDict, got {type(data).__name__}")
+
+
+def run(cfg: TrainConfig, log=print, data=None) -> dict:
+    """Set up (every check before training), train, evaluate and save; returns the final metrics. ``data``: a
+    ``datasets.Dataset`` or ``DatasetDict`` (train / validation / test splits) in place of ``cfg.task``."""
     t0 = time.time()
-    trainer = Trainer(cfg, log)
+    trainer = Trainer(cfg, log, data)
     try:
         trainer.setup()
         trainer.train()

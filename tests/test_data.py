@@ -239,4 +239,5 @@ def test_has_splits_tells_split_sources_from_single_files(tmp_path, monkeypatch)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "train.tsv").write_text("text\tlabel\na\t0\n")
     assert has_splits("sst2") and has_splits(str(tmp_path / "mine")) and has_splits("mine")  # in the data dir
-    assert not has_splits(str(tmp_path / "mine" / "train.tsv")) and not has_splits("nowhere")
+    assert not has_splits(str(tmp_path / "mine" / "train.tsv")) and not has_splits("nowhere.tsv")
+    assert has_splits("owner/name")  # a hub dataset name: its splits are the hub's
