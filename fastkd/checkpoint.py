@@ -223,10 +223,13 @@ def write_run_file(out: Path, cfg, recipe_text: str) -> None:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON record a line, flushed as written; only the main rank writes."""
+    """``metrics.jsonl``: one JSON record a line, flushed as written; only the main rank writes. ``trackers``:
+    a function of the resumed step (None: a fresh run) opening the --report-to writers, which get every record
+    too; they open at the first record, after a resume has cut the log back."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, trackers=None):
         self.path, self.enabled, self.file = path, enabled, None
+        self._open_trackers, self.trackers, self.resumed_at = trackers, None, None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -235,9 +238,22 @@ class MetricsLog:
             self.file = open(self.path, "a")
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.trackers is None:
+            self.trackers = self._open_trackers(self.resumed_at) if self._open_trackers else []
+        for t in self.trackers:
+            t.write(record)
+
+    def close(self) -> None:
+        for t in self.trackers or []:
+            t.close()
+        self.trackers = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def truncate(self, step: int) -> None:
         """On resume, drop records written after the checkpoint (they will be produced again)."""
+        self.resumed_at = step
         if not self.path.is_file() or not self.enabled:
             return
         keep = []

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastkd.data import LABEL_COLUMNS, TASKS, TEXT_COLUMNS
 from fastkd.recipes import REGISTRY, load_config_file, parse_set, setting_prefix
+from fastkd.tracking import check_report_to
 
 CPU_TRAIN_EXAMPLES = 3000  # the CPU default subset (full data on a GPU): ~1.5 min idle, < 10 min on a busy 2-core box
 CPU_DEV_EXAMPLES = 500
@@ -137,8 +138,11 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
     seed: int = option(0, "seed of data order, dropout and ETD-Rand", check=non_negative)
     log_every: int = option(10, "optimizer steps between metrics.jsonl lines", check=positive)
-    latency_runs: int = option(20, "timed batch-1 forward passes per model for the final CPU speed-up (the median "
-                               "is reported)", check=positive)
+    report_to: str = option("none", "also send the metrics to tensorboard (<output-dir>/tensorboard), wandb, or "
+                            "several (comma-separated), through their own libraries", check=check_report_to)
+    latency_runs: int = option(20, "timed batch-1 forward passes per model for the final CPU speed-up, teacher and "
+                               "student alternating (the median pair ratio and its 10-90%% spread are reported)",
+                               check=positive)
     progress: bool = option(True, "no progress bar", flag="--no-progress")
     overrides: dict[str, Any] = option({}, "recipe overrides (from --set and --config)", cli=False)
 

@@ -24,6 +24,7 @@ from fastkd.checkpoint import (
     check_output_dir,
     load_newest_intact,
     nonfinite_tensors,
+    run_identity,
     save_checkpoint,
     set_rng_state,
     write_run_file,
@@ -64,6 +65,7 @@ from fastkd.teacher import (
     resolve_model_path,
     teacher_dtype,
 )
+from fastkd.tracking import check_installed, open_trackers
 
 
 class Trainer:
@@ -100,7 +102,9 @@ class Trainer:
         if self.dist.main:  # rank 0 locks and checks the folder, then writes it
             self.lock = OutputLock(check_output_dir(cfg, self.log, check=False))
         self.out_dir = check_output_dir(cfg, self.log, check=self.dist.main)
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.dist.main)
+        check_installed(cfg.report_to)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.dist.main,
+                                  trackers=open_trackers(cfg.report_to, self.out_dir, run_identity(cfg)))
         path = resolve_model_path(cfg.teacher)
         if not Path(str(path)).is_dir():
             raise ValueError(f"--teacher: {path} is not a local model folder")
@@ -368,6 +372,8 @@ class Trainer:
 
     def close(self) -> None:
         """Release the output folder (a process that ends releases it anyway)."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         if self.lock is not None:
             self.lock.release()
 
