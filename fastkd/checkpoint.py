@@ -15,6 +15,7 @@ import torch
 
 from fastkd.digest import sha256_file
 from fastkd.disk import writing
+from fastkd.engine import NonFiniteLossError
 
 RUN_FILE = "run.json"
 # Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
@@ -82,7 +83,15 @@ def _digest_file(path: Path) -> Path:
 
 def save_checkpoint(out_dir: Path, state: dict, keep: int, last_good: Path | None = None) -> Path:
     """``state`` (with the RNG state added) as ``checkpoints/step-<global_step>.pt`` plus its sha256 beside it
-    (written after it: a checkpoint without one was cut short); only the newest ``keep`` stay on disk."""
+    (written after it: a checkpoint without one was cut short); only the newest ``keep`` stay on disk. The model
+    and optimizer state are verified finite first: a bad one is never written, so the newest on disk (the one a
+    resume and an error message name) is always good, and rotation only drops older good ones."""
+    bad = nonfinite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite weights or optimizer state after step {state['global_step']}: {', '.join(bad[:4])}"
+            + (f" and {len(bad) - 4} more" if len(bad) > 4 else "") + "; not writing a checkpoint of them; last "
+            f"good checkpoint: {last_good or 'none (no checkpoint written yet)'}")
     ckdir = out_dir / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     path = ckdir / f"step-{state['global_step']}.pt"

@@ -23,7 +23,6 @@ from fastkd.checkpoint import (
     OutputLock,
     check_output_dir,
     load_newest_intact,
-    nonfinite_tensors,
     run_identity,
     save_checkpoint,
     set_rng_state,
@@ -35,7 +34,6 @@ from fastkd.disk import DiskFullError, save_model_dir
 from fastkd.distiller import Distiller
 from fastkd.engine import (
     Fit,
-    NonFiniteLossError,
     StepState,
     Throughput,
     adamw,
@@ -70,8 +68,7 @@ from fastkd.tracking import check_installed, open_trackers
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=None, data=None):
-        """``data``: a ``datasets.Dataset`` or ``DatasetDict`` to train on in place of ``cfg.task`` (whose text
-        becomes its fingerprint, which the run's identity and the cache keys record)."""
+        """``data``: a Dataset or DatasetDict in place of ``cfg.task`` (which becomes its fingerprint)."""
         if data is not None:
             cfg.task = dataset_label(data)
         self.cfg = cfg
@@ -331,18 +328,10 @@ class Trainer:
                 "scaler": fit.scaler.state_dict(), "best": self.best}
 
     def _save(self, state: dict, tag: str) -> None:
-        """Write a checkpoint, verified finite first: a bad one is never written, so the newest on disk (the one
-        a resume and an error message name) is always good, and rotation only drops older good ones."""
-        if not self.dist.main:
-            return
-        state = {**state, "model": self.module.state_dict(), "tag": tag}
-        bad = nonfinite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite weights or optimizer state after step {state['global_step']}: {', '.join(bad[:4])}"
-                + (f" and {len(bad) - 4} more" if len(bad) > 4 else "") + "; not writing a checkpoint of them; last "
-                f"good checkpoint: {self.last_ckpt or 'none (no checkpoint written yet)'}")
-        self.last_ckpt = save_checkpoint(self.out_dir, state, self.cfg.keep_checkpoints, self.last_ckpt)
+        """Write a checkpoint (verified finite first, see save_checkpoint) on the main rank."""
+        if self.dist.main:
+            state = {**state, "model": self.module.state_dict(), "tag": tag}
+            self.last_ckpt = save_checkpoint(self.out_dir, state, self.cfg.keep_checkpoints, self.last_ckpt)
 
     def _end_epoch(self, si: int, stage: Stage, fit: Fit) -> None:
         epoch = self.state.epoch
