@@ -212,9 +212,24 @@ class Distiller(DistillModule):
         """Everything of the distiller but the student (projection, EMD layer weights): what a resume needs."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
 
-    def save_student(self, folder: str | Path, tokenizer=None) -> Path:
-        """Write the student (``save_pretrained``, plus the tokenizer when given) into ``folder``, atomically."""
+    def save_student(self, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+        """Write the student (``save_pretrained``, plus the tokenizer when given) into ``folder``, atomically.
+        ``state_dict``: the distiller's full state dict when its parameters are sharded (FSDP: gathered with
+        ``get_model_state_dict(..., full_state_dict=True)``); its ``student.`` keys are written."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        save_model_dir(folder, self.student, *([tokenizer] if tokenizer is not None else []))
+        student = None
+        if state_dict is not None:
+            student = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
+        save_model_dir(folder, _Saver(self.student, student), *([tokenizer] if tokenizer is not None else []))
         return folder
+
+
+class _Saver:
+    """``save_pretrained`` of a model with a given state dict (None: its own)."""
+
+    def __init__(self, model: nn.Module, state_dict: dict | None):
+        self.model, self.state_dict = model, state_dict
+
+    def save_pretrained(self, folder) -> None:
+        self.model.save_pretrained(folder, state_dict=self.state_dict)
