@@ -80,7 +80,10 @@ def collate(features: list[dict], pad_token_id: int) -> Batch:
             types[row, int(f["type_start"]):n] = 1
     labels = None
     if "label" in features[0] and features[0]["label"] is not None:
-        labels = torch.tensor([int(f["label"]) for f in features], dtype=torch.long)
+        if isinstance(features[0]["label"], float):  # a regression target
+            labels = torch.tensor([float(f["label"]) for f in features], dtype=torch.float32)
+        else:
+            labels = torch.tensor([int(f["label"]) for f in features], dtype=torch.long)
     token_type_ids = None if types is None else torch.from_numpy(types)
     index = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)
     return Batch(index, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), labels, token_type_ids)

@@ -331,6 +331,10 @@ def _label_mapping(values: list, order: str, names: list[str] | None, feature=No
     if names is not None:
         return "names", {str(n): i for i, n in enumerate(names)}, [str(n) for n in names]
     as_text = [str(v).strip() for v in values]
+    bad = [i + 1 for i, v in enumerate(as_text) if v.lower().lstrip("+-") in ("nan", "inf", "infinity")]
+    if bad:  # NaN/inf targets would train a NaN student, or become classes named "nan"
+        raise ValueError(f"label: {len(bad)} row(s) have a NaN/inf label (data rows {bad[:8]}, 1-based); fix or "
+                         f"remove them")
     if getattr(feature, "dtype", "").startswith("float") and all(_is_number(v) for v in as_text):
         return "float", None, None
     if all(_is_int(v) for v in as_text):

@@ -299,14 +299,37 @@ class Throughput:
 # ---------------------------------------------------------------- evaluation
 
 
+def correlations(pred, gold) -> dict[str, float]:
+    """Pearson and Spearman (Pearson of the average-tie ranks) of a regression's predictions; 0 for constant
+    predictions, which correlate with nothing (the formulas give NaN there)."""
+    import numpy as np
+    import pandas as pd
+
+    pred, gold = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+
+    def pearson(x, y) -> float:
+        if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+            return 0.0
+        return float(np.corrcoef(x, y)[0, 1])
+
+    ranks = pd.Series(pred).rank().to_numpy(), pd.Series(gold).rank().to_numpy()
+    return {"pearson": pearson(pred, gold), "spearman": pearson(*ranks)}
+
+
+def primary_metric(metrics: dict[str, float]) -> str:
+    """The metric best-checkpoint selection maximises: accuracy, or Pearson for a regression."""
+    return "acc" if "acc" in metrics else "pearson"
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int, device, pad_token_id: int) -> float:
-    """Accuracy of a sequence-classification model on a tokenised, labelled dataset."""
+def evaluate(model: nn.Module, dataset, batch_size: int, device, pad_token_id: int) -> dict[str, float]:
+    """A sequence-classification model on a tokenised, labelled dataset: {"acc"}, or {"pearson", "spearman"}
+    for a one-output regression head."""
     was_training = model.training
     model.eval()
     lengths = list(dataset["length"])
     order = sorted(range(len(dataset)), key=lambda i: lengths[i])
-    correct = 0
+    preds, golds = [], []
     for c in range(0, len(order), batch_size):
         idx = order[c:c + batch_size]
         rows = dataset[idx]
@@ -314,6 +337,12 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device, pad_token_id: i
         batch = collate([{"index": i, "input_ids": rows["input_ids"][j], "label": rows["label"][j],
                           "type_start": starts[j]} for j, i in enumerate(idx)], pad_token_id).to(device)
         logits = model(**batch.model_inputs()).logits
-        correct += int((logits.argmax(-1) == batch.labels).sum())
+        preds.append(logits[:, 0].float() if logits.shape[-1] == 1 else logits.argmax(-1))
+        golds.append(batch.labels)
     model.train(was_training)
-    return correct / max(1, len(order))
+    if not preds:
+        return {"acc": 0.0}
+    pred, gold = torch.cat(preds).cpu(), torch.cat(golds).cpu()
+    if pred.is_floating_point():
+        return correlations(pred.numpy(), gold.float().numpy())
+    return {"acc": int((pred == gold).sum()) / len(order)}

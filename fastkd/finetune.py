@@ -87,7 +87,8 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     torch.manual_seed(cfg.seed)
     num_labels = len(label_names)
     model = load_model(teacher_path, head=True, num_labels=num_labels, id2label=dict(enumerate(label_names)),
-                       label2id={n: i for i, n in enumerate(label_names)}, attn_implementation="sdpa")
+                       label2id={n: i for i, n in enumerate(label_names)}, attn_implementation="sdpa",
+                       problem_type="regression" if num_labels == 1 else "single_label_classification")
     model.to(device).train()
     if cfg.freeze_word_embeddings:
         model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
@@ -101,7 +102,11 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     t0 = time.time()
 
     def forward(batch, host):
-        loss = F.cross_entropy(model(**batch.model_inputs()).logits.float(), batch.labels)
+        logits = model(**batch.model_inputs()).logits.float()
+        if num_labels == 1:  # a regression head
+            loss = F.mse_loss(logits[:, 0], batch.labels.float())
+        else:
+            loss = F.cross_entropy(logits, batch.labels)
         return loss, {"ce": loss}
 
     def on_step(state: StepState, values: dict[str, float]) -> None:
@@ -110,9 +115,9 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
 
     fit_stage(fit, StepState(), sampler, train_ds, tokenizer.pad_token_id, cfg.epochs, forward, on_step=on_step)
     model.eval()
-    dev_acc = evaluate(model, dev_ds, 64, device, tokenizer.pad_token_id) if dev_ds is not None else None
-    log(f"teacher: fine-tuned in {time.time() - t0:.0f}s" + (f", dev acc {dev_acc:.4f}" if dev_acc is not None
-                                                              else ""))
+    dev = evaluate(model, dev_ds, 64, device, tokenizer.pad_token_id) if dev_ds is not None else {}
+    dev_acc = dev.get("acc", dev.get("pearson"))  # accuracy, or a regression's Pearson
+    log(f"teacher: fine-tuned in {time.time() - t0:.0f}s" + "".join(f", dev {k} {v:.4f}" for k, v in dev.items()))
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -72,7 +72,8 @@ def loss_figure(all_recs: list[dict]):
     import matplotlib.pyplot as plt
 
     recs = [r for r in all_recs if "loss" in r and "event" not in r]
-    evals = [r for r in all_recs if r.get("event") == "eval" and "dev_acc" in r]
+    metric = "dev_pearson" if any("dev_pearson" in r for r in all_recs) else "dev_acc"  # a regression's, or acc
+    evals = [r for r in all_recs if r.get("event") == "eval" and metric in r]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     keys = sorted({k for r in recs for k in r if k.startswith("loss_")})
     for k in ["loss", *keys]:
@@ -90,11 +91,12 @@ def loss_figure(all_recs: list[dict]):
     handles, labels = ax.get_legend_handles_labels()
     if evals:
         acc = ax.twinx()
-        line = acc.plot([r["step"] for r in evals], [r["dev_acc"] for r in evals], color="black", ls="--",
-                        marker="s", ms=4, label="dev acc")
-        acc.set_ylabel("dev accuracy")
-        acc.set_ylim(0, 1)
-        handles, labels = handles + line, labels + ["dev acc"]
+        label = metric.replace("_", " ")
+        line = acc.plot([r["step"] for r in evals], [r[metric] for r in evals], color="black", ls="--",
+                        marker="s", ms=4, label=label)
+        acc.set_ylabel(label.replace("acc", "accuracy"))
+        acc.set_ylim(0 if metric == "dev_acc" else -1, 1)
+        handles, labels = handles + line, labels + [label]
     if handles:
         ax.legend(handles, labels, fontsize=8)
     ax.set_title("fastkd distillation losses" + (" and dev accuracy" if evals else ""))
@@ -106,9 +108,10 @@ def report(result: dict, note: str) -> str:
     lines = []
     if note:
         lines.append(note)
-    if "teacher_test_acc" in result:
-        lines.append(f"teacher test accuracy: {result['teacher_test_acc']:.4f} ({result['test_examples']} examples)")
-        lines.append(f"student test accuracy: {result['student_test_acc']:.4f}")
+    for key, name in (("acc", "accuracy"), ("pearson", "Pearson"), ("spearman", "Spearman")):
+        if f"teacher_test_{key}" in result:
+            lines.append(f"teacher test {name}: {result[f'teacher_test_{key}']:.4f} ({result['test_examples']} "
+                         f"examples); student: {result[f'student_test_{key}']:.4f}")
     if "student_params" in result:
         ratio = result["teacher_params"] / result["student_params"]
         lines.append(f"student size: {result['student_params'] / 1e6:.2f}M params (teacher "
@@ -139,14 +142,16 @@ def finish_run(tr, t_start: float) -> dict:
         return result
     if tr.best is not None and (tr.out_dir / "best").is_dir():
         student = type(student).from_pretrained(tr.out_dir / "best", dtype=torch.float32).to(tr.device)
+        key = next(k for k in tr.best if k.startswith("dev_"))
         tr.log(f"student: best dev checkpoint (stage {tr.best['stage']}, epoch {tr.best['epoch'] + 1}, "
-               f"dev acc {tr.best['dev_acc']:.4f})")
+               f"{key.replace('_', ' ')} {tr.best[key]:.4f})")
     save_model_dir(final_dir, student, tr.tokenizer, kept=f"best/ and the checkpoints in {tr.out_dir} are kept")
     t_path = tr.teacher_paths["finetuned" if "finetuned" in tr.teachers else "pretrained"]
     if cfg.mode == "task" and tr.data.get("test") is not None:
         teacher32 = load_model(t_path, head=True).to(tr.device)
-        result["teacher_test_acc"] = evaluate(teacher32, tr.data["test"], 64, tr.device, tr.pad_id)
-        result["student_test_acc"] = evaluate(student, tr.data["test"], 64, tr.device, tr.pad_id)
+        for who, model in (("teacher", teacher32), ("student", student)):
+            metrics = evaluate(model, tr.data["test"], 64, tr.device, tr.pad_id)
+            result.update({f"{who}_test_{k}": v for k, v in metrics.items()})
         result["test_examples"] = len(tr.data["test"])
     else:
         teacher32 = load_model(t_path, head=False)

@@ -74,13 +74,29 @@ def _check_labels(train, others: dict, names: list[str], task: str) -> None:
                              f"never has (its labels: {[names[i] for i in sorted(seen)]})")
 
 
-def _refuse_regression(train, task: str) -> None:
-    if is_regression(train):
-        sample = ", ".join(f"{v:g}" for v in train["label"][:3])
-        raise ValueError(f"--task: {task}'s labels are real numbers ({sample}, ...): a regression task. fastkd.train "
-                         f"distils classifiers (it would otherwise have trained one class per distinct value); for "
-                         f"regression use fastkd.hf.DistillationTrainer or fastkd.Distiller with one-output models "
-                         f"(num_labels=1), whose prediction losses are then MSE, or give integer class labels")
+# A regression task's one output, as a label list: one output means regression everywhere downstream (the head's
+# num_labels, the teacher fine-tune's MSE, evaluation by Pearson/Spearman); a one-class classifier is refused.
+REGRESSION_LABELS = ["score"]
+
+
+def _as_regression(split_name: str, source: str, ds):
+    """A dev/test split of a regression task with float labels (class names there are a mismatch, not data)."""
+    import datasets
+
+    if ds is None or "label" not in ds.column_names:
+        return ds
+    if isinstance(ds.features["label"], datasets.ClassLabel):
+        raise ValueError(f"--{split_name}: {source}'s labels are names ({ds.features['label'].names[:4]}) but the "
+                         f"training labels are real numbers (a regression task); give it numeric labels")
+    return ds.cast_column("label", datasets.Value("float32"))
+
+
+def _check_class_ids(splits: dict, names: list[str], n_labels: int) -> None:
+    for split_name, ds in splits.items():
+        if ds is not None and "label" in ds.column_names and len(ds):
+            lo, hi = min(ds["label"]), max(ds["label"])
+            if lo < 0 or hi >= n_labels:
+                raise ValueError(f"data: {split_name} labels span {lo}..{hi}, expected 0..{n_labels - 1} ({names})")
 
 
 def task_splits(cfg: TrainConfig, log, data=None):
@@ -93,7 +109,7 @@ def task_splits(cfg: TrainConfig, log, data=None):
     if "label" not in train.column_names:
         raise ValueError(f"--task: {cfg.task} has no labels; task mode needs labelled data "
                          f"(use --mode general for unlabelled text)")
-    _refuse_regression(train, cfg.task)
+    regression = is_regression(train)
     train_names = label_names(train) if cfg.task not in TASKS else None
     dev = test = None
     if cfg.dev:
@@ -115,15 +131,16 @@ def task_splits(cfg: TrainConfig, log, data=None):
             test = _load(cfg, cfg.task, "test", names=train_names, data=data)
         except DataNotFoundError:
             log(f"data: no test split in {cfg.task} (pass --test to name one); the report gives no test accuracy")
+    if regression:
+        log(f"data: {cfg.task}'s labels are real numbers: a regression task (one output; MSE prediction losses; "
+            f"evaluated by Pearson and Spearman)")
+        dev, test = _as_regression("dev", cfg.dev or cfg.task, dev), _as_regression("test", cfg.test or cfg.task, test)
+        return train, dev, test, list(REGRESSION_LABELS)
     names = list(TASKS[cfg.task].labels) if cfg.task in TASKS else label_names(train)
     n_labels = len(names) if names else int(max(train["label"])) + 1
     names = names or [str(i) for i in range(n_labels)]
     _check_labels(train, {"dev": (cfg.dev or cfg.task, dev), "test": (cfg.test or cfg.task, test)}, names, cfg.task)
-    for split_name, ds in (("train", train), ("dev", dev), ("test", test)):
-        if ds is not None and "label" in ds.column_names and len(ds):
-            lo, hi = min(ds["label"]), max(ds["label"])
-            if lo < 0 or hi >= n_labels:
-                raise ValueError(f"data: {split_name} labels span {lo}..{hi}, expected 0..{n_labels - 1} ({names})")
+    _check_class_ids({"train": train, "dev": dev, "test": test}, names, n_labels)
     return train, dev, test, names
 
 

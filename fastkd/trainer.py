@@ -41,6 +41,7 @@ from fastkd.engine import (
     evaluate,
     fit_stage,
     init_distributed,
+    primary_metric,
     steps_per_epoch,
     warmup_linear,
 )
@@ -199,8 +200,7 @@ class Trainer:
                                          tokenizer=self.tokenizer_fp, max_length=cfg.max_length,
                                          dtype=str(self.teacher_dtype), fields=fields)
 
-        dtype = cache_dtype(self.teacher_dtype)
-        labels = len(self.label_names or [])  # logits: one value per label and example
+        dtype, labels = cache_dtype(self.teacher_dtype), len(self.label_names or [])  # logits: one per label
         return make_cache(cfg.cache, epochs=stage.epochs, fields=fields, lengths=data["length"], device=self.device,
                           dtype=dtype, ddp=self.dist.enabled, budget=self._device_cache_budget(),
                           need_bytes=lambda: cache_bytes(data["length"], fields, self.shapes.teacher_hidden, labels,
@@ -338,11 +338,13 @@ class Trainer:
         rec = {"step": self.state.global_step, "stage": stage.name, "epoch": epoch, "event": "eval"}
         student = self.module.student
         if self.data.get("dev") is not None and hasattr(student, "classifier"):
-            acc = evaluate(student, self.data["dev"], 64, self.device, self.pad_id)
-            rec["dev_acc"] = acc
-            self.log(f"stage {stage.name} epoch {epoch + 1}: dev acc {acc:.4f}")
-            if si == self.last_head_stage and (self.best is None or acc > self.best["dev_acc"]):
-                self.best = {"dev_acc": acc, "stage": stage.name, "epoch": epoch, "step": self.state.global_step}
+            metrics = evaluate(student, self.data["dev"], 64, self.device, self.pad_id)
+            key = f"dev_{primary_metric(metrics)}"
+            rec.update({f"dev_{k}": v for k, v in metrics.items()})
+            self.log(f"stage {stage.name} epoch {epoch + 1}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in
+                                                                         metrics.items()))
+            if si == self.last_head_stage and (self.best is None or rec[key] > self.best[key]):
+                self.best = {key: rec[key], "stage": stage.name, "epoch": epoch, "step": self.state.global_step}
                 if self.dist.main:
                     save_model_dir(self.out_dir / "best", student, self.tokenizer,
                                    kept=f"the last good checkpoint is {self.last_ckpt}")
