@@ -19,6 +19,7 @@ outputs are checked finite. ``fastkd.train`` trains through this class too, so t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +182,12 @@ class Distiller(DistillModule):
                 index: torch.Tensor | None = None, teacher_outputs: dict[str, torch.Tensor] | None = None
                 ) -> DistillOutput:
         """The stage's losses on one batch. ``teacher_outputs``: the teacher's activations when the caller ran
-        it already (fastkd.train does, outside DDP); else the teacher runs here."""
+        it already (fastkd.train does, outside DDP); else the teacher runs here. A batch dict (or a fastkd
+        ``Batch``) may also be passed whole: ``distiller(batch)``."""
+        if isinstance(input_ids, Batch):
+            input_ids = {**input_ids.model_inputs(), "labels": input_ids.labels, "index": input_ids.index}
+        if isinstance(input_ids, Mapping):
+            return self.forward(**input_ids)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a [batch, tokens] tensor of token ids, got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")

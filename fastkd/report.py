@@ -111,7 +111,8 @@ def report(result: dict, note: str) -> str:
     for key, name in (("acc", "accuracy"), ("pearson", "Pearson"), ("spearman", "Spearman")):
         if f"teacher_test_{key}" in result:
             lines.append(f"teacher test {name}: {result[f'teacher_test_{key}']:.4f} ({result['test_examples']} "
-                         f"examples); student: {result[f'student_test_{key}']:.4f}")
+                         f"examples)")
+            lines.append(f"student test {name}: {result[f'student_test_{key}']:.4f}")
     if "student_params" in result:
         ratio = result["teacher_params"] / result["student_params"]
         lines.append(f"student size: {result['student_params'] / 1e6:.2f}M params (teacher "
