@@ -120,6 +120,13 @@ class DistillationTrainer(Trainer):
                 raise ValueError("processing_class: pass the tokenizer (it pads the batches and is saved with the "
                                  "student), or a data_collator")
             data_collator = DataCollatorWithPadding(processing_class)
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("compute_loss_func: DistillationTrainer computes the method's losses itself; choose "
+                             "them with method= and settings=")
+        if args is not None and args.label_smoothing_factor:
+            raise ValueError(f"args.label_smoothing_factor: {args.label_smoothing_factor} would not be applied (the "
+                             f"recipe's hard_ce is plain cross entropy, its soft_ce the teacher's distribution); "
+                             f"set it to 0")
         callbacks = [*(kwargs.pop("callbacks", None) or []), _AfterStep(distiller)]
         super().__init__(model=distiller, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, callbacks=callbacks,

@@ -187,6 +187,15 @@ def test_distiller_refuses_what_it_cannot_do(tiny):
     Distiller(teacher, other, "kd")  # logits only: fine across tokenizers
 
 
+def test_trainer_refuses_settings_it_would_ignore(tiny, tmp_path):
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        _build(tiny, tmp_path / "a", "kd", args={"label_smoothing_factor": 0.1})
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        _build(tiny, tmp_path / "b", "kd", compute_loss_func=lambda *a, **k: 0)
+    with pytest.raises(ValueError, match="epochs: expected a positive int"):
+        _build(tiny, tmp_path / "c", "kd", epochs=0)
+
+
 def test_distiller_memory_cache_runs_the_teacher_once(tiny):
     from fastkd import Distiller
 
