@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What a lent GPU should show, within one device call's 10-minute limit (bench/README.md, "On a lent GPU").
-#   bash bench/gpu_session.sh [STAGE ...]      default: trainer tests kernels sinkhorn, in that order
+#   bash bench/gpu_session.sh [STAGE ...]      default: risky trainer tests kernels sinkhorn, in that order
 # Stages, most important first:
+#   risky     the cases the static report (bench/kernel_report.py) is least sure of, timed first: attention MSE and
+#             attention KL forward + backward at L=512, bf16, fused vs eager vs torch.compile
 #   trainer   bench/bench_trainer.py: the trainer's samples/s, eager fp32 baseline vs fastkd (issue #5's figure),
 #             and bench/bench_teacher_cache.py: a live fp16 teacher forward vs a cache read of the same tensors
 #   tests     the kernel tests compiled natively (no interpreter), in parallel processes when pytest-xdist is there
@@ -18,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
 BUDGET=${FASTKD_GPU_BUDGET_S:-560}
-STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=(trainer tests kernels sinkhorn)
+STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=(risky trainer tests kernels sinkhorn)
 mkdir -p "$OUT" .gpu-results
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # The GPU image has torch/triton/transformers but not datasets (and two of its needs): their wheels travel in
@@ -75,6 +77,8 @@ xdist=(); python3 -c "import xdist" 2>/dev/null && [ -z "${TRITON_INTERPRET:-}" 
 PYTEST=(python3 -m pytest -q -p no:cacheprovider)
 for s in "${STAGES[@]}"; do
   case $s in
+    risky) stage risky 150 "${PYTEST[@]}" bench/bench_attention_mse.py bench/bench_attention_kl.py -k "512" \
+             ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
     trainer) stage trainer 240 "${PYTEST[@]}" bench/bench_trainer.py bench/bench_teacher_cache.py \
                ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
     tests) stage tests 300 "${PYTEST[@]}" "${xdist[@]}" tests/test_attention_kl.py tests/test_attention_mse.py \
@@ -83,7 +87,7 @@ for s in "${STAGES[@]}"; do
     kernels) stage kernels 560 "${PYTEST[@]}" bench/bench_attention_kl.py bench/bench_attention_mse.py \
                bench/bench_hidden_mse.py ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
     sinkhorn) stage sinkhorn 300 "${PYTEST[@]}" bench/bench_sinkhorn.py ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
-    *) echo "gpu_session: unknown stage '$s' (trainer, tests, kernels, sinkhorn)" >&2; exit 2 ;;
+    *) echo "gpu_session: unknown stage '$s' (risky, trainer, tests, kernels, sinkhorn)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUT/bench" && cp .gpu-results/*.json "$OUT/bench/" 2>/dev/null

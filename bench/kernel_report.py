@@ -45,6 +45,11 @@ REG_ALLOC_UNIT = 256  # registers per warp are allocated in units of 256
 LOW_OCCUPANCY_REASONS: dict[str, str] = {
     "_sinkhorn_kernel": "one CTA per transport problem (P = 2 per step): a handful of CTAs in all, occupancy "
                         "is not what bounds it",
+    "_attention_mse_gram_fwd_kernel": "one CTA per (batch, head) holds its six d x d fp32 Gram accumulators "
+                                      "(96 KB at d = 64) in registers: 138-144 a thread at 8 warps, so one CTA per "
+                                      "SM; capped at 128 (two CTAs) it spills 8-12 B under Triton 3.6, and 0 spills "
+                                      "is the firmer target. It is O(L d^2) and reads Q and K once (a stream), "
+                                      "with 8 warps of wgmma in flight per SM",
 }
 
 

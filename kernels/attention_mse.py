@@ -31,8 +31,10 @@ in Gram form (fp16/bf16 gradients are limited by their own rounding long before 
 
 Precision: fp16/bf16 tiles go to tl.dot as they are (exact products, fp32 accumulation); fp32 inputs use
 input_precision="ieee" (TF32's 10-bit mantissa would be amplified by the cancellation above). The backward
-multiplies tiles by fp32 Gram matrices, also with "ieee" (exact enough; slower than tensor cores, but the
-backward is O(L·d²) and memory-bound for BERT head sizes).
+multiplies tiles by fp32 Gram matrices: for fp16/bf16 tiles with 3xTF32 on tensor cores (the tiles are exact in
+TF32, so only the Gram's low bits round, ~2^-22: fp32 accuracy), for fp32 tiles with "ieee" FMAs. The "ieee"
+form compiled to 255 registers and 880 B of spills a thread (Triton 3.9; 32 registers and 9-18 KB of spills
+under 3.6) with no MMA; 3xTF32 compiles to 182-189 registers, no spill, HGMMA (bench/kernel_report.py).
 Registers: the forward keeps six d×d fp32 accumulators per program; fine for BERT heads (d ≤ 64), spills
 above that (correct, slower).
 """
@@ -202,7 +204,7 @@ def _attention_mse_gram_bwd_kernel(
     gram_stride, scale_same, scale_cross,
     DX: tl.constexpr, DY: tl.constexpr, DXP: tl.constexpr, DYP: tl.constexpr,
     CROSS_T: tl.constexpr,
-    BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr, GRAM_PRECISION: tl.constexpr,
 ):
     """out = coef·(scale_same·X·G_same − scale_cross·Y·G_crossᵀ) for one row tile, padded rows zero.
 
@@ -223,8 +225,8 @@ def _attention_mse_gram_bwd_kernel(
         g_cross = tl.trans(_load_gram(gram_cross_ptr + pid * gram_stride, DXP, DYP))
     else:
         g_cross = _load_gram(gram_cross_ptr + pid * gram_stride, DYP, DXP)
-    acc = tl.dot(x, g_same, input_precision="ieee") * scale_same
-    acc -= tl.dot(y, g_cross, input_precision="ieee") * scale_cross
+    acc = tl.dot(x, g_same, input_precision=GRAM_PRECISION) * scale_same
+    acc -= tl.dot(y, g_cross, input_precision=GRAM_PRECISION) * scale_cross
     acc = tl.where(ok[:, None], acc * tl.load(coef_ptr), 0.0)
     cols = tl.arange(0, DXP)
     offs = rows[:, None] * s_o_l + cols[None, :] * s_o_d
@@ -237,6 +239,20 @@ def _block_sizes(L: int) -> tuple[int, int, int]:
     if interpreting():
         return 16, 16, 16
     return 64, 64, 64
+
+
+def _gram_fwd_launch(widths: int) -> dict:
+    """Warps of the Gram forward: 8 for BERT heads (64 + 64), whose six 64×64 fp32 accumulators take 138-144
+    registers a thread, so one CTA per SM (see LOW_OCCUPANCY_REASONS in bench/kernel_report.py: capped at 128
+    registers it spills under Triton 3.6, the GPU image's)."""
+    return {"num_warps": 8 if widths > 64 else 4}
+
+
+def gram_precision(dtype: torch.dtype) -> str:
+    """The backward's tile × fp32-Gram dots: 3xTF32 on tensor cores for fp16/bf16 tiles, whose values TF32
+    holds exactly (so only the Gram's low bits are rounded, ~2^-22 relative: fp32 accuracy), else IEEE fp32
+    FMAs (an fp32 tile is not exact in TF32)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32x3"
 
 
 def _precision(*xs: torch.Tensor) -> str:
@@ -271,7 +287,7 @@ class AttentionMSEFunction(torch.autograd.Function):
             q_s_, k_s_, q_t_, k_t_, mask_i8, loss_bh, flag, grams, H, L, *strides,
             alpha, beta, CANCELLATION_RATIO,
             DS=DS, DT=DT, DSP=DSP, DTP=DTP, BLOCK_L=block_l, HAS_MASK=has_mask, PRECISION=prec, UPCAST=upcast,
-            num_warps=8 if DSP + DTP > 64 else 4,
+            **_gram_fwd_launch(DSP + DTP),
         )
         num_m = triton.cdiv(L, block_m)
         direct = torch.empty(BH, num_m, dtype=torch.float32, device=dev)
@@ -314,7 +330,7 @@ class AttentionMSEFunction(torch.autograd.Function):
                 *x.stride(), *y.stride(), *mask_i8.stride(), *out.stride(),
                 gram_stride, s_same, s_cross,
                 DX=dx, DY=dy, DXP=dxp, DYP=dyp, CROSS_T=cross_t, BLOCK_L=block_l, HAS_MASK=ctx.has_mask,
-                num_warps=4,
+                GRAM_PRECISION=gram_precision(x.dtype), num_warps=4,
             )
             return out
 

@@ -14,6 +14,6 @@ export PYTHONPATH="$PWD/$SIDE:$PWD/scripts" TRITON_INTERPRET=1 HF_HUB_OFFLINE=1
 python -c "import triton, numpy; print('triton', triton.__version__, 'numpy', numpy.__version__)"
 python -m pytest -q -p no:cacheprovider -p fp64_plugin tests/test_attention_kl.py tests/test_attention_mse.py \
   tests/test_hidden_mse.py tests/test_sinkhorn.py tests/test_layer_costs.py tests/test_kernel_sources.py
-# Ahead-of-time compile of every kernel as a GPU launches it (GPU tiles and warps), for sm_90 (H100/H200).
-python scripts/compile_kernels.py record
-python scripts/compile_kernels.py compile --arch 90
+# Every kernel compiled for sm_90 exactly as fastkd.losses launches it (a stub driver, real JIT functions: no
+# interpreter), with its static figures: bench/results/kernel-report-sm90-triton-$VERSION.{md,json}.
+env -u TRITON_INTERPRET python bench/kernel_report.py

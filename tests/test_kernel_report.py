@@ -1,0 +1,60 @@
+"""The static sm_90 report's regression gate: BERT-shaped half-precision launches compile with no register
+spill, and at 2 CTAs/SM or more unless bench/kernel_report.py gives the kernel a written reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import kernel_report  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    missing = kernel_report.tools_available()
+    if missing:
+        pytest.skip(f"no sm_90 compile here: {missing}")
+    out = tmp_path_factory.mktemp("report") / "quick.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT kernels, compiled only
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--quick", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())["rows"]
+
+
+def test_every_fused_loss_was_compiled(rows):
+    kernels = {r["kernel"] for r in rows}
+    assert {"_attention_mse_gram_fwd_kernel", "_attention_mse_gram_bwd_kernel", "_attention_kl_fwd",
+            "_attention_kl_bwd_dq", "_attention_kl_bwd_dk", "_hidden_mse_fwd_kernel", "_hidden_mse_dh_kernel",
+            "_hidden_mse_dw_kernel"} <= kernels
+    assert all(r["registers"] > 0 and r["spill_stores"] is not None for r in rows)
+
+
+def test_no_spill_in_half_precision_kernels(rows):
+    spilling = [f"{r['case']}: {r['kernel']} {r['spill_stores']}/{r['spill_loads']} B" for r in rows
+                if r["dtype"] in ("fp16", "bf16") and (r["spill_stores"] or r["spill_loads"])]
+    assert not spilling
+
+
+def test_two_ctas_per_sm_or_a_written_reason(rows):
+    low = [f"{r['case']}: {r['kernel']} {r['ctas_per_sm']} CTA/SM (limited by {r['limited_by']})" for r in rows
+           if r["ctas_per_sm"] < 2 and r["kernel"] not in kernel_report.LOW_OCCUPANCY_REASONS]
+    assert not low
+
+
+def test_half_precision_attention_backward_uses_tensor_cores(rows):
+    bwd = [r for r in rows if r["kernel"] == "_attention_mse_gram_bwd_kernel" and r["dtype"] in ("fp16", "bf16")]
+    assert bwd and all(r["mma"] in ("HGMMA", "HMMA") for r in bwd)
+
+
+def test_occupancy_arithmetic():
+    assert kernel_report.occupancy(128, 8, 48 * 1024)["ctas_per_sm"] == 2  # 128 regs x 256 threads: 2 fit
+    assert kernel_report.occupancy(129, 8, 0) == {"ctas_per_sm": 1, "occupancy": 0.125, "limited_by": "registers"}
+    assert kernel_report.occupancy(32, 4, 100 * 1024)["limited_by"] == "shared"
