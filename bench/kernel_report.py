@@ -215,6 +215,22 @@ def occupancy(registers: int, num_warps: int, shared: int) -> dict:
             "limited_by": min(limits, key=limits.get)}
 
 
+# Kernels whose loops stop at each sequence's last valid token and skip tiles that start past it (see their
+# sources; tests/test_attention_kl.py checks the skipping paths against float64).
+SKIPS_PADDED_TILES = {"_attention_kl_fwd", "_attention_kl_bwd_dq", "_attention_kl_bwd_dk"}
+
+
+def score_tiles(kernel: str, constexprs: dict, spans: list[int], L: int, H: int) -> dict | None:
+    """(query tile, key tile) pairs an attention kernel visits for a batch of these spans: all B·H·⌈L/BM⌉·⌈L/BN⌉
+    of them, or Σ_b H·⌈n_b/BM⌉·⌈n_b/BN⌉ when it skips padded tiles."""
+    bm, bn = constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N")
+    if not (bm and bn) or not kernel.startswith("_attention_kl"):
+        return None
+    dense = len(spans) * H * math.ceil(L / bm) * math.ceil(L / bn)
+    needed = H * sum(math.ceil(n / bm) * math.ceil(n / bn) for n in spans)
+    return {"dense": dense, "visited": needed if kernel in SKIPS_PADDED_TILES else dense, "needed": needed}
+
+
 # ---------------------------------------------------------------- the cases
 
 
@@ -300,7 +316,10 @@ def report_rows(cases: list[Case], log=print) -> list[dict]:
                 res = analysed[key]
                 occ = occupancy(res["registers"], launch.num_warps, launch.shared)
                 ctas = math.prod(launch.grid)
+                spans = mixed_lengths(case.B, case.L).sum(1).tolist() if case.masked else [case.L] * case.B
+                tiles = score_tiles(launch.kernel, launch.constexprs, spans, case.L, case.H) if case.L else None
                 rows.append({**asdict(case), "case": case.label, "kernel": launch.kernel, "grid": list(launch.grid),
+                             "score_tiles": tiles,
                              "num_warps": launch.num_warps, "num_stages": launch.num_stages, "shared": launch.shared,
                              "constexprs": launch.constexprs, **res, **occ, "ctas": ctas,
                              "waves": ctas / max(1, occ["ctas_per_sm"] * SM_COUNT)})
@@ -329,15 +348,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "spread from L/8 to L. `inner loop` is the innermost SASS loop: instructions (mma / mufu / fp32 / "
              "shared / global / local).", ""]
     head = ("| case | kernel | grid | warps | stages | regs | spill st/ld B | smem KB | CTAs/SM (limit) | occ | waves "
-            "| MMA | inner loop |")
-    lines += [head, "|" + " --- |" * 13]
+            "| MMA | inner loop | score tiles visited / dense |")
+    lines += [head, "|" + " --- |" * 14]
     for r in rows:
         loop = r["inner_loop"]
         mix = "/".join(str(loop.get(k, 0)) for k in ("mma", "mufu", "fp32", "shared", "global", "local"))
         lines.append(f"| {r['case']} | {r['kernel']} | {'x'.join(map(str, r['grid']))} | {r['num_warps']} | "
                      f"{r['num_stages']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
                      f"{r['shared'] / 1024:.1f} | {r['ctas_per_sm']} ({r['limited_by']}) | {r['occupancy']:.0%} | "
-                     f"{r['waves']:.2f} | {r['mma']} ({r['mma_total']}) | {loop['instructions']}: {mix} |")
+                     f"{r['waves']:.2f} | {r['mma']} ({r['mma_total']}) | {loop['instructions']}: {mix} | "
+                     + (f"{r['score_tiles']['visited']} / {r['score_tiles']['dense']} |" if r.get("score_tiles")
+                        else "|"))
     return "\n".join(lines) + "\n"
 
 

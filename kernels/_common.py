@@ -47,3 +47,12 @@ def dot_acc(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PREC)
+
+
+def valid_span(mask_i8: torch.Tensor | None, L: int) -> torch.Tensor | None:
+    """[B] int32: each sequence's last valid position + 1 (0 for an all-padding row), computed on the device
+    (no host sync), for the attention kernels' padded-tile skipping; None without a mask."""
+    if mask_i8 is None:
+        return None
+    positions = torch.arange(1, L + 1, device=mask_i8.device, dtype=torch.int32)
+    return (mask_i8.to(torch.int32) * positions).amax(dim=1).to(torch.int32).contiguous()

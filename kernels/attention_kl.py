@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from fastkd.kernels import saving
-from fastkd.kernels._common import dot, interpreting, padded_dim, upcast_bf16
+from fastkd.kernels._common import dot, interpreting, padded_dim, upcast_bf16, valid_span
 
 from fastkd import reference as ref
 
@@ -103,8 +103,19 @@ def _dot_ds(ds, x, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr
 
 
 @triton.jit
+def _span(SPAN, b, tile_start, L, HAS_MASK: tl.constexpr):
+    """How far this program's loop over the other side's tiles runs: to the sequence's last valid token + 1,
+    or nowhere when its own tile starts past it (every row or key there is padding, so the skipped tiles would
+    add exactly nothing). Work then grows with Σ_b len_b², not B·L²; without a mask, to L."""
+    if HAS_MASK:
+        span = tl.load(SPAN + b)
+        return tl.where(tile_start < span, span, 0)
+    return L
+
+
+@triton.jit
 def _attention_kl_fwd(
-    QS, KS, QT, KT, MASK, KL_ROWS, LSE_S, LSE_T,
+    QS, KS, QT, KT, MASK, SPAN, KL_ROWS, LSE_S, LSE_T,
     s_qs_b, s_qs_h, s_qs_l, s_qs_d,
     s_ks_b, s_ks_h, s_ks_l, s_ks_d,
     s_qt_b, s_qt_h, s_qt_l, s_qt_d,
@@ -142,7 +153,7 @@ def _attention_kl_fwd(
     l_s = tl.zeros([BLOCK_M], tl.float32)
     l_t = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, L, BLOCK_N):
+    for start_n in range(0, _span(SPAN, b, tile * BLOCK_M, L, HAS_MASK), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in = offs_n < L
         key_ok = key_in
@@ -187,7 +198,7 @@ def _attention_kl_fwd(
 
 @triton.jit
 def _attention_kl_bwd_dq(
-    QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD_W, DQ,
+    QS, KS, QT, KT, MASK, SPAN, LSE_S, LSE_T, GRAD_W, DQ,
     s_qs_b, s_qs_h, s_qs_l, s_qs_d,
     s_ks_b, s_ks_h, s_ks_l, s_ks_d,
     s_qt_b, s_qt_h, s_qt_l, s_qt_d,
@@ -227,7 +238,7 @@ def _attention_kl_bwd_dq(
     kt_base = KT + b * s_kt_b + h * s_kt_h
 
     acc = tl.zeros([BLOCK_M, DS_P], tl.float32)
-    for start_n in range(0, L, BLOCK_N):
+    for start_n in range(0, _span(SPAN, b, tile * BLOCK_M, L, HAS_MASK), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in = offs_n < L
         key_ok = key_in
@@ -257,7 +268,7 @@ def _attention_kl_bwd_dq(
 
 @triton.jit
 def _attention_kl_bwd_dk(
-    QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD_W, DK,
+    QS, KS, QT, KT, MASK, SPAN, LSE_S, LSE_T, GRAD_W, DK,
     s_qs_b, s_qs_h, s_qs_l, s_qs_d,
     s_ks_b, s_ks_h, s_ks_l, s_ks_d,
     s_qt_b, s_qt_h, s_qt_l, s_qt_d,
@@ -297,7 +308,7 @@ def _attention_kl_bwd_dk(
     rows_base = bh.to(tl.int64) * L
 
     acc = tl.zeros([BLOCK_N, DS_P], tl.float32)
-    for start_m in range(0, L, BLOCK_M):
+    for start_m in range(0, _span(SPAN, b, tile * BLOCK_N, L, HAS_MASK), BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_in = offs_m < L
         row_ok = row_in
@@ -342,6 +353,8 @@ class _AttentionKLFunction(torch.autograd.Function):
         dev = q_s.device
         # The kernels read the mask as bytes; int8 is [B, L], O(B·L), and keeps the caller's bool untouched.
         mask_i8 = None if mask is None else mask.to(torch.int8)
+        span = valid_span(mask_i8, L)
+        span = q_s if span is None else span  # any pointer: read only with a mask
         kl_rows = torch.empty(B * H * L, device=dev, dtype=torch.float32)
         lse_s = torch.empty(B * H * L, device=dev, dtype=torch.float32)
         lse_t = torch.empty(B * H * L, device=dev, dtype=torch.float32)
@@ -357,7 +370,7 @@ class _AttentionKLFunction(torch.autograd.Function):
         scale_s, scale_t = LOG2E / math.sqrt(d_s), LOG2E / math.sqrt(d_t)
         grid = (B * H * triton.cdiv(L, config.block_m),)
         _attention_kl_fwd[grid](
-            q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, kl_rows, lse_s, lse_t,
+            q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, span, kl_rows, lse_s, lse_t,
             *_common_args(q_s, k_s, q_t, k_t, mask_i8),
             H, L, d_s, d_t, scale_s, scale_t, **consts,
         )
@@ -367,14 +380,14 @@ class _AttentionKLFunction(torch.autograd.Function):
             denom = mask_i8.sum(dtype=torch.float32) * H  # stays on the device: no host sync
         loss = kl_rows.sum() / denom
 
-        saving.save_for_backward(ctx, q_s, k_s, q_t, k_t, mask_i8, lse_s, lse_t, denom)
+        saving.save_for_backward(ctx, q_s, k_s, q_t, k_t, mask_i8, span, lse_s, lse_t, denom)
         ctx.config = config
         ctx.consts = consts
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_s, k_s, q_t, k_t, mask_i8, lse_s, lse_t, denom = saving.saved_tensors(ctx)
+        q_s, k_s, q_t, k_t, mask_i8, span, lse_s, lse_t, denom = saving.saved_tensors(ctx)
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_q or need_k):
             return None, None, None, None, None, None
@@ -391,13 +404,13 @@ class _AttentionKLFunction(torch.autograd.Function):
         if need_q:
             dq = torch.empty(q_s.shape, device=q_s.device, dtype=q_s.dtype)
             _attention_kl_bwd_dq[(B * H * triton.cdiv(L, config.block_m),)](
-                q_s, k_s, q_t, k_t, mask_arg, lse_s, lse_t, grad_w, dq, *args, *_strides4(dq), *scalars,
+                q_s, k_s, q_t, k_t, mask_arg, span, lse_s, lse_t, grad_w, dq, *args, *_strides4(dq), *scalars,
                 **ctx.consts,
             )
         if need_k:
             dk = torch.empty(k_s.shape, device=k_s.device, dtype=k_s.dtype)
             _attention_kl_bwd_dk[(B * H * triton.cdiv(L, config.block_n),)](
-                q_s, k_s, q_t, k_t, mask_arg, lse_s, lse_t, grad_w, dk, *args, *_strides4(dk), *scalars,
+                q_s, k_s, q_t, k_t, mask_arg, span, lse_s, lse_t, grad_w, dk, *args, *_strides4(dk), *scalars,
                 **ctx.consts,
             )
         return dq, dk, None, None, None, None

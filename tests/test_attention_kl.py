@@ -220,8 +220,8 @@ def test_grad_only_where_needed_and_deterministic(gen):
 
 
 def test_saves_only_row_statistics(gen):
-    # Extra memory is O(B·H·L): besides the inputs themselves, autograd keeps the [B, L] mask, two fp32 per-row
-    # log-normalisers and a scalar, never anything [B, H, L, L]-sized.
+    # Extra memory is O(B·H·L): besides the inputs themselves, autograd keeps the [B, L] mask, the [B] valid
+    # spans (padded-tile skipping), two fp32 per-row log-normalisers and a scalar, never anything [B, H, L, L].
     B, H, L, d_s, d_t = 2, 3, 40, 8, 12
     q_s = randn((B, H, L, d_s), torch.float32, gen).requires_grad_()
     k_s = randn((B, H, L, d_s), torch.float32, gen).requires_grad_()
@@ -230,7 +230,7 @@ def test_saves_only_row_statistics(gen):
     saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
     inputs = {x.data_ptr() for x in (q_s, k_s, q_t, k_t)}
     extra = sum(t.numel() for t in saved if t.data_ptr() not in inputs)
-    assert len(saved) >= 4 and extra <= 2 * B * H * L + B * L + 1
+    assert len(saved) >= 4 and extra <= 2 * B * H * L + B * L + B + 1
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter notices the NaN too
@@ -287,3 +287,28 @@ def test_interpreter_tiles_are_crossed():
         assert cfg.block_m < 17 and cfg.block_n < 17
     else:
         assert cfg.block_m >= 16 and cfg.block_n >= 16
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_padded_tiles_are_skipped_exactly(dtype, gen):
+    """Padded-tile skipping (key tiles past a row's last valid token; query/key tiles that start past it): an
+    all-padding row (the kernel's own input, which fastkd.losses refuses but value_checks(False) lets through),
+    one valid token, lengths one past and one short of a tile (interpreter tiles: 16), a full row, and a row
+    whose mask has a hole before its last valid token. Same tolerances as test_matches_float64."""
+    B, H, L, d_s, d_t = 6, 2, 40, 8, 12
+    lens = torch.tensor([0, 1, 17, 15, 40, 33])
+    mask = torch.arange(L)[None] < lens[:, None]
+    mask[5, 3:9] = False  # a hole: the row's span is still 33
+    q_s, k_s = randn((B, H, L, d_s), dtype, gen), randn((B, H, L, d_s), dtype, gen)
+    q_t, k_t = randn((B, H, L, d_t), dtype, gen), randn((B, H, L, d_t), dtype, gen)
+    upstream = 1.7
+    loss, dq, dk = fused_loss_and_grads(q_s, k_s, q_t, k_t, mask.to(DEVICE), upstream, config=akl.default_config(
+        d_s, d_t))
+    # The reference without the all-padding row: it has no valid query, so adds nothing to sum or count.
+    ref_loss, ref_dq, ref_dk = float64_loss_and_grads(q_s[1:], k_s[1:], q_t[1:], k_t[1:], mask[1:], upstream)
+    assert_close(loss, ref_loss, VALUE_TOL, "loss")
+    assert_close(dq[1:], ref_dq, GRAD_TOL[dtype], "dq_s")
+    assert_close(dk[1:], ref_dk, GRAD_TOL[dtype], "dk_s")
+    pad = ~mask[:, None, :, None].expand_as(dq).to(DEVICE)
+    assert float(dq[pad].abs().max()) == 0.0 and float(dk[pad].abs().max()) == 0.0
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
