@@ -217,14 +217,15 @@ def occupancy(registers: int, num_warps: int, shared: int) -> dict:
 
 # Kernels whose loops stop at each sequence's last valid token and skip tiles that start past it (see their
 # sources; tests/test_attention_kl.py checks the skipping paths against float64).
-SKIPS_PADDED_TILES = {"_attention_kl_fwd", "_attention_kl_bwd_dq", "_attention_kl_bwd_dk"}
+SKIPS_PADDED_TILES = {"_attention_kl_fwd", "_attention_kl_bwd_dq", "_attention_kl_bwd_dk",
+                      "_attention_mse_direct_fwd_kernel"}
 
 
 def score_tiles(kernel: str, constexprs: dict, spans: list[int], L: int, H: int) -> dict | None:
     """(query tile, key tile) pairs an attention kernel visits for a batch of these spans: all B·H·⌈L/BM⌉·⌈L/BN⌉
     of them, or Σ_b H·⌈n_b/BM⌉·⌈n_b/BN⌉ when it skips padded tiles."""
     bm, bn = constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N")
-    if not (bm and bn) or not kernel.startswith("_attention_kl"):
+    if not (bm and bn) or not kernel.startswith(("_attention_kl", "_attention_mse_direct")):
         return None
     dense = len(spans) * H * math.ceil(L / bm) * math.ceil(L / bn)
     needed = H * sum(math.ceil(n / bm) * math.ceil(n / bn) for n in spans)

@@ -56,3 +56,14 @@ def valid_span(mask_i8: torch.Tensor | None, L: int) -> torch.Tensor | None:
         return None
     positions = torch.arange(1, L + 1, device=mask_i8.device, dtype=torch.int32)
     return (mask_i8.to(torch.int32) * positions).amax(dim=1).to(torch.int32).contiguous()
+
+
+@triton.jit
+def loop_span(SPAN, b, tile_start, L, HAS_MASK: tl.constexpr):
+    """How far this program's loop over the other side's tiles runs: to the sequence's last valid token + 1,
+    or nowhere when its own tile starts past it (every row or key there is padding, so the skipped tiles would
+    add exactly nothing). Work then grows with Σ_b len_b², not B·L²; without a mask, to L."""
+    if HAS_MASK:
+        span = tl.load(SPAN + b)
+        return tl.where(tile_start < span, span, 0)
+    return L

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from fastkd.kernels import saving
-from fastkd.kernels._common import dot, interpreting, padded_dim, upcast_bf16, valid_span
+from fastkd.kernels._common import dot, interpreting, loop_span, padded_dim, upcast_bf16, valid_span
 
 from fastkd import reference as ref
 
@@ -103,17 +103,6 @@ def _dot_ds(ds, x, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr
 
 
 @triton.jit
-def _span(SPAN, b, tile_start, L, HAS_MASK: tl.constexpr):
-    """How far this program's loop over the other side's tiles runs: to the sequence's last valid token + 1,
-    or nowhere when its own tile starts past it (every row or key there is padding, so the skipped tiles would
-    add exactly nothing). Work then grows with Σ_b len_b², not B·L²; without a mask, to L."""
-    if HAS_MASK:
-        span = tl.load(SPAN + b)
-        return tl.where(tile_start < span, span, 0)
-    return L
-
-
-@triton.jit
 def _attention_kl_fwd(
     QS, KS, QT, KT, MASK, SPAN, KL_ROWS, LSE_S, LSE_T,
     s_qs_b, s_qs_h, s_qs_l, s_qs_d,
@@ -153,7 +142,7 @@ def _attention_kl_fwd(
     l_s = tl.zeros([BLOCK_M], tl.float32)
     l_t = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, _span(SPAN, b, tile * BLOCK_M, L, HAS_MASK), BLOCK_N):
+    for start_n in range(0, loop_span(SPAN, b, tile * BLOCK_M, L, HAS_MASK), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in = offs_n < L
         key_ok = key_in
@@ -238,7 +227,7 @@ def _attention_kl_bwd_dq(
     kt_base = KT + b * s_kt_b + h * s_kt_h
 
     acc = tl.zeros([BLOCK_M, DS_P], tl.float32)
-    for start_n in range(0, _span(SPAN, b, tile * BLOCK_M, L, HAS_MASK), BLOCK_N):
+    for start_n in range(0, loop_span(SPAN, b, tile * BLOCK_M, L, HAS_MASK), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in = offs_n < L
         key_ok = key_in
@@ -308,7 +297,7 @@ def _attention_kl_bwd_dk(
     rows_base = bh.to(tl.int64) * L
 
     acc = tl.zeros([BLOCK_N, DS_P], tl.float32)
-    for start_m in range(0, _span(SPAN, b, tile * BLOCK_N, L, HAS_MASK), BLOCK_M):
+    for start_m in range(0, loop_span(SPAN, b, tile * BLOCK_N, L, HAS_MASK), BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_in = offs_m < L
         row_ok = row_in

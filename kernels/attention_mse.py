@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 from fastkd.kernels import saving
-from fastkd.kernels._common import dot_acc, interpreting, padded_dim, upcast_bf16
+from fastkd.kernels._common import dot_acc, interpreting, loop_span, padded_dim, upcast_bf16, valid_span
 
 __all__ = ["attention_mse", "AttentionMSEFunction", "CANCELLATION_RATIO"]
 
@@ -88,7 +88,7 @@ def _load_gram(ptr, R: tl.constexpr, C: tl.constexpr):
 
 @triton.jit
 def _attention_mse_gram_fwd_kernel(
-    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr,
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr, span_ptr,
     loss_ptr, flag_ptr, gram_ptr,
     H, L,
     s_qs_b, s_qs_h, s_qs_l, s_qs_d,
@@ -114,7 +114,7 @@ def _attention_mse_gram_fwd_kernel(
     g_ktt = tl.zeros((DTP, DTP), dtype=tl.float32)
     g_qst = tl.zeros((DSP, DTP), dtype=tl.float32)
     g_kst = tl.zeros((DSP, DTP), dtype=tl.float32)
-    for l0 in range(0, L, BLOCK_L):
+    for l0 in range(0, loop_span(span_ptr, b, 0, L, HAS_MASK), BLOCK_L):  # rows past the last valid token: none
         rows = l0 + tl.arange(0, BLOCK_L)
         ok = _row_valid(mask_ptr, s_m_b, s_m_l, b, rows, L, HAS_MASK)
         qs = _load_rows(qs_ptr, s_qs_l, s_qs_d, rows, ok, DS, DSP)
@@ -151,7 +151,7 @@ def _attention_mse_gram_fwd_kernel(
 
 @triton.jit
 def _attention_mse_direct_fwd_kernel(
-    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr,
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr, span_ptr,
     flag_ptr, out_ptr,
     H, L,
     s_qs_b, s_qs_h, s_qs_l, s_qs_d,
@@ -180,7 +180,7 @@ def _attention_mse_direct_fwd_kernel(
         row_ok = _row_valid(mask_ptr, s_m_b, s_m_l, b, rows, L, HAS_MASK)
         qs = _load_rows(qs_ptr, s_qs_l, s_qs_d, rows, row_ok, DS, DSP)
         qt = _load_rows(qt_ptr, s_qt_l, s_qt_d, rows, row_ok, DT, DTP)
-        for n0 in range(0, L, BLOCK_N):
+        for n0 in range(0, loop_span(span_ptr, b, pid_m * BLOCK_M, L, HAS_MASK), BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = _row_valid(mask_ptr, s_m_b, s_m_l, b, cols, L, HAS_MASK)
             ks = _load_rows(ks_ptr, s_ks_l, s_ks_d, cols, col_ok, DS, DSP)
@@ -195,7 +195,7 @@ def _attention_mse_direct_fwd_kernel(
 
 @triton.jit
 def _attention_mse_gram_bwd_kernel(
-    x_ptr, y_ptr, gram_same_ptr, gram_cross_ptr, mask_ptr, coef_ptr, out_ptr,
+    x_ptr, y_ptr, gram_same_ptr, gram_cross_ptr, mask_ptr, span_ptr, coef_ptr, out_ptr,
     H, L,
     s_x_b, s_x_h, s_x_l, s_x_d,
     s_y_b, s_y_h, s_y_l, s_y_d,
@@ -218,16 +218,18 @@ def _attention_mse_gram_bwd_kernel(
     h = pid % H
     rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     ok = _row_valid(mask_ptr, s_m_b, s_m_l, b, rows, L, HAS_MASK)
-    x = _load_rows(x_ptr + b * s_x_b + h * s_x_h, s_x_l, s_x_d, rows, ok, DX, DXP).to(tl.float32)
-    y = _load_rows(y_ptr + b * s_y_b + h * s_y_h, s_y_l, s_y_d, rows, ok, DY, DYP).to(tl.float32)
-    g_same = _load_gram(gram_same_ptr + pid * gram_stride, DXP, DXP)
-    if CROSS_T:
-        g_cross = tl.trans(_load_gram(gram_cross_ptr + pid * gram_stride, DXP, DYP))
-    else:
-        g_cross = _load_gram(gram_cross_ptr + pid * gram_stride, DYP, DXP)
-    acc = tl.dot(x, g_same, input_precision=GRAM_PRECISION) * scale_same
-    acc -= tl.dot(y, g_cross, input_precision=GRAM_PRECISION) * scale_cross
-    acc = tl.where(ok[:, None], acc * tl.load(coef_ptr), 0.0)
+    acc = tl.zeros((BLOCK_L, DXP), dtype=tl.float32)
+    if loop_span(span_ptr, b, pid_l * BLOCK_L, L, HAS_MASK) > 0:  # a tile past the last valid token: zeros
+        x = _load_rows(x_ptr + b * s_x_b + h * s_x_h, s_x_l, s_x_d, rows, ok, DX, DXP).to(tl.float32)
+        y = _load_rows(y_ptr + b * s_y_b + h * s_y_h, s_y_l, s_y_d, rows, ok, DY, DYP).to(tl.float32)
+        g_same = _load_gram(gram_same_ptr + pid * gram_stride, DXP, DXP)
+        if CROSS_T:
+            g_cross = tl.trans(_load_gram(gram_cross_ptr + pid * gram_stride, DXP, DYP))
+        else:
+            g_cross = _load_gram(gram_cross_ptr + pid * gram_stride, DYP, DXP)
+        acc = tl.dot(x, g_same, input_precision=GRAM_PRECISION) * scale_same
+        acc -= tl.dot(y, g_cross, input_precision=GRAM_PRECISION) * scale_cross
+        acc = tl.where(ok[:, None], acc * tl.load(coef_ptr), 0.0)
     cols = tl.arange(0, DXP)
     offs = rows[:, None] * s_o_l + cols[None, :] * s_o_d
     tl.store(out_ptr + b * s_o_b + h * s_o_h + offs, acc.to(out_ptr.dtype.element_ty),
@@ -273,6 +275,7 @@ class AttentionMSEFunction(torch.autograd.Function):
         q_s_, k_s_, q_t_, k_t_ = (x if x.dtype == common else x.to(common) for x in (q_s, k_s, q_t, k_t))
         has_mask = mask is not None
         mask_i8 = mask.to(torch.int8) if has_mask else torch.ones(1, 1, dtype=torch.int8, device=dev)
+        span = valid_span(mask_i8, L) if has_mask else mask_i8  # any pointer: read only with a mask
         alpha, beta = 1.0 / math.sqrt(DS), 1.0 / math.sqrt(DT)
         BH = B * H
         gram_stride = 2 * DSP * DSP + 2 * DTP * DTP + 2 * DSP * DTP
@@ -284,7 +287,7 @@ class AttentionMSEFunction(torch.autograd.Function):
         upcast = upcast_bf16(common)
         strides = (*q_s_.stride(), *k_s_.stride(), *q_t_.stride(), *k_t_.stride(), *mask_i8.stride())
         _attention_mse_gram_fwd_kernel[(BH,)](
-            q_s_, k_s_, q_t_, k_t_, mask_i8, loss_bh, flag, grams, H, L, *strides,
+            q_s_, k_s_, q_t_, k_t_, mask_i8, span, loss_bh, flag, grams, H, L, *strides,
             alpha, beta, CANCELLATION_RATIO,
             DS=DS, DT=DT, DSP=DSP, DTP=DTP, BLOCK_L=block_l, HAS_MASK=has_mask, PRECISION=prec, UPCAST=upcast,
             **_gram_fwd_launch(DSP + DTP),
@@ -292,7 +295,7 @@ class AttentionMSEFunction(torch.autograd.Function):
         num_m = triton.cdiv(L, block_m)
         direct = torch.empty(BH, num_m, dtype=torch.float32, device=dev)
         _attention_mse_direct_fwd_kernel[(BH, num_m)](
-            q_s_, k_s_, q_t_, k_t_, mask_i8, flag, direct, H, L, *strides, alpha, beta,
+            q_s_, k_s_, q_t_, k_t_, mask_i8, span, flag, direct, H, L, *strides, alpha, beta,
             DS=DS, DT=DT, DSP=DSP, DTP=DTP, BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=has_mask,
             PRECISION=prec, UPCAST=upcast, num_warps=4,
         )
@@ -302,7 +305,7 @@ class AttentionMSEFunction(torch.autograd.Function):
         else:
             pairs = torch.tensor(float(B * H * L * L), dtype=torch.float32, device=dev)
         out = per_head.sum() / pairs
-        saving.save_for_backward(ctx, q_s_, k_s_, q_t_, k_t_, mask_i8, grams, pairs)
+        saving.save_for_backward(ctx, q_s_, k_s_, q_t_, k_t_, mask_i8, span, grams, pairs)
         ctx.has_mask = has_mask
         ctx.dims = (DS, DT, DSP, DTP, block_l)
         ctx.in_dtypes = (q_s.dtype, k_s.dtype, q_t.dtype, k_t.dtype)
@@ -310,7 +313,7 @@ class AttentionMSEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_s, k_s, q_t, k_t, mask_i8, grams, pairs = saving.saved_tensors(ctx)
+        q_s, k_s, q_t, k_t, mask_i8, span, grams, pairs = saving.saved_tensors(ctx)
         DS, DT, DSP, DTP, block_l = ctx.dims
         B, H, L, _ = q_s.shape
         alpha, beta = 1.0 / math.sqrt(DS), 1.0 / math.sqrt(DT)
@@ -326,7 +329,7 @@ class AttentionMSEFunction(torch.autograd.Function):
         def launch(x, y, g_same, g_cross, dx, dy, dxp, dyp, cross_t, s_same, s_cross, out_dtype):
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
             _attention_mse_gram_bwd_kernel[grid](
-                x, y, g_same, g_cross, mask_i8, coef, out, H, L,
+                x, y, g_same, g_cross, mask_i8, span, coef, out, H, L,
                 *x.stride(), *y.stride(), *mask_i8.stride(), *out.stride(),
                 gram_stride, s_same, s_cross,
                 DX=dx, DY=dy, DXP=dxp, DYP=dyp, CROSS_T=cross_t, BLOCK_L=block_l, HAS_MASK=ctx.has_mask,

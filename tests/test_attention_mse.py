@@ -157,3 +157,40 @@ def test_bad_input_raises_before_launch(gen):
         losses.attention_mse(q, q[:, :, :4], q, q)
     with pytest.raises(ValueError, match="mask"):
         losses.attention_mse(q, q, q, q, torch.ones(2, 7, dtype=torch.bool, device=DEVICE))
+
+
+def _padded_tile_mask(L: int) -> torch.Tensor:
+    """An all-padding row, one valid token, lengths one past and one short of a 16-row interpreter tile, a full
+    row, and a row with a hole before its last valid token."""
+    mask = torch.arange(L)[None] < torch.tensor([0, 1, 17, 15, L, 30])[:, None]
+    mask[5, 3:9] = False
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize(("dtype", "near"), [*((dt, False) for dt in DTYPES), (torch.float32, True)],
+                         ids=lambda v: str(v) if not isinstance(v, bool) else ("direct" if v else "gram"))
+def test_padded_tiles_are_skipped_exactly(dtype, near, gen):
+    """Padded-tile skipping in the Gram forward (rows past the last valid token), the direct kernel (key tiles
+    past it, query tiles starting past it) and the Gram backward (row tiles past it store zeros). The all-padding
+    row is the kernel's own input (fastkd.losses refuses it unless value_checks are off); the reference leaves
+    it out, since it adds no valid pair. Same tolerances as test_matches_float64 (direct: as the fallback's; in
+    fp32 only: a near-equal pair's gradients, ~1e-7, are below what fp16/bf16 resolve)."""
+    B, H, L, d = 6, 2, 37, 16
+    if near:  # every head ill-conditioned: the direct (streaming) kernel computes the loss
+        q_s, k_s, q_t, k_t = (x.to(dtype) for x in near_equal(B, H, L, d, 1e-3, gen))
+    else:
+        q_s, k_s, q_t, k_t = (rand((B, H, L, d), dtype, gen) for _ in range(4))
+    mask = _padded_tile_mask(L)
+    leaves = [x.detach().requires_grad_() for x in (q_s, k_s)]
+    with value_checks(False):
+        out = kernel.attention_mse(*leaves, q_t, k_t, mask)
+    out.backward(torch.tensor(UPSTREAM, device=DEVICE))
+    ref_leaves = [x[1:].detach().double().requires_grad_() for x in (q_s, k_s)]
+    ref = attention_mse_f64(*ref_leaves, q_t[1:].double(), k_t[1:].double(), mask[1:])
+    (ref * UPSTREAM).backward()
+    tol = 1e-3 if near else GRAD_TOL[dtype]
+    assert rel_err(out, ref) < LOSS_TOL, (float(out), float(ref))
+    for x, r in zip(leaves, ref_leaves, strict=True):
+        assert rel_err(x.grad[1:], r.grad) < tol
+        assert float(x.grad[0].abs().max()) == 0.0  # the all-padding row
+        assert float(x.grad[~mask[:, None, :, None].expand_as(x.grad)].abs().max()) == 0.0
