@@ -193,6 +193,7 @@ class DistillationTrainer(Trainer):
                 self._set_stage_data(i)
                 args.output_dir, args.learning_rate, args.num_train_epochs = str(out_dir), stage.lr, stage.epochs
                 self.optimizer, self.lr_scheduler = None, None
+                self._term_sums, self._term_count = {}, 0  # a stage's last partial logging window stays its own
                 result = super().train(resume_from_checkpoint=ckpt if i == start else None, trial=trial,
                                        ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
                 self.stage_logs[stage.name] = list(self.state.log_history)
