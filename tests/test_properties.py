@@ -50,6 +50,14 @@ def _randn(x, *shape):
     return (torch.randn(*shape, generator=g) * x["scale"]).to(DEVICE, x["dtype"])
 
 
+def _transport_problem(P: int, M: int, N: int, seed: int, scale: float):
+    """P random transport problems: costs in [0, scale) and two positive histograms summing to 1 each."""
+    g = torch.Generator().manual_seed(seed)
+    cost = (torch.rand(P, M, N, generator=g) * scale).to(DEVICE)
+    a, b = torch.rand(P, M, generator=g) + 0.1, torch.rand(P, N, generator=g) + 0.1
+    return cost, (a / a.sum(1, keepdim=True)).to(DEVICE), (b / b.sum(1, keepdim=True)).to(DEVICE)
+
+
 def _close(out, ref, dtype):
     assert torch.isfinite(out)
     assert rel_err(out.cpu(), ref) < TOL[dtype] or abs(float(out) - float(ref)) < 1e-4, (float(out), float(ref))
@@ -112,10 +120,7 @@ def test_pkd_and_soft_cross_entropy_match_float64_on_both_paths(monkeypatch, x, 
 @BUDGET
 @given(P=st.integers(1, 3), M=st.integers(1, 6), N=st.integers(1, 7), seed=st.integers(0, 2**31 - 1))
 def test_sinkhorn_plans_have_the_marginals_on_both_paths(monkeypatch, P, M, N, seed):
-    g = torch.Generator().manual_seed(seed)
-    cost = (torch.rand(P, M, N, generator=g) * 3).to(DEVICE)
-    a, b = torch.rand(P, M, generator=g) + 0.1, torch.rand(P, N, generator=g) + 0.1
-    a, b = (a / a.sum(1, keepdim=True)).to(DEVICE), (b / b.sum(1, keepdim=True)).to(DEVICE)
+    cost, a, b = _transport_problem(P, M, N, seed, 3.0)
     plans = _both(lambda: losses.sinkhorn(cost, a, b), monkeypatch)
     for plan in plans:
         assert torch.allclose(plan.sum(2).double(), a.double(), atol=2e-3)
@@ -200,10 +205,7 @@ def test_invalid_hidden_inputs_are_refused_alike_naming_the_argument(monkeypatch
 @BUDGET
 @given(P=st.integers(1, 3), M=st.integers(1, 5), N=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
 def test_emd_loss_is_the_plans_cost_on_both_paths(monkeypatch, P, M, N, seed):
-    g = torch.Generator().manual_seed(seed)
-    cost = (torch.rand(P, M, N, generator=g) * 2).to(DEVICE)
-    w_s, w_t = torch.rand(P, M, generator=g) + 0.1, torch.rand(P, N, generator=g) + 0.1
-    w_s, w_t = (w_s / w_s.sum(1, keepdim=True)).to(DEVICE), (w_t / w_t.sum(1, keepdim=True)).to(DEVICE)
+    cost, w_s, w_t = _transport_problem(P, M, N, seed, 2.0)
     for loss, plan in _both(lambda: losses.emd_loss(cost, w_s, w_t), monkeypatch):
         ref = (plan.double() * cost.double()).sum(dim=(1, 2))
         assert rel_err(loss.cpu(), ref.cpu()) < 1e-5
