@@ -217,7 +217,7 @@ def occupancy(registers: int, num_warps: int, shared: int) -> dict:
 
 # Kernels whose loops stop at each sequence's last valid token and skip tiles that start past it (see their
 # sources; tests/test_attention_kl.py checks the skipping paths against float64).
-SKIPS_PADDED_TILES = {"_attention_kl_fwd", "_attention_kl_bwd_dq", "_attention_kl_bwd_dk",
+SKIPS_PADDED_TILES = {"_attention_kl_fwd", "_attention_kl_bwd_dk",
                       "_attention_mse_direct_fwd_kernel"}
 
 

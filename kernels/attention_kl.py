@@ -10,12 +10,17 @@ online max m and normaliser l for the teacher and the student plus
 
 so that KL_row = acc/l_t − log l_t + log l_s comes out of a single pass. Accumulating the *shifted* difference
 (rather than s_t − s_s) keeps the sum small when both score rows are large but nearly equal up to a constant
-(KL ≈ 0), where the naive Σ p_t·(s_t − s_s) − lse_t + lse_s cancels catastrophically in fp32. Only the per-row
+(KL ≈ 0), where the naive Σ p_t·(s_t − s_s) − lse_t + lse_s cancels catastrophically in fp32. The per-row
 log-normalisers (lse_s, lse_t: 2·B·H·L floats) are kept for the backward.
 
-Backward recomputes score tiles: ∂loss/∂S_s[i, j] = w·(p_s − p_t)[i, j] for valid rows i (w = upstream grad /
-(H·#valid rows)), then dQ_s = dS·K_s/√d_s in one kernel (programs over query tiles) and dK_s = dSᵀ·Q_s/√d_s in
-another (programs over key tiles): no atomics, so the gradients are deterministic. The teacher gets no grad.
+Gradients: ∂loss/∂S_s[i, j] = w·(p_s − p_t)[i, j] for valid rows i (w = upstream grad / (H·#valid rows)). Then
+dQ_s = w·(P_s − P_t)·K_s/√d_s has the form of a flash forward's output (P·V with V = K_s), so the forward
+produces it too, from the score tiles it already has: two online-rescaled accumulators, Σ_j e_s·k_s and
+Σ_j e_t·k_s, normalised by l_s and l_t at the end, kept as one fp32 [B, H, L, d_s] tensor (only when q_s wants a
+grad under grad mode) that the backward scales by w/√d_s. The backward is one kernel, dK_s = dSᵀ·Q_s/√d_s
+(programs over key tiles, streaming the query tiles): no atomics, so the gradients are deterministic. Per
+(query, key) pair a training step computes the score tiles twice (forward, dK) and six exp2 became four. The
+teacher gets no grad.
 
 All exponentials are base 2 (scores pre-multiplied by log2 e) because exp2 is the native instruction.
 """
@@ -40,24 +45,30 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class AttentionKLConfig:
-    """Launch parameters shared by the forward and both backward kernels."""
+    """Launch parameters. The forward and the dK backward share the query tile; the forward, which also
+    holds dQ's two [block_m, d_s] fp32 accumulators, has its own key tile and warps (None: as the backward)."""
 
     block_m: int = 64  # query rows per tile
-    block_n: int = 64  # keys per tile
-    num_warps: int = 4
+    block_n: int = 64  # keys per tile (dK backward)
+    num_warps: int = 4  # dK backward
     num_stages: int = 2
+    fwd_block_n: int | None = None
+    fwd_num_warps: int | None = None
 
 
 def default_config(d_s: int, d_t: int) -> AttentionKLConfig:
-    """Small tiles under the interpreter (speed of the CPU tests), 64×64 tiles on a GPU.
+    """Small tiles under the interpreter (speed of the CPU tests); on a GPU, tiles chosen from the static sm_90
+    report (bench/kernel_report.py), with which autotuning starts.
 
-    Not autotuned (chosen without GPU access): 64×64 with 4 warps is flash-attention's usual backward tile for
-    head dims ≤ 64; wider heads hold two [64, d] operand tiles per side, so they get 8 warps.
+    dK backward: 64×64 with 4 warps, flash-attention's usual backward tile for head dims ≤ 64 (178 registers,
+    2 CTAs/SM, no spills at d = 64); wider heads hold two [64, d] operand tiles per side, so 8 warps.
+    Forward: its dQ accumulators spill at 64×64 and 4 warps in bf16 (255 registers, 48 B), and 8 warps leave
+    1 CTA/SM; a 64×32 key tile at 4 warps has no spills and 2 CTAs/SM (250 registers at d = 64).
     """
     if interpreting():
         return AttentionKLConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
-    widest = max(padded_dim(d_s), padded_dim(d_t))
-    return AttentionKLConfig(num_warps=4 if widest <= 64 else 8)
+    wide = max(padded_dim(d_s), padded_dim(d_t)) > 64
+    return AttentionKLConfig(num_warps=8 if wide else 4, fwd_block_n=32, fwd_num_warps=8 if wide else 4)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -84,10 +95,12 @@ def _round_bf16(x):
 
 @triton.jit
 def _dot_ds(ds, x, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
-    """ds (fp32 score grads, in [−1, 1]) times x (an input tile) in x's dtype, accumulated in fp32.
+    """ds (fp32, in [−1, 1]: score grads, or the forward's unnormalised probabilities) times x (an input
+    tile) in x's dtype, accumulated in fp32.
 
-    SPLIT (bf16): one bf16 rounding of ds costs extra relative error in dQ/dK, because Σ_j ds_ij = 0 makes the
-    products cancel; ds = hi + lo with both parts in bf16 carries 16 bits of mantissa for one extra MMA.
+    SPLIT: one half-precision rounding of ds costs extra relative error where the products cancel (Σ_j ds_ij = 0
+    in the backward; P_s·K − P_t·K for a nearly converged student in the forward); ds = hi + lo with both parts
+    in x's dtype carries twice the mantissa for one extra MMA.
     """
     if UPCAST:  # interpreter, bf16: round like the GPU, multiply in fp32 (exact for bf16 values)
         hi = _round_bf16(ds)
@@ -104,7 +117,7 @@ def _dot_ds(ds, x, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr
 
 @triton.jit
 def _attention_kl_fwd(
-    QS, KS, QT, KT, MASK, SPAN, KL_ROWS, LSE_S, LSE_T,
+    QS, KS, QT, KT, MASK, SPAN, KL_ROWS, LSE_S, LSE_T, DQ,
     s_qs_b, s_qs_h, s_qs_l, s_qs_d,
     s_ks_b, s_ks_h, s_ks_l, s_ks_d,
     s_qt_b, s_qt_h, s_qt_l, s_qt_d,
@@ -117,6 +130,7 @@ def _attention_kl_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, SPLIT_DS: tl.constexpr,
+    WANT_DQ: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     n_tiles = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
@@ -142,18 +156,23 @@ def _attention_kl_fwd(
     l_s = tl.zeros([BLOCK_M], tl.float32)
     l_t = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M], tl.float32)
+    # dQ's two halves, Σ_j e_s,j·k_s,j and Σ_j e_t,j·k_s,j (teacher weights on the student's keys), rescaled
+    # online like a flash forward's output; they are normalised by l_s and l_t only at the end.
+    o_s = tl.zeros([BLOCK_M, DS_P], tl.float32)
+    o_t = tl.zeros([BLOCK_M, DS_P], tl.float32)
     for start_n in range(0, loop_span(SPAN, b, tile * BLOCK_M, L, HAS_MASK), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in = offs_n < L
         key_ok = key_in
         if HAS_MASK:
             key_ok = key_ok & (tl.load(MASK + b * s_mask_b + offs_n * s_mask_l, mask=key_in, other=0) != 0)
-        # K tiles loaded transposed ([d, BLOCK_N]) straight from memory: no in-register transpose.
-        ks_t = tl.load(ks_base + offs_n[None, :] * s_ks_l + offs_ds[:, None] * s_ks_d,
-                       mask=key_in[None, :] & (offs_ds[:, None] < D_S), other=0.0)
+        # The teacher's K tile is loaded transposed ([d, BLOCK_N]) straight from memory; the student's as
+        # [BLOCK_N, d], the layout of dQ's P·K product, and transposed in registers for the score.
+        ks = tl.load(ks_base + offs_n[:, None] * s_ks_l + offs_ds[None, :] * s_ks_d,
+                     mask=key_in[:, None] & (offs_ds[None, :] < D_S), other=0.0)
         kt_t = tl.load(kt_base + offs_n[None, :] * s_kt_l + offs_dt[:, None] * s_kt_d,
                        mask=key_in[None, :] & (offs_dt[:, None] < D_T), other=0.0)
-        ss = dot(qs, ks_t, PREC_S, UPCAST_S) * scale_s
+        ss = dot(qs, tl.trans(ks), PREC_S, UPCAST_S) * scale_s
         st = dot(qt, kt_t, PREC_T, UPCAST_T) * scale_t
         ss = tl.where(key_ok[None, :], ss, float("-inf"))
         st = tl.where(key_ok[None, :], st, float("-inf"))
@@ -171,6 +190,9 @@ def _attention_kl_fwd(
         acc = alpha_t * (acc + ((m_s_new - m_s) - (m_t_new - m_t)) * l_t) + tl.sum(e_t * shifted, 1)
         l_s = l_s * alpha_s + tl.sum(e_s, 1)
         l_t = l_t * alpha_t + tl.sum(e_t, 1)
+        if WANT_DQ:
+            o_s = o_s * alpha_s[:, None] + _dot_ds(e_s, ks, PREC_S, UPCAST_S, SPLIT_P)
+            o_t = o_t * alpha_t[:, None] + _dot_ds(e_t, ks, PREC_S, UPCAST_S, SPLIT_P)
         m_s = m_s_new
         m_t = m_t_new
 
@@ -183,76 +205,13 @@ def _attention_kl_fwd(
     tl.store(KL_ROWS + out, kl, mask=row_in)
     tl.store(LSE_S + out, m_s + tl.log2(l_s), mask=row_in)
     tl.store(LSE_T + out, m_t + tl.log2(l_t), mask=row_in)
-
-
-@triton.jit
-def _attention_kl_bwd_dq(
-    QS, KS, QT, KT, MASK, SPAN, LSE_S, LSE_T, GRAD_W, DQ,
-    s_qs_b, s_qs_h, s_qs_l, s_qs_d,
-    s_ks_b, s_ks_h, s_ks_l, s_ks_d,
-    s_qt_b, s_qt_h, s_qt_l, s_qt_d,
-    s_kt_b, s_kt_h, s_kt_l, s_kt_d,
-    s_mask_b, s_mask_l,
-    s_dq_b, s_dq_h, s_dq_l, s_dq_d,
-    H, L, D_S, D_T,
-    scale_s, scale_t, grad_scale,  # grad_scale = 1/√d_s
-    HAS_MASK: tl.constexpr,
-    DS_P: tl.constexpr, DT_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
-    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, SPLIT_DS: tl.constexpr,
-):
-    n_tiles = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    tile = pid % n_tiles
-    bh = pid // n_tiles
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_ds = tl.arange(0, DS_P)
-    offs_dt = tl.arange(0, DT_P)
-    row_in = offs_m < L
-    row_ok = row_in
-    if HAS_MASK:
-        row_ok = row_ok & (tl.load(MASK + b * s_mask_b + offs_m * s_mask_l, mask=row_in, other=0) != 0)
-    qs = tl.load(QS + b * s_qs_b + h * s_qs_h + offs_m[:, None] * s_qs_l + offs_ds[None, :] * s_qs_d,
-                 mask=row_in[:, None] & (offs_ds[None, :] < D_S), other=0.0)
-    qt = tl.load(QT + b * s_qt_b + h * s_qt_h + offs_m[:, None] * s_qt_l + offs_dt[None, :] * s_qt_d,
-                 mask=row_in[:, None] & (offs_dt[None, :] < D_T), other=0.0)
-    rows = bh.to(tl.int64) * L + offs_m
-    lse_s = tl.load(LSE_S + rows, mask=row_in, other=0.0)
-    lse_t = tl.load(LSE_T + rows, mask=row_in, other=0.0)
-    ks_base = KS + b * s_ks_b + h * s_ks_h
-    kt_base = KT + b * s_kt_b + h * s_kt_h
-
-    acc = tl.zeros([BLOCK_M, DS_P], tl.float32)
-    for start_n in range(0, loop_span(SPAN, b, tile * BLOCK_M, L, HAS_MASK), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_in = offs_n < L
-        key_ok = key_in
-        if HAS_MASK:
-            key_ok = key_ok & (tl.load(MASK + b * s_mask_b + offs_n * s_mask_l, mask=key_in, other=0) != 0)
-        ks = tl.load(ks_base + offs_n[:, None] * s_ks_l + offs_ds[None, :] * s_ks_d,
-                     mask=key_in[:, None] & (offs_ds[None, :] < D_S), other=0.0)
-        kt_t = tl.load(kt_base + offs_n[None, :] * s_kt_l + offs_dt[:, None] * s_kt_d,
-                       mask=key_in[None, :] & (offs_dt[:, None] < D_T), other=0.0)
-        ss = dot(qs, tl.trans(ks), PREC_S, UPCAST_S) * scale_s
-        st = dot(qt, kt_t, PREC_T, UPCAST_T) * scale_t
-        # Padded keys to −inf before the exponentials (a padded key's score may exceed the row's lse: overflow).
-        ss = tl.where(key_ok[None, :], ss, float("-inf"))
-        st = tl.where(key_ok[None, :], st, float("-inf"))
-        valid = row_ok[:, None] & key_ok[None, :]
-        ds = tl.where(valid, tl.exp2(ss - lse_s[:, None]) - tl.exp2(st - lse_t[:, None]), 0.0)
-        # p_s − p_t is in [−1, 1]; the tiny row weight is applied after the dot so half precision can't underflow.
-        acc += _dot_ds(ds, ks, PREC_S, UPCAST_S, SPLIT_DS)
-
-    w = tl.load(GRAD_W) * grad_scale
-    dq = acc * w
-    if UPCAST_S:
-        dq = _round_bf16(dq)
-    tl.store(DQ + b * s_dq_b + h * s_dq_h + offs_m[:, None] * s_dq_l + offs_ds[None, :] * s_dq_d,
-             dq.to(DQ.dtype.element_ty), mask=row_in[:, None] & (offs_ds[None, :] < D_S))
+    if WANT_DQ:
+        # (P_s − P_t)·K_s for this row tile, before the row weight and 1/√d_s (applied in the backward, which
+        # knows the upstream grad). A row with no valid key has l = 0 (and o = 0): it stores 0.
+        safe_l_s = tl.where(l_s > 0, l_s, 1.0)
+        safe_l_t = tl.where(l_t > 0, l_t, 1.0)
+        dq = tl.where(row_ok[:, None], o_s / safe_l_s[:, None] - o_t / safe_l_t[:, None], 0.0)
+        tl.store(DQ + out[:, None] * D_S + offs_ds[None, :], dq, mask=row_in[:, None] & (offs_ds[None, :] < D_S))
 
 
 @triton.jit
@@ -336,7 +295,7 @@ def _common_args(q_s, k_s, q_t, k_t, mask_arg):
 
 class _AttentionKLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, mask, config: AttentionKLConfig):
+    def forward(ctx, q_s, k_s, q_t, k_t, mask, config: AttentionKLConfig, want_dq: bool):
         B, H, L, d_s = q_s.shape
         d_t = q_t.shape[-1]
         dev = q_s.device
@@ -357,11 +316,16 @@ class _AttentionKLFunction(torch.autograd.Function):
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         scale_s, scale_t = LOG2E / math.sqrt(d_s), LOG2E / math.sqrt(d_t)
+        # dQ is a flash forward over the same score tiles, so it comes out of this pass (fp32, unscaled) when
+        # the student's Q wants a grad; the backward then recomputes the scores once (dK), not twice.
+        dq_partial = torch.empty((B, H, L, d_s) if want_dq else (1,), device=dev, dtype=torch.float32)
         grid = (B * H * triton.cdiv(L, config.block_m),)
         _attention_kl_fwd[grid](
-            q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, span, kl_rows, lse_s, lse_t,
+            q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, span, kl_rows, lse_s, lse_t, dq_partial,
             *_common_args(q_s, k_s, q_t, k_t, mask_i8),
-            H, L, d_s, d_t, scale_s, scale_t, **consts,
+            H, L, d_s, d_t, scale_s, scale_t, **{**consts, "num_warps": config.fwd_num_warps or config.num_warps,
+                                                   "BLOCK_N": config.fwd_block_n or config.block_n},
+            WANT_DQ=want_dq, SPLIT_P=q_s.dtype != torch.float32,
         )
         if mask_i8 is None:
             denom = torch.full((), float(H * B * L), device=dev, dtype=torch.float32)
@@ -369,40 +333,35 @@ class _AttentionKLFunction(torch.autograd.Function):
             denom = mask_i8.sum(dtype=torch.float32) * H  # stays on the device: no host sync
         loss = kl_rows.sum() / denom
 
-        saving.save_for_backward(ctx, q_s, k_s, q_t, k_t, mask_i8, span, lse_s, lse_t, denom)
+        saving.save_for_backward(ctx, q_s, k_s, q_t, k_t, mask_i8, span, lse_s, lse_t, denom,
+                                 dq_partial if want_dq else None)
         ctx.config = config
         ctx.consts = consts
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_s, k_s, q_t, k_t, mask_i8, span, lse_s, lse_t, denom = saving.saved_tensors(ctx)
+        q_s, k_s, q_t, k_t, mask_i8, span, lse_s, lse_t, denom, dq_partial = saving.saved_tensors(ctx)
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_q or need_k):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         B, H, L, d_s = q_s.shape
         d_t = q_t.shape[-1]
         config = ctx.config
         # The upstream grad is a tensor (not necessarily 1): fold it with 1/(H·#valid rows) on the device.
         grad_w = (grad_out.to(torch.float32) / denom).reshape(1)
-        scale_s, scale_t = LOG2E / math.sqrt(d_s), LOG2E / math.sqrt(d_t)
-        args = _common_args(q_s, k_s, q_t, k_t, mask_i8)
-        mask_arg = q_s if mask_i8 is None else mask_i8
-        scalars = (H, L, d_s, d_t, scale_s, scale_t, 1.0 / math.sqrt(d_s))
         dq = dk = None
-        if need_q:
-            dq = torch.empty(q_s.shape, device=q_s.device, dtype=q_s.dtype)
-            _attention_kl_bwd_dq[(B * H * triton.cdiv(L, config.block_m),)](
-                q_s, k_s, q_t, k_t, mask_arg, span, lse_s, lse_t, grad_w, dq, *args, *_strides4(dq), *scalars,
-                **ctx.consts,
-            )
+        if need_q:  # one rounding, fp32 -> the student's dtype, as a kernel's store would do
+            dq = (dq_partial * (grad_w / math.sqrt(d_s))).to(q_s.dtype)
         if need_k:
+            scale_s, scale_t = LOG2E / math.sqrt(d_s), LOG2E / math.sqrt(d_t)
             dk = torch.empty(k_s.shape, device=k_s.device, dtype=k_s.dtype)
             _attention_kl_bwd_dk[(B * H * triton.cdiv(L, config.block_n),)](
-                q_s, k_s, q_t, k_t, mask_arg, span, lse_s, lse_t, grad_w, dk, *args, *_strides4(dk), *scalars,
-                **ctx.consts,
+                q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, span, lse_s, lse_t, grad_w, dk,
+                *_common_args(q_s, k_s, q_t, k_t, mask_i8), *_strides4(dk),
+                H, L, d_s, d_t, scale_s, scale_t, 1.0 / math.sqrt(d_s), **ctx.consts,
             )
-        return dq, dk, None, None, None, None
+        return dq, dk, None, None, None, None, None
 
 
 # ---------------------------------------------------------------- entry
@@ -434,4 +393,6 @@ def attention_kl(
         q_t, k_t = q_t.to(dt), k_t.to(dt)
     if config is None:
         config = default_config(q_s.shape[-1], q_t.shape[-1])
-    return _AttentionKLFunction.apply(q_s, k_s, q_t.detach(), k_t.detach(), mask, config)
+    # Grad mode is read here: inside a Function's forward it is always off (and needs_input_grad always set).
+    want_dq = q_s.requires_grad and torch.is_grad_enabled()
+    return _AttentionKLFunction.apply(q_s, k_s, q_t.detach(), k_t.detach(), mask, config, want_dq)
