@@ -363,6 +363,51 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+ROOFLINE_SHAPES = {"attention_kl": 64, "attention_mse": 64, "hidden_mse": 384}  # loss -> d of its estimate
+
+
+def roofline_rows(rows: list[dict]) -> list[dict]:
+    """bench/roofline.py's estimates (bf16, B = 32) for every reported case of ROOFLINE_SHAPES."""
+    from bench import roofline
+
+    out = []
+    for (loss, L, masked), launches in _group(rows, ROOFLINE_SHAPES).items():
+        spans = mixed_lengths(32, L).sum(1).tolist() if masked else [L] * 32
+        out.append(roofline.estimate(loss, 32, L, ROOFLINE_SHAPES[loss], spans, launches))
+    return out
+
+
+def _group(rows: list[dict], shapes: dict) -> dict:
+    groups: dict = {}
+    for r in rows:
+        if r["dtype"] == "bf16" and shapes.get(r["loss"]) == r["d"]:
+            groups.setdefault((r["loss"], r["L"], r["masked"]), {})[r["kernel"]] = r
+    return groups
+
+
+def roofline_markdown(estimates: list[dict]) -> str:
+    lines = ["", "## Roofline estimates: fused vs eager, one training step (forward + backward), bf16, B = 32",
+             "", "ESTIMATES, not measurements (bench/roofline.py says how they are made; bench/gpu_session.sh "
+             "measures the same cases). Attention: H = 12, d = 64, eager = fastkd.reference (fp32 L×L maps). "
+             "hidden_mse: K = 3 layers, 384 → 768, eager = autocast (bf16 GEMM, fp32 MSE). Masked: prefix masks "
+             "of lengths L/8…L.", "",
+             "| loss | L | mask | fused HBM MB | fused tensor GFLOP | fused exp (M) | fused bound per kernel | "
+             "eager HBM MB | eager matmul GFLOP | eager FP32 elementwise (M) | eager exp (M) | launches fused/eager "
+             "| H100 fused/eager µs | H100 speed-up | H200 speed-up | extra memory |",
+             "|" + " --- |" * 16]
+    for e in estimates:
+        h100, h200 = e["H100 SXM"], e["H200"]
+        bounds = ", ".join(f"{k}: {v}" for k, v in e["fused_bounds"].items())
+        lines.append(
+            f"| {e['loss']} | {e['L']} | {'mixed' if e['masked'] else 'none'} | {e['fused_bytes'] / 1e6:.0f} | "
+            f"{e['fused_tensor_flops'] / 1e9:.1f} | {e['fused_exp'] / 1e6:.0f} | {bounds} | "
+            f"{e['eager_bytes'] / 1e6:.0f} | {e['eager_matmul_flops'] / 1e9:.1f} | {e['eager_fp32_flops'] / 1e6:.0f} "
+            f"| {e['eager_exp'] / 1e6:.0f} | {e['fused_launches']}/{e['eager_launches']} | "
+            f"{h100['fused_us']:.0f} / {h100['eager_us']:.0f} | {h100['speedup']:.1f}x | {h200['speedup']:.1f}x | "
+            f"{e['extra_bytes'] / 1e6:.1f} MB = {e['extra_formula']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the regression test's BERT-shaped cases")
@@ -377,12 +422,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = report_rows(quick_cases() if args.quick else full_cases())
     meta = {"triton": triton.__version__, "commit": _commit(), "target": "sm_90 (GPUTarget('cuda', 90, 32))"}
+    report = {"meta": meta, "rows": rows, "roofline": roofline_rows(rows)}
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
         return 0
     stem = f"kernel-report-sm90-triton-{triton.__version__}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    (RESULTS / f"{stem}.md").write_text(markdown(rows, meta))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    (RESULTS / f"{stem}.md").write_text(markdown(rows, meta) + roofline_markdown(report["roofline"]))
     print(f"wrote bench/results/{stem}.md and .json: {len(rows)} launches")
     return 0
 

@@ -122,6 +122,20 @@ def test_fallback_is_per_head(gen):
     check_against_float64(q_s, k_s, q_t, k_t, make_mask("holes", B, L, gen), LOSS_TOL, 1e-3)
 
 
+def test_saves_grams_not_maps(gen):
+    # Extra memory held for the backward: six d×d fp32 Grams per (batch, head) (O(B·H·d²), independent of L),
+    # the [B, L] mask, the [B] spans and a scalar; never anything L×L (bench/roofline.py states the same sum).
+    B, H, L, d_s, d_t = 2, 3, 40, 8, 24
+    dsp, dtp = 16, 32  # padded to powers of two, at least 16
+    q_s, k_s = (rand((B, H, L, d_s), torch.float32, gen).requires_grad_() for _ in range(2))
+    q_t, k_t = rand((B, H, L, d_t), torch.float32, gen), rand((B, H, L, d_t), torch.float32, gen)
+    loss = losses.attention_mse(q_s, k_s, q_t, k_t, make_mask("prefix", B, L, gen))
+    saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
+    inputs = {x.data_ptr() for x in (q_s, k_s, q_t, k_t)}
+    extra = sum(t.numel() for t in saved if t.data_ptr() not in inputs)
+    assert extra == B * H * (2 * dsp * dsp + 2 * dtp * dtp + 2 * dsp * dtp) + B * L + B + 1
+
+
 def test_student_only_grads_and_float64_inputs(gen):
     B, H, L, d_s, d_t = 1, 2, 19, 8, 16
     q_s = rand((B, H, L, d_s), torch.float64, gen).requires_grad_()

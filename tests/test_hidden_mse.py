@@ -146,3 +146,22 @@ def test_bad_input_raises_before_launch(gen):
         losses.hidden_mse(h_s, h_t, rand((16, 24), torch.float32, gen))
     with pytest.raises(ValueError, match="bias"):
         losses.hidden_mse(h_s, h_t, rand((24, 16), torch.float32, gen), rand((16,), torch.float32, gen))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_keeps_the_residual_in_the_dot_dtype(dtype, gen):
+    # The forward stores R = H_s·Wᵀ + b − H_t ([K, B·L, d_t], dot dtype, 0 on masked rows) for the cuBLAS
+    # backward instead of recomputing it; that, and the scalar denominator, is all the extra memory.
+    K, B, L, d_s, d_t = 2, 2, 9, 16, 24
+    h_s = rand((K, B, L, d_s), dtype, gen).requires_grad_()
+    h_t = rand((K, B, L, d_t), dtype, gen)
+    weight = rand((K, d_t, d_s), dtype, gen, scale=0.25).requires_grad_()
+    mask = make_mask("prefix", B, L, gen)
+    out = losses.hidden_mse(h_s, h_t, weight, None, mask)
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    inputs = {x.data_ptr() for x in (h_s, h_t, weight)}
+    extra = [t for t in saved if t.data_ptr() not in inputs]
+    assert sum(t.numel() for t in extra) == K * B * L * d_t + 1
+    r = max(extra, key=lambda t: t.numel())
+    assert r.dtype == dtype
+    assert not r.view(K, B, L, d_t)[:, ~mask].any()  # masked rows hold exactly 0
