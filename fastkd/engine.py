@@ -136,6 +136,18 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def kernel_precision_note(amp: torch.dtype | None, device: torch.device) -> str | None:
+    """What the fused kernels receive on a GPU, said once: never fp32 without the log saying so."""
+    if device.type != "cuda":
+        return None
+    if amp is None:
+        return ("--amp off: the student runs in fp32, so the fused losses take their fp32 kernel paths (3xTF32 or "
+                "IEEE FMAs, several times slower than bf16; docs/kernels.md)")
+    name = str(amp).removeprefix("torch.")
+    return (f"autocast {name}: student Q/K reach the fused attention losses in {name}; hidden_mse's projection "
+            f"runs in {name} with an fp32 residual (docs/kernels.md)")
+
+
 def finite_values(terms: dict[str, torch.Tensor], where: str, step: int, last_good: str) -> dict[str, float]:
     """The loss terms as floats (one device-to-host sync for all); raises on NaN/inf naming step and term."""
     flat = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()

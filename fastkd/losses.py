@@ -177,6 +177,19 @@ def relation_kl(x_s, x_t, num_heads: int, mask=None) -> torch.Tensor:
 # ---------------------------------------------------------------- hidden-state losses
 
 
+def _autocast_projection(h_s, weight, bias):
+    """Under CUDA autocast, the projection's operands in the autocast dtype, as autocast gives F.linear.
+
+    Why: a student's hidden states leave LayerNorm in fp32 under autocast and the projection's parameters are
+    fp32, so without this the fused kernel would take its fp32 path (IEEE FMAs, no tensor cores, several times
+    slower; see docs/kernels.md) exactly where eager PyTorch would run a bf16 GEMM. The residual, the square and
+    the sum stay fp32 in the kernel. The casts are differentiable, so the fp32 parameters get fp32 grads."""
+    if h_s.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return h_s, weight, bias
+    dt = torch.get_autocast_dtype("cuda")
+    return tuple(x if x is None or x.dtype == torch.float64 else x.to(dt) for x in (h_s, weight, bias))
+
+
 def hidden_mse(h_s, h_t, weight=None, bias=None, mask=None) -> torch.Tensor:
     """TinyBERT's hidden/embedding loss: mean over valid tokens and teacher features of (h_s·Wᵀ + b − h_t)².
 
@@ -220,6 +233,7 @@ def hidden_mse(h_s, h_t, weight=None, bias=None, mask=None) -> torch.Tensor:
     if _backend(h_s, h_t, weight, bias) == "triton":
         from fastkd.kernels.hidden_mse import hidden_mse as fused
 
+        h_s, weight, bias = _autocast_projection(h_s, weight, bias)
         return fused(h_s, h_t, weight, bias, mask)
     return ref.hidden_mse(*_zero_padding(mask, -3, -2, h_s, h_t), weight, bias, mask)
 

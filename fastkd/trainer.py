@@ -41,6 +41,7 @@ from fastkd.engine import (
     evaluate,
     fit_stage,
     init_distributed,
+    kernel_precision_note,
     primary_metric,
     steps_per_epoch,
     warmup_linear,
@@ -132,7 +133,7 @@ class Trainer:
         self._make_student()
         if self.dist.main and not cfg.resume:
             write_run_file(self.out_dir, cfg, describe(self.recipe))
-        self.log(describe(self.recipe))
+        self.log("\n".join(filter(None, (describe(self.recipe), kernel_precision_note(self.amp, self.device)))))
 
     @property
     def global_step(self) -> int:

@@ -67,3 +67,48 @@ def loop_span(SPAN, b, tile_start, L, HAS_MASK: tl.constexpr):
         span = tl.load(SPAN + b)
         return tl.where(tile_start < span, span, 0)
     return L
+
+
+# ---------------------------------------------------------------- autotuning (opt-in, GPU only)
+
+
+def autotune_enabled() -> bool:
+    """``FASTKD_AUTOTUNE=1`` on a GPU: each kernel benchmarks its small config space once per key (shape and
+    dtypes) and keeps the fastest. Off by default, because the tiling then depends on timing, so results are
+    bit-reproducible only within one process (and ranks may differ in the last bits); the default launches are
+    the static report's choices and are deterministic. Never under the interpreter, which keeps small tiles."""
+    return os.environ.get("FASTKD_AUTOTUNE", "0") not in ("0", "") and not interpreting()
+
+
+def config_space(default: dict, **choices: tuple) -> list[triton.Config]:
+    """``default`` (constexprs + num_warps/num_stages, the report's choice) first, then every combination of
+    ``choices`` (e.g. BLOCK_M=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)), without duplicates."""
+    import itertools
+
+    names = list(choices)
+    combos = [default] + [{**default, **dict(zip(names, vals, strict=True))}
+                          for vals in itertools.product(*(choices[n] for n in names))]
+    out, seen = [], set()
+    for c in combos:
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+            out.append(triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    return out
+
+
+class Tunable:
+    """A kernel launched with fixed meta-parameters by default, or through ``triton.autotune`` over ``space``
+    (keyed by ``key`` and the tensors' dtypes) when :func:`autotune_enabled`."""
+
+    def __init__(self, kernel, key: list[str], space: list[triton.Config], reset_to_zero: list[str] | None = None):
+        self.kernel, self.space = kernel, space
+        self.tuned = triton.autotune(configs=space, key=key, reset_to_zero=reset_to_zero)(kernel)
+
+    def __call__(self, grid, args: tuple, meta: dict, **consts) -> None:
+        """grid: meta dict -> launch grid; meta: this launch's constexprs + num_warps/num_stages."""
+        if autotune_enabled():
+            self.tuned[grid](*args, **consts)
+        else:
+            self.kernel[grid(meta)](*args, **meta, **consts)

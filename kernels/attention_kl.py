@@ -34,7 +34,16 @@ import torch
 import triton
 import triton.language as tl
 from fastkd.kernels import saving
-from fastkd.kernels._common import dot, interpreting, loop_span, padded_dim, upcast_bf16, valid_span
+from fastkd.kernels._common import (
+    Tunable,
+    config_space,
+    dot,
+    interpreting,
+    loop_span,
+    padded_dim,
+    upcast_bf16,
+    valid_span,
+)
 
 from fastkd import reference as ref
 
@@ -118,16 +127,10 @@ def _dot_ds(ds, x, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr
 @triton.jit
 def _attention_kl_fwd(
     QS, KS, QT, KT, MASK, SPAN, KL_ROWS, LSE_S, LSE_T, DQ,
-    s_qs_b, s_qs_h, s_qs_l, s_qs_d,
-    s_ks_b, s_ks_h, s_ks_l, s_ks_d,
-    s_qt_b, s_qt_h, s_qt_l, s_qt_d,
-    s_kt_b, s_kt_h, s_kt_l, s_kt_d,
-    s_mask_b, s_mask_l,
-    H, L, D_S, D_T,
-    scale_s, scale_t,  # log2(e)/√d per side
-    HAS_MASK: tl.constexpr,
-    DS_P: tl.constexpr, DT_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    s_qs_b, s_qs_h, s_qs_l, s_qs_d, s_ks_b, s_ks_h, s_ks_l, s_ks_d,
+    s_qt_b, s_qt_h, s_qt_l, s_qt_d, s_kt_b, s_kt_h, s_kt_l, s_kt_d, s_mask_b, s_mask_l,
+    H, L, D_S, D_T, scale_s, scale_t,  # scales: log2(e)/√d per side
+    HAS_MASK: tl.constexpr, DS_P: tl.constexpr, DT_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, SPLIT_DS: tl.constexpr,
     WANT_DQ: tl.constexpr, SPLIT_P: tl.constexpr,
@@ -199,9 +202,16 @@ def _attention_kl_fwd(
     row_ok = row_in
     if HAS_MASK:
         row_ok = row_ok & (tl.load(MASK + b * s_mask_b + offs_m * s_mask_l, mask=row_in, other=0) != 0)
+    _fwd_store(KL_ROWS, LSE_S, LSE_T, DQ, bh.to(tl.int64) * L + offs_m, offs_ds, row_in, row_ok, D_S,
+               acc, m_s, m_t, l_s, l_t, o_s, o_t, WANT_DQ)
+
+
+@triton.jit
+def _fwd_store(KL_ROWS, LSE_S, LSE_T, DQ, out, offs_ds, row_in, row_ok, D_S,
+               acc, m_s, m_t, l_s, l_t, o_s, o_t, WANT_DQ: tl.constexpr):
+    """The forward's outputs for one row tile: KL per row (nats), both log2-normalisers and, if wanted, dQ."""
     kl = (acc / l_t - tl.log2(l_t) + tl.log2(l_s)) * 0.6931471805599453  # ln 2: back to nats
     kl = tl.where(row_ok, kl, 0.0)  # where, not a product: a padded row's stats may be non-finite
-    out = bh.to(tl.int64) * L + offs_m
     tl.store(KL_ROWS + out, kl, mask=row_in)
     tl.store(LSE_S + out, m_s + tl.log2(l_s), mask=row_in)
     tl.store(LSE_T + out, m_t + tl.log2(l_t), mask=row_in)
@@ -285,6 +295,18 @@ def _attention_kl_bwd_dk(
              dk.to(DK.dtype.element_ty), mask=key_in[:, None] & (offs_ds[None, :] < D_S))
 
 
+# ---------------------------------------------------------------- autotuning (FASTKD_AUTOTUNE=1 on a GPU)
+
+# Each space starts from default_config's choice for BERT heads; keyed by length, head dims and the dtypes.
+_KEY = ["L", "D_S", "D_T", "HAS_MASK"]
+_FORWARD = Tunable(_attention_kl_fwd, _KEY, config_space(
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    BLOCK_M=(64, 128), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(2, 3)))
+_DK_BACKWARD = Tunable(_attention_kl_bwd_dk, _KEY, config_space(
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    BLOCK_M=(64, 128), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(2, 3)))
+
+
 # ---------------------------------------------------------------- autograd
 
 
@@ -308,24 +330,22 @@ class _AttentionKLFunction(torch.autograd.Function):
         lse_t = torch.empty(B * H * L, device=dev, dtype=torch.float32)
         consts = dict(
             HAS_MASK=mask is not None, DS_P=padded_dim(d_s), DT_P=padded_dim(d_t),
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             PREC_S=_dot_precision(q_s.dtype), PREC_T=_dot_precision(q_t.dtype),
             UPCAST_S=upcast_bf16(q_s.dtype),
             UPCAST_T=upcast_bf16(q_t.dtype),
             SPLIT_DS=q_s.dtype == torch.bfloat16,
-            num_warps=config.num_warps, num_stages=config.num_stages,
         )
         scale_s, scale_t = LOG2E / math.sqrt(d_s), LOG2E / math.sqrt(d_t)
         # dQ is a flash forward over the same score tiles, so it comes out of this pass (fp32, unscaled) when
         # the student's Q wants a grad; the backward then recomputes the scores once (dK), not twice.
         dq_partial = torch.empty((B, H, L, d_s) if want_dq else (1,), device=dev, dtype=torch.float32)
-        grid = (B * H * triton.cdiv(L, config.block_m),)
-        _attention_kl_fwd[grid](
-            q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, span, kl_rows, lse_s, lse_t, dq_partial,
-            *_common_args(q_s, k_s, q_t, k_t, mask_i8),
-            H, L, d_s, d_t, scale_s, scale_t, **{**consts, "num_warps": config.fwd_num_warps or config.num_warps,
-                                                   "BLOCK_N": config.fwd_block_n or config.block_n},
-            WANT_DQ=want_dq, SPLIT_P=q_s.dtype != torch.float32,
+        _FORWARD(
+            lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_M"]),),
+            (q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, span, kl_rows, lse_s, lse_t, dq_partial,
+             *_common_args(q_s, k_s, q_t, k_t, mask_i8), H, L, d_s, d_t, scale_s, scale_t),
+            dict(BLOCK_M=config.block_m, BLOCK_N=config.fwd_block_n or config.block_n,
+                 num_warps=config.fwd_num_warps or config.num_warps, num_stages=config.num_stages),
+            **consts, WANT_DQ=want_dq, SPLIT_P=q_s.dtype != torch.float32,
         )
         if mask_i8 is None:
             denom = torch.full((), float(H * B * L), device=dev, dtype=torch.float32)
@@ -356,10 +376,14 @@ class _AttentionKLFunction(torch.autograd.Function):
         if need_k:
             scale_s, scale_t = LOG2E / math.sqrt(d_s), LOG2E / math.sqrt(d_t)
             dk = torch.empty(k_s.shape, device=k_s.device, dtype=k_s.dtype)
-            _attention_kl_bwd_dk[(B * H * triton.cdiv(L, config.block_n),)](
-                q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, span, lse_s, lse_t, grad_w, dk,
-                *_common_args(q_s, k_s, q_t, k_t, mask_i8), *_strides4(dk),
-                H, L, d_s, d_t, scale_s, scale_t, 1.0 / math.sqrt(d_s), **ctx.consts,
+            _DK_BACKWARD(
+                lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_N"]),),
+                (q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, span, lse_s, lse_t, grad_w, dk,
+                 *_common_args(q_s, k_s, q_t, k_t, mask_i8), *_strides4(dk),
+                 H, L, d_s, d_t, scale_s, scale_t, 1.0 / math.sqrt(d_s)),
+                dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+                     num_stages=config.num_stages),
+                **ctx.consts,
             )
         return dq, dk, None, None, None, None, None
 

@@ -47,7 +47,16 @@ import torch
 import triton
 import triton.language as tl
 from fastkd.kernels import saving
-from fastkd.kernels._common import dot_acc, interpreting, loop_span, padded_dim, upcast_bf16, valid_span
+from fastkd.kernels._common import (
+    Tunable,
+    config_space,
+    dot_acc,
+    interpreting,
+    loop_span,
+    padded_dim,
+    upcast_bf16,
+    valid_span,
+)
 
 __all__ = ["attention_mse", "AttentionMSEFunction", "CANCELLATION_RATIO"]
 
@@ -261,6 +270,15 @@ def _precision(*xs: torch.Tensor) -> str:
     return "ieee" if any(x.dtype in (torch.float32, torch.float64) for x in xs) else "tf32"
 
 
+# Autotuning (FASTKD_AUTOTUNE=1 on a GPU): spaces start from the defaults above. The direct kernel is not tuned:
+# its per-tile output buffer is sized by its query tile, and it does work only for ill-conditioned heads.
+_KEY = ["L", "DS", "DT", "HAS_MASK"]
+_GRAM_FORWARD = Tunable(_attention_mse_gram_fwd_kernel, _KEY, config_space(
+    dict(BLOCK_L=64, num_warps=8, num_stages=3), BLOCK_L=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)))
+_GRAM_BACKWARD = Tunable(_attention_mse_gram_bwd_kernel, ["L", "DX", "DY", "HAS_MASK"], config_space(
+    dict(BLOCK_L=64, num_warps=4, num_stages=3), BLOCK_L=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)))
+
+
 class AttentionMSEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_s, k_s, q_t, k_t, mask):
@@ -286,11 +304,12 @@ class AttentionMSEFunction(torch.autograd.Function):
         prec = _precision(q_s_)
         upcast = upcast_bf16(common)
         strides = (*q_s_.stride(), *k_s_.stride(), *q_t_.stride(), *k_t_.stride(), *mask_i8.stride())
-        _attention_mse_gram_fwd_kernel[(BH,)](
-            q_s_, k_s_, q_t_, k_t_, mask_i8, span, loss_bh, flag, grams, H, L, *strides,
-            alpha, beta, CANCELLATION_RATIO,
-            DS=DS, DT=DT, DSP=DSP, DTP=DTP, BLOCK_L=block_l, HAS_MASK=has_mask, PRECISION=prec, UPCAST=upcast,
-            **_gram_fwd_launch(DSP + DTP),
+        _GRAM_FORWARD(
+            lambda meta: (BH,),
+            (q_s_, k_s_, q_t_, k_t_, mask_i8, span, loss_bh, flag, grams, H, L, *strides,
+             alpha, beta, CANCELLATION_RATIO),
+            dict(BLOCK_L=block_l, num_stages=3, **_gram_fwd_launch(DSP + DTP)),
+            DS=DS, DT=DT, DSP=DSP, DTP=DTP, HAS_MASK=has_mask, PRECISION=prec, UPCAST=upcast,
         )
         num_m = triton.cdiv(L, block_m)
         direct = torch.empty(BH, num_m, dtype=torch.float32, device=dev)
@@ -324,16 +343,16 @@ class AttentionMSEFunction(torch.autograd.Function):
         g_qtt, g_ktt = grams[:, o: o + DTP * DTP], grams[:, o + DTP * DTP: o + 2 * DTP * DTP]
         o += 2 * DTP * DTP
         g_qst, g_kst = grams[:, o: o + DSP * DTP], grams[:, o + DSP * DTP: o + 2 * DSP * DTP]
-        grid = (B * H, triton.cdiv(L, block_l))
 
         def launch(x, y, g_same, g_cross, dx, dy, dxp, dyp, cross_t, s_same, s_cross, out_dtype):
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-            _attention_mse_gram_bwd_kernel[grid](
-                x, y, g_same, g_cross, mask_i8, span, coef, out, H, L,
-                *x.stride(), *y.stride(), *mask_i8.stride(), *out.stride(),
-                gram_stride, s_same, s_cross,
-                DX=dx, DY=dy, DXP=dxp, DYP=dyp, CROSS_T=cross_t, BLOCK_L=block_l, HAS_MASK=ctx.has_mask,
-                GRAM_PRECISION=gram_precision(x.dtype), num_warps=4,
+            _GRAM_BACKWARD(
+                lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_L"])),
+                (x, y, g_same, g_cross, mask_i8, span, coef, out, H, L,
+                 *x.stride(), *y.stride(), *mask_i8.stride(), *out.stride(), gram_stride, s_same, s_cross),
+                dict(BLOCK_L=block_l, num_warps=4, num_stages=3),
+                DX=dx, DY=dy, DXP=dxp, DYP=dyp, CROSS_T=cross_t, HAS_MASK=ctx.has_mask,
+                GRAM_PRECISION=gram_precision(x.dtype),
             )
             return out
 

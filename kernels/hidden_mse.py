@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 from fastkd.kernels import saving
-from fastkd.kernels._common import dot_acc, interpreting, upcast_bf16
+from fastkd.kernels._common import Tunable, config_space, dot_acc, interpreting, upcast_bf16
 
 __all__ = ["hidden_mse", "HiddenMSEFunction"]
 
@@ -118,6 +118,12 @@ def _blocks() -> dict[str, int]:
     return dict(BLOCK_M=64, BLOCK_T=64, BLOCK_K=64)
 
 
+# Autotuning (FASTKD_AUTOTUNE=1 on a GPU): from the default tiles up, never smaller (see `partial` below).
+_FORWARD = Tunable(_hidden_mse_fwd_kernel, ["N", "DS", "DT", "HAS_WEIGHT", "HAS_MASK"], config_space(
+    dict(BLOCK_M=64, BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    BLOCK_M=(64, 128), BLOCK_T=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)), reset_to_zero=["out_ptr"])
+
+
 class HiddenMSEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, h_t, weight, bias, mask, store_r):
@@ -147,10 +153,15 @@ class HiddenMSEFunction(torch.autograd.Function):
         b_strides = tuple(bb.stride()) if bb is not None else (0, 0)
         common = (N, L, DS, DT, *hs.stride(), *ht.stride(), *w_strides, *b_strides, *m.stride())
         num_m, num_t = triton.cdiv(N, blk["BLOCK_M"]), triton.cdiv(DT, blk["BLOCK_T"])
-        partial = torch.empty(K, num_m, num_t, dtype=torch.float32, device=dev)
+        # Sized for the smallest tiles any config uses and zeroed (the autotuner re-zeroes it before each trial),
+        # so a tuned launch with larger tiles (fewer programs) leaves the rest at 0 and the sum is unchanged.
+        partial = torch.zeros(K, num_m, num_t, dtype=torch.float32, device=dev)
         r = torch.empty((K, N, DT) if store_r else (1,), dtype=dot_dtype, device=dev)
-        _hidden_mse_fwd_kernel[(K, num_m, num_t)](
-            hs, ht, w_arg, b_arg, m, partial, r, *common, **blk, **flags, STORE_R=store_r,
+        _FORWARD(
+            lambda meta: (K, triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(DT, meta["BLOCK_T"])),
+            (hs, ht, w_arg, b_arg, m, partial, r, *common),
+            dict(**blk, num_warps=4, num_stages=3),
+            **flags, STORE_R=store_r,
         )
         n_valid = mask.sum(dtype=torch.float32) if has_mask else torch.tensor(float(N), device=dev)
         denom = n_valid * (K * DT)

@@ -77,3 +77,31 @@ def test_estimated_speedups_meet_the_targets(report):
              if estimates[loss][gpu]["speedup"] < target]
     assert not short
 
+
+
+def test_autotune_spaces_start_from_the_default_and_have_no_duplicates():
+    from fastkd.kernels import _common, attention_kl, attention_mse, hidden_mse
+
+    space = _common.config_space(dict(BLOCK_M=64, num_warps=4, num_stages=2), BLOCK_M=(64, 128), num_warps=(4, 8))
+    assert [(c.kwargs["BLOCK_M"], c.num_warps) for c in space] == [(64, 4), (64, 8), (128, 4), (128, 8)]
+    tunables = [attention_kl._FORWARD, attention_kl._DK_BACKWARD, attention_mse._GRAM_FORWARD,
+                attention_mse._GRAM_BACKWARD, hidden_mse._FORWARD]
+    for t in tunables:
+        keys = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in t.space]
+        assert len(keys) == len(set(keys)) and 2 <= len(keys) <= 24
+    # The defaults the report compiles are the spaces' first entries.
+    first = attention_kl._FORWARD.space[0]
+    cfg = attention_kl.AttentionKLConfig(num_warps=4, fwd_block_n=32, fwd_num_warps=4)
+    assert (first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps) == (cfg.block_m, cfg.fwd_block_n, 4)
+
+
+def test_autotune_is_off_by_default_and_under_the_interpreter(monkeypatch):
+    from fastkd.kernels import _common
+
+    monkeypatch.delenv("FASTKD_AUTOTUNE", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not _common.autotune_enabled()
+    monkeypatch.setenv("FASTKD_AUTOTUNE", "1")
+    assert _common.autotune_enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _common.autotune_enabled()
