@@ -41,8 +41,12 @@ MAX_WARPS_PER_SM = 64
 MAX_CTAS_PER_SM = 32
 REG_ALLOC_UNIT = 256  # registers per warp are allocated in units of 256
 
-# Kernels that may run under 2 CTAs/SM, and why (the regression test accepts these and only these).
+# Kernels that may run under 2 CTAs/SM, and why (the regression test accepts these and only these); a key
+# "kernel@dtype" covers that input dtype only.
 LOW_OCCUPANCY_REASONS: dict[str, str] = {
+    "_attention_kl_bwd_dk@fp32": "fp32 inputs at d = 64: the 3xTF32 products stage hi/lo copies of the [64, 64] "
+                                 "fp32 Q and K tiles in shared memory (128.5 KB a CTA), so one CTA per SM; fp32 "
+                                 "is the slow path anyway (docs/kernels.md), half precision runs 2 CTAs/SM",
     "_sinkhorn_kernel": "one CTA per transport problem (P = 2 per step): a handful of CTAs in all, occupancy "
                         "is not what bounds it",
     "_attention_mse_gram_fwd_kernel": "one CTA per (batch, head) holds its six d x d fp32 Gram accumulators "
@@ -51,6 +55,12 @@ LOW_OCCUPANCY_REASONS: dict[str, str] = {
                                       "is the firmer target. It is O(L d^2) and reads Q and K once (a stream), "
                                       "with 8 warps of wgmma in flight per SM",
 }
+
+
+
+
+def low_occupancy_reason(row: dict) -> str | None:
+    return LOW_OCCUPANCY_REASONS.get(f"{row['kernel']}@{row['dtype']}") or LOW_OCCUPANCY_REASONS.get(row["kernel"])
 
 
 # ---------------------------------------------------------------- compiling without a GPU
@@ -296,11 +306,12 @@ def run_case(case: Case) -> None:
         if case.loss == "hidden_mse":
             K, d_t = 3, 768
             h_s, w, b = t(K, case.B, case.L, case.d, grad=True), t(K, d_t, case.d, grad=True), t(K, d_t, grad=True)
-            out = losses.hidden_mse(h_s, t(K, case.B, case.L, d_t), w, b, mask)
-        else:
-            shape = (case.B, case.H, case.L, case.d)
-            out = getattr(losses, case.loss)(t(*shape, grad=True), t(*shape, grad=True), t(*shape), t(*shape), mask)
-        out.backward()
+            # The forward (with R stored, as for training) is the only Triton launch: the backward is cuBLAS,
+            # which here would be minutes of CPU matmuls on uninitialised data.
+            losses.hidden_mse(h_s, t(K, case.B, case.L, d_t), w, b, mask)
+            return
+        shape = (case.B, case.H, case.L, case.d)
+        getattr(losses, case.loss)(t(*shape, grad=True), t(*shape, grad=True), t(*shape), t(*shape), mask).backward()
 
 
 def report_rows(cases: list[Case], log=print) -> list[dict]:
@@ -385,6 +396,26 @@ def _group(rows: list[dict], shapes: dict) -> dict:
     return groups
 
 
+def targets_markdown(rows: list[dict]) -> str:
+    """The issue's static targets, checked over every launch of this report."""
+    spills = [r for r in rows if r["dtype"] in ("fp16", "bf16") and (r["spill_stores"] or r["spill_loads"])]
+    low = [r for r in rows if r["ctas_per_sm"] < 2]
+    lines = ["", "## Targets", "",
+             f"- fp16/bf16 launches with spills: {len(spills)} of "
+             f"{sum(r['dtype'] in ('fp16', 'bf16') for r in rows)}"
+             + "".join(f"\n  - {r['case']}: {r['kernel']} {r['spill_stores']}/{r['spill_loads']} B" for r in spills),
+             f"- launches under 2 CTAs/SM: {len(low)}; by kernel, with the written reason:"]
+    for kernel, dtype in sorted({(r["kernel"], r["dtype"]) for r in low}):
+        n = sum(r["kernel"] == kernel and r["dtype"] == dtype for r in low)
+        reason = low_occupancy_reason({"kernel": kernel, "dtype": dtype}) or "NO WRITTEN REASON"
+        lines.append(f"  - {kernel} ({dtype}, {n} launches): {reason}")
+    fp32 = [r for r in rows if r["dtype"] == "fp32" and (r["spill_stores"] or r["spill_loads"])]
+    lines.append(f"- fp32 launches with spills (allowed; the fp32 paths' cost is in docs/kernels.md): {len(fp32)} "
+                 f"of {sum(r['dtype'] == 'fp32' for r in rows)}, at most "
+                 f"{max((r['spill_stores'] for r in fp32), default=0)} B stored a thread")
+    return "\n".join(lines) + "\n"
+
+
 def roofline_markdown(estimates: list[dict]) -> str:
     lines = ["", "## Roofline estimates: fused vs eager, one training step (forward + backward), bf16, B = 32",
              "", "ESTIMATES, not measurements (bench/roofline.py says how they are made; bench/gpu_session.sh "
@@ -408,12 +439,69 @@ def roofline_markdown(estimates: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COMPARE_CASE = "bf16 mask B=32 L=512"  # the before/after table's launches (attention d = 64, hidden d = 384)
+
+
+def compare_markdown(before: dict, after: dict) -> str:
+    """bench/README.md's before → after table: per kernel of the BERT-shaped bf16 masked case, the static figures
+    and, for the attention kernels, the score tiles and the SASS work per (query, key) pair of the tile loop."""
+    def pick(report):
+        return {r["kernel"]: r for r in report["rows"] if COMPARE_CASE in r["case"] and r["d"] in (64, 384)}
+
+    def tiles(r):
+        c = r["constexprs"]
+        if not (c.get("BLOCK_M") and c.get("BLOCK_N")) or not r["kernel"].startswith(("_attention_kl",
+                                                                                      "_attention_mse_direct")):
+            return ""
+        n = r["score_tiles"]["visited"] if r.get("score_tiles") else r["B"] * r["H"] * math.ceil(
+            r["L"] / c["BLOCK_M"]) * math.ceil(r["L"] / c["BLOCK_N"])  # reports before skipping: dense
+        return f"{n} ({c['BLOCK_M']}x{c['BLOCK_N']})"
+
+    def per_pair(r):
+        c = r["constexprs"]
+        if not tiles(r):
+            return ""
+        loop, pairs = r["inner_loop"], c["BLOCK_M"] * c["BLOCK_N"]
+        return (f"{loop['instructions'] * r['num_warps'] / pairs:.2f} / "
+                f"{loop.get('mufu', 0) * r['num_warps'] * 32 / pairs:.2f}")
+
+    def cell(r, f):
+        return f(r) if r else "-"
+
+    b, a = pick(before), pick(after)
+    lines = [f"| kernel ({COMPARE_CASE}; hidden 3x384->768) | regs | spill st/ld B | smem KB | CTAs/SM | MMA "
+             "| score tiles | warp-instr / MUFU per pair |", "|" + " --- |" * 8]
+    for k in list(b) + [k for k in a if k not in b]:
+        rb, ra = b.get(k), a.get(k)
+        cols = [lambda r: str(r["registers"]), lambda r: f"{r['spill_stores']}/{r['spill_loads']}",
+                lambda r: f"{r['shared'] / 1024:.0f}", lambda r: str(r["ctas_per_sm"]), lambda r: r["mma"],
+                tiles, per_pair]
+        lines.append(f"| {k} | " + " | ".join(f"{cell(rb, f)} → {cell(ra, f)}" for f in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render(report: dict) -> str:
+    return (markdown(report["rows"], report["meta"]) + targets_markdown(report["rows"])
+            + roofline_markdown(report["roofline"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the regression test's BERT-shaped cases")
     p.add_argument("--json", help="write the rows here instead of bench/results/ (no markdown)")
+    p.add_argument("--from-json", help="rewrite the markdown (and the estimates) of this report, no compiling")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print the before/after table")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    if args.compare:
+        print(compare_markdown(*(json.loads(Path(f).read_text()) for f in args.compare)), end="")
+        return 0
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        report["roofline"] = roofline_rows(report["rows"])
+        Path(args.from_json).write_text(json.dumps(report, indent=1, default=str))
+        Path(args.from_json).with_suffix(".md").write_text(render(report))
+        return 0
     missing = tools_available()
     if missing:
         print(f"kernel_report: {missing}", file=sys.stderr)
@@ -428,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stem = f"kernel-report-sm90-triton-{triton.__version__}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
-    (RESULTS / f"{stem}.md").write_text(markdown(rows, meta) + roofline_markdown(report["roofline"]))
+    (RESULTS / f"{stem}.md").write_text(render(report))
     print(f"wrote bench/results/{stem}.md and .json: {len(rows)} launches")
     return 0
 

@@ -180,7 +180,8 @@ def fused_time(fused: dict, bandwidth: float) -> float:
 
 
 def eager_hidden_mse_autocast(h_s, h_t, w, b, mask):
-    """What autocast makes of the natural eager code: the projection as a bf16 GEMM, the MSE in fp32."""
+    """What autocast makes of the natural eager code: the projection as a bf16 GEMM (bf16 inputs here, or fp32
+    ones under CUDA autocast, which casts baddbmm's operands), the MSE in fp32."""
     proj = torch.baddbmm(b.to(h_s.dtype)[:, None, :], h_s.flatten(1, 2), w.to(h_s.dtype).transpose(1, 2))
     diff = proj.float() - h_t.flatten(1, 2).float()
     m = mask.flatten()[None, :, None].float()
