@@ -1,23 +1,27 @@
-"""Capture activations from Hugging Face BERT-family encoders without ``output_attentions``.
+"""Capture activations from transformers encoders without ``output_attentions``.
 
-Forward hooks on the embedding module, each encoder layer and each layer's query/key/value projections
-record exactly what a recipe asks for. The model keeps its fast (SDPA) attention path: no L×L map is ever
-materialised, and only the requested layers are kept alive.
+Forward hooks record exactly what a recipe asks for, at the places the model's :class:`~fastkd.families.
+EncoderFamily` names: the embedding output, each layer's output (the final LayerNorm's for the last layer where
+the model has one), and each layer's Q/K/V, after the model's rotary step where it has one. The model keeps its
+fast (SDPA) attention path where it has one: no L×L map is ever materialised, and only the requested layers are
+kept alive.
 
-Layer indices are 0-based encoder layers (``encoder.layer[i]``); ``hidden[i]`` is that layer's output, which
-is ``output_hidden_states[i + 1]``. The embedding output is ``embeddings`` (``output_hidden_states[0]``).
-Q, K, V are returned per head as [B, H, L, d] (views of the projection outputs, no copy).
+Layer indices are 0-based; ``hidden[i]`` is ``output_hidden_states[i + 1]`` and ``embeddings`` is
+``output_hidden_states[0]`` (tests/test_families.py checks both for every family). Q, K, V are returned per head
+as [B, H, L, d] (views of the projection outputs where no rotary step applies).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from fastkd.families import EncoderFamily, as_heads, base_model, family_of, layer_module, module_at
 from fastkd.terms import parse_field
 
 
@@ -37,25 +41,12 @@ class Captured:
         self.v.clear()
 
 
-def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, object]:
-    """(embedding module whose output enters the encoder, the encoder's layer list, the config) of a
-    BERT-family model (BERT, RoBERTa, ELECTRA, MiniLM, with or without a task head)."""
-    base = getattr(model, "base_model", model)
-    encoder = getattr(base, "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"model: expected a BERT-family encoder with .encoder.layer (BERT, RoBERTa, ELECTRA, MiniLM), "
-            f"got {type(model).__name__}"
-        )
-    # ELECTRA projects embeddings to the hidden size before the encoder when the two differ.
-    emb = getattr(base, "embeddings_project", None) or base.embeddings
-    return emb, layers, base.config
-
-
-def _self_attention(layer: nn.Module) -> nn.Module:
-    attn = layer.attention
-    return getattr(attn, "self", attn)
+def check_capturable(model: nn.Module, family: EncoderFamily) -> None:
+    cfg = base_model(model).config
+    if family.shared_layer and (getattr(cfg, "num_hidden_groups", 1) != 1 or getattr(cfg, "inner_group_num", 1) != 1):
+        raise ValueError(f"model: ALBERT with num_hidden_groups={cfg.num_hidden_groups} and inner_group_num="
+                         f"{cfg.inner_group_num}: fastkd captures the one shared layer of the released ALBERTs "
+                         f"(1 and 1)")
 
 
 class ActivationCapture:
@@ -75,53 +66,120 @@ class ActivationCapture:
         qkv: str | dict[int, str] = "",
         embeddings: bool = False,
     ):
-        emb, self.layer_modules, cfg = encoder_parts(model)
-        n = len(self.layer_modules)
-        self.num_heads = cfg.num_attention_heads
+        self.family = family_of(model)
+        check_capturable(model, self.family)
+        self.model, self.base = model, base_model(model)
+        cfg = self.base.config
+        n = cfg.num_hidden_layers
+        self.num_heads = getattr(cfg, self.family.heads)
         wanted = list(range(n)) if layers is None else [int(i) for i in layers]
         for i in wanted:
             if not -n <= i < n:
                 raise ValueError(f"layers: index {i} out of range for a model with {n} layers")
         wanted = sorted({i % n for i in wanted})
         hidden_layers = wanted if hidden is True else [] if hidden is False else sorted(i % n for i in hidden)
-        if isinstance(qkv, str):
-            qkv_of = {i: qkv for i in wanted}
-        else:
-            qkv_of = {int(i) % n: s for i, s in qkv.items()}
+        qkv_of = {i: qkv for i in wanted} if isinstance(qkv, str) else {int(i) % n: s for i, s in qkv.items()}
         for s in qkv_of.values():
             if set(s) - set("qkv"):
                 raise ValueError(f"qkv: expected letters from 'qkv', got {s!r}")
+        if any(qkv_of.values()) and self.family.qkv_refusal:
+            raise ValueError(f"qkv: cannot capture Q/K/V of a {cfg.model_type} model: {self.family.qkv_refusal}")
+        self.n = n
         self.out = Captured()
-        self._plan = (emb if embeddings else None, hidden_layers, qkv_of)
+        self._plan = (embeddings, hidden_layers, {i: s for i, s in qkv_of.items() if s})
         self._handles: list = []
+        self._calls: dict[int, int] = {}  # per hooked module: calls in this forward (a shared layer runs n times)
+        self._attn_args: dict[int, inspect.BoundArguments] = {}
 
-    def _store(self, slot: dict, i: int, heads: bool):
+    # -------------------------------------------------------- hooks
+
+    def _layer_of(self, key: int) -> int:
+        """The layer a hooked module's current call computes: its call count in this forward (shared modules
+        run once per layer), else the one layer it belongs to."""
+        i = self._calls.get(key, 0)
+        self._calls[key] = i + 1
+        return i
+
+    def _hook(self, layer: int | None, record):
+        """A forward hook calling record(layer index, output tensor)."""
+        key = object()
+
         def hook(_mod, _inp, output):
             t = output[0] if isinstance(output, tuple) else output
-            if heads:
-                B, L, D = t.shape
-                t = t.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)
-            slot[i] = t
+            record(self._layer_of(id(key)) if layer is None else layer, t)
 
         return hook
 
+    def _wants(self, layer: int, letter: str) -> bool:
+        return letter in self._plan[2].get(layer, "")
+
+    def _record_qkv(self, letters: str):
+        def record(i, t):
+            if not any(self._wants(i, c) for c in letters):
+                return
+            if len(letters) == 3:  # one fused projection: [B, L, 3·H·d] -> three [B, H, L, d]
+                B, L, _ = t.shape
+                parts = t.view(B, L, 3, self.num_heads, -1).unbind(dim=2)
+                q, k, v = (p.transpose(1, 2) for p in parts)
+            else:
+                q = k = v = None
+                t = as_heads(t, self.num_heads)
+                q, k, v = (t if letters == c else None for c in "qkv")
+            if self.family.rotate is not None:
+                q, k, v = self.family.rotate(self._attention(i), self._attn_args.get(i), q, k, v)
+            for c, x in zip("qkv", (q, k, v), strict=True):
+                if x is not None and self._wants(i, c):
+                    getattr(self.out, c)[i] = x
+
+        return record
+
+    def _attention(self, i: int) -> nn.Module:
+        return module_at(layer_module(self.model, self.family, i), self.family.attention)
+
+    def _sites(self, layers: list[int]) -> list[tuple[nn.Module, int | None]]:
+        """(module, its layer or None when shared) for the given layers, each module once."""
+        if self.family.shared_layer:
+            return [(layer_module(self.model, self.family, 0), None)] if layers else []
+        return [(layer_module(self.model, self.family, i), i) for i in layers]
+
     def __enter__(self) -> ActivationCapture:
-        emb, hidden_layers, qkv_of = self._plan
-        if emb is not None:
+        embeddings, hidden_layers, qkv_of = self._plan
+        self._handles.append(self.base.register_forward_pre_hook(lambda *_: self._calls.clear()))
+        if embeddings:
+            emb = module_at(self.base, self.family.embeddings)
+            self._handles.append(emb.register_forward_hook(self._hook(-1, lambda _i, t: setattr(
+                self.out, "embeddings", t))))
+        final = module_at(self.base, self.family.final_norm) if self.family.final_norm else None
+        if final is not None and self.n - 1 in hidden_layers:
+            self._handles.append(final.register_forward_hook(self._hook(self.n - 1, self.out.hidden.__setitem__)))
+        wanted_hidden = set(hidden_layers) - ({self.n - 1} if final is not None else set())
 
-            def emb_hook(_m, _i, output):
-                self.out.embeddings = output[0] if isinstance(output, tuple) else output
+        def record_hidden(i, t):
+            if i in wanted_hidden:
+                self.out.hidden[i] = t
 
-            self._handles.append(emb.register_forward_hook(emb_hook))
-        for i in hidden_layers:
-            self._handles.append(self.layer_modules[i].register_forward_hook(self._store(self.out.hidden, i, False)))
-        for i, letters in qkv_of.items():
-            sa = _self_attention(self.layer_modules[i])
-            for letter in letters:
-                proj = {"q": sa.query, "k": sa.key, "v": sa.value}[letter]
-                slot = getattr(self.out, letter)
-                self._handles.append(proj.register_forward_hook(self._store(slot, i, True)))
+        for mod, i in self._sites(sorted(wanted_hidden) if not self.family.shared_layer else hidden_layers):
+            self._handles.append(mod.register_forward_hook(self._hook(i, record_hidden)))
+        self._hook_qkv(sorted(qkv_of))
         return self
+
+    def _hook_qkv(self, layers: list[int]) -> None:
+        fam = self.family
+        for layer_mod, i in self._sites(layers):
+            if fam.rotate is not None:  # (no family both rotates and shares its layer)
+                def keep_args(mod, args, kwargs, i=i):
+                    self._attn_args[i] = inspect.signature(mod.forward).bind(*args, **kwargs)
+
+                attn = module_at(layer_mod, fam.attention)
+                self._handles.append(attn.register_forward_pre_hook(keep_args, with_kwargs=True))
+            if fam.fused_qkv:
+                proj = module_at(layer_mod, fam.fused_qkv)
+                self._handles.append(proj.register_forward_hook(self._hook(i, self._record_qkv("qkv"))))
+                continue
+            for letter in "qkv":
+                if any(letter in s for s in self._plan[2].values()):
+                    proj = module_at(layer_mod, getattr(fam, letter))
+                    self._handles.append(proj.register_forward_hook(self._hook(i, self._record_qkv(letter))))
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
@@ -154,6 +212,9 @@ def capture_fields(model: nn.Module, fields: list[str]):
         if c in ("q", "k", "v"):
             qkv[i] = qkv.get(i, "") + c
     layers = sorted(set(hidden) | set(qkv))
+    if not (layers or "emb" in fields):  # logits only (method kd): no hooks, so any model with a head works
+        yield lambda output: {"logits": output.logits} if "logits" in fields else {}
+        return
     with ActivationCapture(model, layers, hidden=hidden, qkv=qkv, embeddings="emb" in fields) as cap:
         def read(output) -> dict[str, torch.Tensor]:
             out = {}

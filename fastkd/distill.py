@@ -8,6 +8,7 @@ from torch import nn
 
 from fastkd.capture import capture_fields
 from fastkd.checks import value_checks
+from fastkd.families import check_window
 from fastkd.recipes import Recipe, Shapes, Stage
 from fastkd.terms import Inputs, LossTerm, kind_of, stage_fields
 
@@ -36,6 +37,7 @@ class DistillModule(nn.Module):
         self.emd_iters = getattr(recipe.params, "sinkhorn_iters", None)
         self.terms: list[LossTerm] = []
         self.student_fields: list[str] = []
+        self.window_checks: list[tuple] = []  # (config, layers, what): score terms on sliding-window layers
 
     def set_stage(self, stage: Stage) -> None:
         self.terms = stage.terms
@@ -68,6 +70,8 @@ class DistillModule(nn.Module):
     def distill(self, input_ids, attention_mask, labels, teacher: dict[str, torch.Tensor], token_type_ids=None):
         """(total, {kind: weighted value}, the student's logits or None) of the stage's terms on one batch."""
         mask = attention_mask.bool()
+        for config, layers, what in self.window_checks:
+            check_window(config, layers, input_ids.shape[1], what)
         segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         with capture_fields(self.student, self.student_fields) as read:
             out = self.student(input_ids=input_ids, attention_mask=attention_mask, **segments)

@@ -32,9 +32,10 @@ from fastkd.cache import TeacherCache
 from fastkd.disk import save_model_dir
 from fastkd.distill import DistillModule
 from fastkd.engine import Dist, current_dist
+from fastkd.families import family_of, sliding_windows
 from fastkd.recipes import Recipe, Shapes, Stage, build_recipe, make_params
 from fastkd.teacher import TEACHER_DTYPES, TeacherRunner, teacher_dtype
-from fastkd.terms import stage_fields
+from fastkd.terms import empty_plan, kind_of, stage_fields
 
 TEACHER_KINDS = ("pretrained", "finetuned")
 
@@ -87,6 +88,49 @@ def _check_vocab(teacher: nn.Module, student: nn.Module, recipe: Recipe) -> None
                          f"tokens; use a student with the teacher's tokenizer, or method='kd' (logits only)")
 
 
+def _qkv_layers(term, side: int, n_layers: int) -> list[int]:
+    """The layers whose Q/K/V a term reads on one side (0 student, 1 teacher)."""
+    plan = empty_plan()
+    kind_of(term).capture(term, side, plan)
+    return list(range(n_layers)) if plan["all_qk"] else sorted(plan["qkv"])
+
+
+def check_families(teacher_configs: dict, student_config, recipe: Recipe) -> None:
+    """Refuse, before anything runs, what a model's family cannot give: any captured activation of an
+    unsupported family (logits alone need none: method kd works for any model with a head), Q/K/V where they
+    cannot be captured, attention scores where Q and K alone are not the model's scores; each error names the
+    term, the family and why."""
+    for stage in recipe.stages:
+        for side, who, cfg in ((0, "student", student_config), (1, "teacher", teacher_configs[stage.teacher])):
+            n = cfg.num_hidden_layers
+            if not [f for f in stage_fields(stage.terms, who, n) if f != "logits"]:
+                continue
+            family = family_of(cfg, who)
+            for term in stage.terms:
+                if not _qkv_layers(term, side, n):
+                    continue
+                reason = family.qkv_refusal or (family.score_refusal if kind_of(term).uses_scores else None)
+                if reason:
+                    raise ValueError(
+                        f"{term.kind} (stage {stage.name} of {recipe.method}): the {who} is a {cfg.model_type} "
+                        f"model, and {reason}; fastkd will not compute this term from the wrong scores. Use a "
+                        f"method without it (kd, pkd" + ("" if family.qkv_refusal else
+                                                         "; minilmv2 reads only Q/K/V relations") + ")")
+
+
+def window_checks(teacher: nn.Module, student: nn.Module, stage: Stage) -> list[tuple]:
+    """(config, layers, what) for the score terms on sliding-window layers (ModernBERT's local layers): each
+    batch is checked against the window (:func:`fastkd.families.check_window`)."""
+    out = []
+    for side, model in ((0, student), (1, teacher)):
+        windows = sliding_windows(model.config)
+        for term in stage.terms:
+            layers = [i for i in _qkv_layers(term, side, model.config.num_hidden_layers) if i in windows]
+            if windows and kind_of(term).uses_scores and layers:
+                out.append((model.config, layers, f"{term.kind} ({'teacher' if side else 'student'})"))
+    return out
+
+
 class Distiller(DistillModule):
     """The student, the recipe's trainable extras and the frozen teacher; ``distiller(**batch)`` returns a
     :class:`DistillOutput`. ``method``: a registered method name or a :class:`fastkd.recipes.Recipe`;
@@ -110,6 +154,7 @@ class Distiller(DistillModule):
         if cache not in ("off", "memory"):
             raise ValueError(f"cache: expected 'off' or 'memory', got {cache!r}")
         _check_vocab(teachers["finetuned"], student, recipe)
+        check_families({k: t.config for k, t in teachers.items()}, student.config, recipe)
         super().__init__(student, shapes, recipe, kept_hidden)
         for t in teachers.values():
             t.eval().requires_grad_(False)
@@ -150,6 +195,7 @@ class Distiller(DistillModule):
             raise ValueError(f"stage: expected a stage name in {names} or an index 0..{len(names) - 1}, got {stage!r}")
         super().set_stage(self.stages[stage])
         self.stage_index = stage
+        self.window_checks = window_checks(self.teachers[self.stage.teacher], self.student, self.stage)
         fields = self.teacher_fields()
         if cache is None and self.cache_mode == "memory" and fields:
             cache = TeacherCache("memory", dtype=torch.bfloat16 if self.teacher_dtype == "bf16" else torch.float16)

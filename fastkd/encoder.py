@@ -8,7 +8,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+from fastkd.families import FAMILIES, family_of, module_at
+
+# The families ETD extracts from: BERT's layer layout (attention.self.{query,key,value}, attention.output,
+# intermediate, output) with absolute positions.
+SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() if f.etd for t in f.model_types)
 
 
 
@@ -20,12 +24,13 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(base_model(model), "encoder", None), "layer", None)
+    family = family_of(model, "teacher")
+    if family.shared_layer:
+        raise ValueError(f"teacher: a {model.config.model_type} model shares one layer across depths; it has no "
+                         f"per-layer modules to extract from")
+    layers = module_at(base_model(model), family.layers)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"teacher: expected a BERT-family encoder with .encoder.layer (BERT, RoBERTa, ELECTRA, MiniLM), "
-            f"got {type(model).__name__}"
-        )
+        raise ValueError(f"teacher: expected the layer list at {family.layers}, got {type(layers).__name__}")
     return layers
 
 
@@ -78,11 +83,11 @@ def check_encoder(teacher) -> object:
     cfg = getattr(teacher, "config", None)
     if not isinstance(teacher, nn.Module) or cfg is None:
         raise ValueError(f"teacher: expected a transformers BERT-family model, got {type(teacher).__name__}")
-    if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"teacher: expected a model_type in {SUPPORTED_MODEL_TYPES}, got "
-                         f"{getattr(cfg, 'model_type', None)!r}")
-    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
-        raise ValueError("teacher: expected an encoder; decoders and cross-attention are not supported")
+    if not family_of(cfg, "teacher").etd:
+        raise ValueError(f"teacher: ETD extracts students from encoders with BERT's layer layout "
+                         f"({', '.join(SUPPORTED_MODEL_TYPES)}); a {cfg.model_type} model is not one: use --etd none "
+                         f"(a randomly initialised student of the teacher's class) or --student DIR (a pretrained "
+                         f"student of any supported family)")
     if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
         raise ValueError(f"teacher: expected absolute position embeddings, got {cfg.position_embedding_type!r}")
     layers = encoder_layers(teacher)
@@ -124,15 +129,26 @@ def student_config(teacher, *, num_layers: int, hidden_size: int, num_heads: int
 
 def resized_config(cfg_t, *, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int):
     """A copy of a teacher's config (same class and family, same vocab, positions, activation, attention
-    implementation) with the four sizes replaced; an embedding size tied to the hidden size shrinks with it."""
+    implementation) with the four sizes replaced, through the family's own attribute names; an embedding size
+    tied to the hidden size shrinks with it, and per-layer attention types (ModernBERT's) follow the new depth
+    by the config's own rule."""
+    family = family_of(cfg_t, "teacher")
+    sizes = (num_layers, hidden_size, num_heads, intermediate_size)
+    current = (cfg_t.num_hidden_layers, cfg_t.hidden_size, getattr(cfg_t, family.heads), getattr(cfg_t, family.ffn))
+    if not family.resizable and sizes != current:
+        raise ValueError(f"student: a {cfg_t.model_type} config cannot be resized by fastkd (its bottleneck sizes "
+                         f"are tied to the hidden size); pass a pretrained student with --student DIR")
     emb_t = getattr(cfg_t, "embedding_size", None)
     cfg = copy.deepcopy(cfg_t)
     cfg.num_hidden_layers = num_layers
     cfg.hidden_size = hidden_size
-    cfg.num_attention_heads = num_heads
-    cfg.intermediate_size = intermediate_size
+    setattr(cfg, family.heads, num_heads)
+    setattr(cfg, family.ffn, intermediate_size)
     if emb_t is not None and emb_t == cfg_t.hidden_size:
         cfg.embedding_size = hidden_size  # tied to the hidden size (no projection), so it shrinks with it
+    every = getattr(cfg_t, "global_attn_every_n_layers", None)
+    if getattr(cfg_t, "layer_types", None) is not None and every:
+        cfg.layer_types = ["full_attention" if i % every == 0 else "sliding_attention" for i in range(num_layers)]
     return cfg
 
 

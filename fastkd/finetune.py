@@ -87,11 +87,11 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     torch.manual_seed(cfg.seed)
     num_labels = len(label_names)
     model = load_model(teacher_path, head=True, num_labels=num_labels, id2label=dict(enumerate(label_names)),
-                       label2id={n: i for i, n in enumerate(label_names)}, attn_implementation="sdpa",
+                       label2id={n: i for i, n in enumerate(label_names)},
                        problem_type="regression" if num_labels == 1 else "single_label_classification")
     model.to(device).train()
     if cfg.freeze_word_embeddings:
-        model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, cfg.lr, cfg.weight_decay, fused=device.type == "cuda", decay_vectors=True)
     sampler = LengthBucketSampler(train_ds["length"], cfg.batch_size, seed=cfg.seed, shuffle=True)

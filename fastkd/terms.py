@@ -104,6 +104,7 @@ class TermKind:
     latent: bool = True  # task-agnostic: kept by --mode general
     needs_labels: bool = False
     trains_head: bool = False  # dev accuracy means something after a stage with it
+    uses_scores: bool = False  # computes attention scores q·kᵀ/√d from Q and K (not only relations of them)
     after_step: Callable[[Any, Any], None] | None = None  # (module, dist), once per step per distinct hook
     record: Callable[[Any], dict] | None = None  # module -> extra fields of each logged metrics line
 
@@ -292,16 +293,16 @@ for _kind in (
     TermKind("hidden_mse", "TinyBERT hidden loss over `pairs`: hidden_mse(W·h_s,i, h_t,j)", _reads_hidden,
              _hidden_mse),
     TermKind("att_mse", "TinyBERT attention-score MSE over `pairs` (needs equal head counts)", _reads_qkv("qk"),
-             _attention("attention_mse")),
+             _attention("attention_mse"), uses_scores=True),
     TermKind("att_kl", "MiniLM attention-distribution KL over `pairs` (needs equal head counts)", _reads_qkv("qk"),
-             _attention("attention_kl")),
+             _attention("attention_kl"), uses_scores=True),
     TermKind("value_kl", "MiniLM value-relation KL over `pairs`", _reads_qkv("v"), _value_kl),
     TermKind("qkv_relation", "MiniLMv2 Q-Q/K-K/V-V relation KL (1/3 each) with `relation_heads` heads",
              _reads_qkv("qkv"), _qkv_relation),
     TermKind("pkd", "Patient-KD normalised [CLS] MSE over `pairs` (a narrower student's [CLS] goes through W)",
              _reads_hidden, _pkd),
     TermKind("emd_att", "BERT-EMD many-to-many attention-score EMD", _reads("all_qk"), _emd("att"),
-             after_step=update_emd_weights, record=_emd_record),
+             after_step=update_emd_weights, record=_emd_record, uses_scores=True),
     TermKind("emd_hidden", "BERT-EMD many-to-many hidden-state EMD", _reads("all_hidden"), _emd("hidden"),
              after_step=update_emd_weights, record=_emd_record),
     TermKind("soft_ce", "prediction-layer soft_cross_entropy(s/T, t/T), × T² when `times_t2` (MSE for a "

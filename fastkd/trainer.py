@@ -161,8 +161,7 @@ class Trainer:
         self.teacher_paths = {"pretrained": path, "finetuned": finetuned}
         self.teachers: dict[str, nn.Module] = {}
         for kind in sorted({s.teacher for s in self.recipe.stages}):
-            model = load_model(self.teacher_paths[kind], head=self._teacher_head(kind), dtype=self.teacher_dtype,
-                               attn_implementation="sdpa")
+            model = load_model(self.teacher_paths[kind], head=self._teacher_head(kind), dtype=self.teacher_dtype)
             self.teachers[kind] = model.to(self.device).eval().requires_grad_(False)
         self.teacher_digest = {k: model_digest(p) for k, p in self.teacher_paths.items()}
 
@@ -173,7 +172,7 @@ class Trainer:
         cfg = self.cfg
         kind = "finetuned" if "finetuned" in self.teachers else "pretrained"
         src32 = self.teachers[kind] if self.teacher_dtype == torch.float32 else load_model(
-            self.teacher_paths[kind], head=self._teacher_head(kind), attn_implementation="sdpa")
+            self.teacher_paths[kind], head=self._teacher_head(kind))
         batches = etd_batches(self.data["task"] if cfg.mode == "task" else self.data["general"], cfg.batch_size,
                               self.pad_id, cfg.seed)
         student, kept_hidden = make_student(

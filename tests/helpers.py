@@ -78,6 +78,74 @@ WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", 
 POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
 
 
+# Every encoder family fastkd supports, as a tiny config (vocab 32 fits write_tokenizer's words); `**over`
+# changes sizes through the family's own attribute names.
+FAMILY_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text", "mobilebert",
+                "megatron-bert", "distilbert", "albert", "deberta", "deberta-v2", "mpnet", "roformer", "modernbert")
+
+
+def tiny_family_config(model_type: str, *, layers: int = 3, hidden: int = 32, heads: int = 4, ffn: int = 64,
+                       attn: str | None = None, **over):
+    """A tiny random config of ``model_type`` (no dropout), ``attn`` its attention implementation (None: the
+    family's own, as fastkd loads it)."""
+    from transformers import AutoConfig
+
+    from fastkd.families import attention_interface
+
+    kw = dict(vocab_size=32, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+              intermediate_size=ffn, max_position_embeddings=64, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0, pad_token_id=0)
+    if model_type == "distilbert":
+        kw = dict(vocab_size=32, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=ffn,
+                  max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, pad_token_id=0)
+    elif model_type == "mobilebert":
+        kw.update(embedding_size=16, intra_bottleneck_size=hidden, true_hidden_size=hidden)
+    elif model_type == "modernbert":
+        kw.update(global_attn_every_n_layers=2, local_attention=16, bos_token_id=2, eos_token_id=3,
+                  cls_token_id=2, sep_token_id=3, attention_dropout=0.0, mlp_dropout=0.0, embedding_dropout=0.0)
+    elif model_type == "albert":
+        kw.update(embedding_size=16)
+    elif model_type in ("deberta", "deberta-v2"):
+        kw.update(relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=16)
+    elif model_type in ("roberta", "xlm-roberta", "camembert", "data2vec-text"):
+        kw.update(max_position_embeddings=66)  # positions start after the padding index
+    kw.update(over)
+    cfg = AutoConfig.for_model(model_type, **kw)
+    cfg._attn_implementation = attn or attention_interface(cfg)
+    return cfg
+
+
+def tiny_family_model(model_type: str, *, seed: int = 0, num_labels: int = 2, peaked: bool = True, **cfg):
+    """A tiny random sequence classifier of ``model_type``; ``peaked`` redraws the Q/K projection weights with
+    std 0.3 (scores of std ~3) so the attention is far from uniform (a parity test on near-uniform attention
+    would prove little)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_family_config(model_type, **cfg)
+    config.num_labels = num_labels
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    if peaked:
+        # ELECTRA, MobileBERT and ALBERT feed attention through a projection without LayerNorm (embedding
+        # projection, bottleneck), whose small init would flatten the scores again: those get every Linear redrawn.
+        every_linear = model_type in ("electra", "mobilebert", "albert")
+        with torch.no_grad():
+            for name, mod in model.named_modules():
+                qk = any(k in name for k in ("query", "key", "q_lin", "k_lin", ".q", ".k", "Wqkv", "in_proj"))
+                if isinstance(mod, torch.nn.Linear) and (qk or every_linear) and "classifier" not in name:
+                    mod.weight.normal_(0.0, 0.3)
+                if isinstance(mod, torch.nn.Embedding) and every_linear:
+                    mod.weight.normal_(0.0, 1.0)
+    return model
+
+
+def make_family_teacher(folder: Path, model_type: str, **cfg) -> Path:
+    """A tiny random ``model_type`` classifier saved with ``save_pretrained`` and write_tokenizer's tokenizer."""
+    tiny_family_model(model_type, peaked=False, **cfg).save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
 def write_tokenizer(folder: Path):
     from transformers import BertTokenizerFast
 

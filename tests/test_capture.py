@@ -70,5 +70,5 @@ def test_capture_bad_layer_and_model():
     model = BertModel(tiny_bert_config())
     with pytest.raises(ValueError, match="layers: index 9 out of range"):
         capture(model, {"input_ids": torch.ones(1, 3, dtype=torch.long)}, [9])
-    with pytest.raises(ValueError, match="model: expected a BERT-family encoder"):
+    with pytest.raises(ValueError, match="model: model_type None is not a supported encoder family; supported: "):
         capture(torch.nn.Linear(2, 2), {}, [0])

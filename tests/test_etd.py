@@ -24,7 +24,7 @@ from transformers import (
 
 from fastkd import etd
 from fastkd.teacher import default_teacher_path
-from tests.helpers import rel_err, tiny_bert_config
+from tests.helpers import rel_err, tiny_bert_config, tiny_family_model
 
 FULL_TINY = dict(num_layers=4, hidden_size=32, num_heads=4, intermediate_size=64)
 
@@ -285,8 +285,12 @@ def test_impossible_targets_raise(gen, kwargs, match):
 def test_bad_inputs_raise(gen):
     teacher = _tiny_bert(gen)
     x = _inputs(gen, 128)
-    with pytest.raises(ValueError, match="teacher: expected a model_type in"):
+    with pytest.raises(ValueError, match="teacher: model_type 'gpt2' is not a supported encoder family"):
         etd.extract_student(GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2)), strategy="rand", **FULL_TINY)
+    distil = tiny_family_model("distilbert")  # supported for capture, not (yet) for extraction
+    with pytest.raises(ValueError, match="ETD extracts students from encoders with BERT's layer layout .* a "
+                                         "distilbert model is not one: use --etd none .* or --student DIR"):
+        etd.extract_student(distil, strategy="rand", **FULL_TINY)
     with pytest.raises(ValueError, match="teacher: expected a transformers BERT-family model"):
         etd.extract_student(nn.Linear(3, 3), strategy="rand", **FULL_TINY)
     with pytest.raises(ValueError, match="gates: expected a tensor of shape"):

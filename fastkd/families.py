@@ -1,0 +1,215 @@
+"""Encoder families: the one registry of where each transformers encoder keeps what fastkd reads.
+
+An :class:`EncoderFamily` is a declarative description of one architecture: where its layers are, which
+module's output is the embedding output (``output_hidden_states[0]``), where each layer's Q/K/V come from,
+what the model does to Q and K before its scores (rotary embeddings), what it applies after the last layer
+(a final LayerNorm), whether one layer module is shared by all depths (ALBERT), and which attention
+implementation it needs. Capture (:mod:`fastkd.capture`), the trainer's checks and the recipes' term checks
+read it; adding a family is one :func:`register_family` call here and its parity test (tests/test_families.py).
+
+Attention scores. fastkd's attention losses compute softmax(q·kᵀ/√d) from captured Q and K. That is the
+model's own attention only where its scores are q·kᵀ/√d (after any rotary step, which capture applies with the
+model's own function). DeBERTa's disentangled content/position terms and MPNet's relative position bias cannot
+be rebuilt from Q and K, so for those families the recipes refuse the terms that need scores (``score_refusal``
+says why) instead of computing them from the wrong scores; the hidden-state, relation and logit terms work.
+ModernBERT's local layers attend within a sliding window: their scores are exact while a batch fits the window
+(every token then sees every other), and :func:`check_window` refuses longer batches, naming the layers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _rotate_roformer(attention: nn.Module, bound: inspect.BoundArguments, q, k, v):
+    """RoFormer rotates Q and K (and V with ``rotary_value``) inside its self-attention, with the sinusoidal
+    positions it is called with; the model's own static method does it here too."""
+    pos = bound.arguments.get("sinusoidal_pos")
+    if pos is None:
+        return q, k, v
+    rotate = type(attention).apply_rotary_position_embeddings
+    q = None if q is None else rotate(pos, q, q)[0]
+    k = None if k is None else rotate(pos, k, k)[0]
+    if v is not None and getattr(attention, "rotary_value", False):
+        v = rotate(pos, v, v)[0]
+    return q, k, v
+
+
+def _rotate_modernbert(attention: nn.Module, bound: inspect.BoundArguments, q, k, v):
+    """ModernBERT applies its rotary embedding (cos, sin: the ``position_embeddings`` argument) to Q and K."""
+    cos, sin = bound.arguments["position_embeddings"]
+    apply = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+    if q is not None:
+        q = apply(q, q, cos, sin, unsqueeze_dim=1)[0]
+    if k is not None:
+        k = apply(k, k, cos, sin, unsqueeze_dim=1)[0]
+    return q, k, v
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """Paths are dotted attribute paths: ``layers``, ``embeddings``, ``final_norm`` and ``shared_layer`` under the
+    base model, the others under one layer. ``embeddings`` may list alternatives ("a|b": the first present)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str = "encoder.layer"
+    embeddings: str = "embeddings"
+    q: str | None = "attention.self.query"
+    k: str | None = "attention.self.key"
+    v: str | None = "attention.self.value"
+    fused_qkv: str | None = None  # one Linear giving [q | k | v] (ModernBERT's Wqkv)
+    attention: str = "attention.self"  # the module whose call arguments a rotary step needs
+    rotate: Callable | None = None  # (attention module, its bound call arguments, q, k, v) -> (q, k, v)
+    final_norm: str | None = None  # applied after the last layer: output_hidden_states[-1] is its output
+    shared_layer: str | None = None  # one module run num_hidden_layers times (ALBERT)
+    heads: str = "num_attention_heads"  # the config attribute holding the head count
+    ffn: str = "intermediate_size"  # the config attribute holding the FFN width
+    resizable: bool = True  # a config copy with other sizes is a valid model (MobileBERT's bottlenecks: no)
+    attn_implementation: str = "sdpa"  # what the model is loaded with (eager where it has no SDPA path)
+    score_refusal: str | None = None  # why attention-score terms cannot be computed from captured Q/K
+    qkv_refusal: str | None = None  # why Q/K/V cannot be captured at all
+    etd: bool = False  # fastkd.etd can extract a student (BERT's layer layout)
+
+    @property
+    def scores_from_qk(self) -> bool:
+        return self.score_refusal is None and self.qkv_refusal is None
+
+
+FAMILIES: dict[str, EncoderFamily] = {}
+
+
+def register_family(family: EncoderFamily) -> EncoderFamily:
+    for other in FAMILIES.values():
+        if set(other.model_types) & set(family.model_types):
+            raise ValueError(f"family {family.name}: model_type already registered by {other.name}")
+    FAMILIES[family.name] = family
+    return family
+
+
+for _name, _types in (("bert", ("bert",)), ("roberta", ("roberta",)), ("xlm-roberta", ("xlm-roberta",)),
+                      ("camembert", ("camembert",)), ("ernie", ("ernie",)), ("data2vec-text", ("data2vec-text",))):
+    register_family(EncoderFamily(_name, _types, etd=True))
+register_family(EncoderFamily("electra", ("electra",), embeddings="embeddings_project|embeddings", etd=True))
+register_family(EncoderFamily("mobilebert", ("mobilebert",), resizable=False))
+register_family(EncoderFamily("megatron-bert", ("megatron-bert",), final_norm="encoder.ln",
+                              attn_implementation="eager"))
+register_family(EncoderFamily("roformer", ("roformer",), rotate=_rotate_roformer, attn_implementation="eager"))
+register_family(EncoderFamily(
+    "distilbert", ("distilbert",), layers="transformer.layer", q="attention.q_lin", k="attention.k_lin",
+    v="attention.v_lin", attention="attention", heads="n_heads", ffn="hidden_dim"))
+register_family(EncoderFamily(
+    "albert", ("albert",), layers="encoder.albert_layer_groups", embeddings="encoder.embedding_hidden_mapping_in",
+    shared_layer="encoder.albert_layer_groups.0.albert_layers.0", q="attention.query", k="attention.key",
+    v="attention.value", attention="attention"))
+register_family(EncoderFamily(
+    "modernbert", ("modernbert",), layers="layers", q=None, k=None, v=None, fused_qkv="attn.Wqkv",
+    attention="attn", rotate=_rotate_modernbert, final_norm="final_norm"))
+register_family(EncoderFamily(
+    "deberta-v2", ("deberta-v2",), q="attention.self.query_proj", k="attention.self.key_proj",
+    v="attention.self.value_proj", attn_implementation="eager",
+    score_refusal="DeBERTa's attention adds disentangled content-to-position and position-to-content terms "
+                  "that Q and K alone do not give"))
+register_family(EncoderFamily(
+    "deberta", ("deberta",), q=None, k=None, v=None, attn_implementation="eager",
+    score_refusal="DeBERTa's attention adds disentangled content-to-position and position-to-content terms "
+                  "that Q and K alone do not give",
+    qkv_refusal="DeBERTa (v1) computes Q, K and V in one fused in_proj with per-head interleaving and separate "
+                "biases, which fastkd does not unpick"))
+register_family(EncoderFamily(
+    "mpnet", ("mpnet",), q="attention.attn.q", k="attention.attn.k", v="attention.attn.v",
+    attention="attention.attn", attn_implementation="eager",
+    score_refusal="MPNet adds a learned relative-position bias to q·kᵀ/√d"))
+
+
+def supported() -> str:
+    return ", ".join(sorted(t for f in FAMILIES.values() for t in f.model_types))
+
+
+def family_of(model_or_config, what: str = "model") -> EncoderFamily:
+    """The family of a transformers model or config; a ValueError naming the model_type and the supported ones
+    otherwise (never an AttributeError from deep inside capture)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(cfg, "model_type", None)
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+                raise ValueError(f"{what}: expected an encoder; decoders and cross-attention are not supported")
+            return family
+    raise ValueError(f"{what}: model_type {model_type!r} is not a supported encoder family; supported: {supported()}")
+
+
+def module_at(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted path (``a.b.0.c``); with "a|b" alternatives the first one present."""
+    for option in path.split("|"):
+        mod = root
+        try:
+            for part in option.split("."):
+                mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+        except (AttributeError, IndexError):
+            continue
+        if isinstance(mod, nn.Module):
+            return mod
+    raise ValueError(f"model: expected a submodule at {path!r} ({type(root).__name__})")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def num_layers(model: nn.Module) -> int:
+    return base_model(model).config.num_hidden_layers
+
+
+def num_heads(config) -> int:
+    return getattr(config, family_of(config).heads)
+
+
+def layer_module(model: nn.Module, family: EncoderFamily, i: int) -> nn.Module:
+    """The module that computes layer i (ALBERT: the shared one, for every i)."""
+    base = base_model(model)
+    if family.shared_layer:
+        return module_at(base, family.shared_layer)
+    return module_at(base, family.layers)[i]
+
+
+def sliding_windows(config) -> dict[int, int]:
+    """{layer: longest sequence its sliding window leaves whole} for ModernBERT's local layers; {} elsewhere.
+    A local layer masks keys more than ``local_attention // 2`` positions away, so up to that many + 1 tokens
+    every query still sees every key and the scores are exactly q·kᵀ/√d."""
+    types = getattr(config, "layer_types", None) or []
+    half = getattr(config, "local_attention", 0) // 2
+    return {i: half + 1 for i, t in enumerate(types) if t == "sliding_attention"}
+
+
+def check_window(config, layers: list[int], length: int, terms: str) -> None:
+    """Refuse attention-score terms on windowed layers for a batch longer than the window."""
+    limits = sliding_windows(config)
+    bad = [i for i in layers if i in limits and length > limits[i]]
+    if bad:
+        raise ValueError(
+            f"{terms}: {config.model_type} layers {bad} attend within a sliding window of ±{limits[bad[0]] - 1} "
+            f"tokens, and this batch has {length}; attention-score terms there would use scores the model does "
+            f"not use. Map the term onto global layers "
+            f"({[i for i in range(config.num_hidden_layers) if i not in limits]}) or keep sequences to at most "
+            f"{min(limits[i] for i in bad)} tokens (--max-length)")
+
+
+def attention_interface(config) -> str | None:
+    """The attention implementation fastkd loads a model of this config with; None (transformers' own choice)
+    for a model outside the registry, which only method kd (logits alone) can use."""
+    model_type = getattr(config, "model_type", None)
+    family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    return None if family is None else family.attn_implementation
+
+
+def as_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, H·d] -> [B, H, L, d] (a view)."""
+    B, L, D = t.shape
+    return t.view(B, L, heads, D // heads).transpose(1, 2)

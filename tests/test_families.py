@@ -1,0 +1,116 @@
+"""Parity of fastkd's capture with each encoder family's own outputs, on tiny random models with peaked
+attention, built offline (tests/helpers.py: FAMILY_TYPES, tiny_family_model).
+
+For every family: the captured embedding output and layer outputs equal ``output_hidden_states`` exactly;
+where the family's scores are q·kᵀ/√d (after its rotary step), the attention rebuilt from the captured Q and K
+equals the model's own eager ``output_attentions`` to fp32 tolerance (1e-5 absolute on probabilities); the
+attention losses run forward and backward on the captured tensors. Families whose scores Q and K cannot give
+(DeBERTa's disentangled terms, MPNet's relative bias) are checked to differ, which is why fastkd refuses their
+attention-score terms, and the refusal is tested.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastkd import losses
+from fastkd.capture import capture
+from fastkd.families import FAMILIES, family_of, sliding_windows
+from tests.helpers import FAMILY_TYPES, tiny_family_model
+
+B, L = 2, 13  # odd length; the second sequence is padded from position 9
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 32, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 9:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _rebuilt_attention(q, k, mask):
+    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    return scores.softmax(-1)
+
+
+def test_every_listed_family_is_registered():
+    registered = {t for f in FAMILIES.values() for t in f.model_types}
+    assert set(FAMILY_TYPES) == registered
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_captured_hidden_states_are_the_models(model_type):
+    model = tiny_family_model(model_type, attn="eager")
+    n = model.config.num_hidden_layers
+    with torch.no_grad():
+        out, cap = capture(model, {**_inputs(), "output_hidden_states": True}, embeddings=True)
+    assert len(out.hidden_states) == n + 1
+    assert torch.equal(cap.embeddings, out.hidden_states[0])
+    for i in range(n):
+        assert torch.equal(cap.hidden[i], out.hidden_states[i + 1]), f"layer {i}"
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_attention_rebuilt_from_captured_qk_is_the_models(model_type):
+    family = family_of(tiny_family_model(model_type, attn="eager").config)
+    model = tiny_family_model(model_type, attn="eager")
+    inputs = _inputs()
+    if family.qkv_refusal:
+        with pytest.raises(ValueError, match="cannot capture Q/K/V"):
+            capture(model, inputs, qkv="qk")
+        return
+    with torch.no_grad():
+        out, cap = capture(model, {**inputs, "output_attentions": True}, qkv="qk", hidden=False)
+    windows = sliding_windows(model.config)
+    for i, ref in enumerate(out.attentions):
+        rebuilt = _rebuilt_attention(cap.q[i], cap.k[i], inputs["attention_mask"])
+        valid = inputs["attention_mask"].bool()[:, None, :, None].expand_as(ref)  # padded query rows: undefined
+        err = float((rebuilt.float() - ref)[valid].abs().max())
+        assert float(ref.max()) > 0.3, "the test's attention is not peaked (uniform would be 1/13)"
+        if family.scores_from_qk and not (i in windows and L > windows[i]):
+            assert err < 1e-5, f"layer {i}: {err}"
+        else:  # the real scores carry terms Q and K do not: fastkd must not compute losses from these
+            assert err > 1e-3, f"layer {i}: expected the Q/K-only scores to differ, max error {err}"
+
+
+@pytest.mark.parametrize("model_type", [t for t in FAMILY_TYPES if FAMILIES[t].scores_from_qk])
+def test_attention_losses_run_on_captured_tensors(model_type):
+    teacher = tiny_family_model(model_type, seed=0)
+    student = tiny_family_model(model_type, seed=1).train()
+    inputs = _inputs()
+    mask = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        _, t = capture(teacher, inputs, layers=[0], qkv="qk", embeddings=True)
+    _, s = capture(student, inputs, layers=[0], qkv="qk", embeddings=True)
+    loss = (losses.attention_kl(s.q[0], s.k[0], t.q[0], t.k[0], mask)
+            + losses.attention_mse(s.q[0], s.k[0], t.q[0], t.k[0], mask)
+            + losses.hidden_mse(s.hidden[0], t.hidden[0], mask=mask)
+            + losses.hidden_mse(s.embeddings, t.embeddings, mask=mask))
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and float(loss) > 0 and grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_modernbert_local_layers_are_exact_within_the_window_only():
+    model = tiny_family_model("modernbert", attn="eager")
+    windows = sliding_windows(model.config)
+    assert windows == {1: 9}  # local_attention 16: ±8 positions, so sequences of up to 9 tokens are whole
+    assert L > windows[1]  # the parity test above sees layer 1 differ at L = 13
+    short = {k: v[:, :9] for k, v in _inputs().items()}
+    with torch.no_grad():
+        out, cap = capture(model, {**short, "output_attentions": True}, qkv="qk", hidden=False)
+    rebuilt = _rebuilt_attention(cap.q[1], cap.k[1], short["attention_mask"])
+    valid = short["attention_mask"].bool()[:, None, :, None].expand_as(out.attentions[1])
+    assert float((rebuilt.float() - out.attentions[1])[valid].abs().max()) < 1e-5
+
+
+def test_unsupported_family_is_a_value_error_naming_it():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match=r"model_type 'gpt2' is not a supported encoder family; supported: .*bert"):
+        family_of(GPT2Config())

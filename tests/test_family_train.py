@@ -1,0 +1,69 @@
+"""fastkd.train end to end on tiny teachers of other encoder families (built offline, tests/helpers.py), and the
+refusals that name the family: the parity of what these runs capture is tests/test_families.py's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.helpers import make_family_teacher, write_task
+from tests.train_support import args_for, one_thread, read_metrics, run_cli  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_task(tmp_path_factory.mktemp("family-data"))
+
+
+def _tiny(tmp_path, data, model_type, **cfg):
+    return {"teacher": make_family_teacher(tmp_path / model_type, model_type, **cfg), "data": data}
+
+
+@pytest.mark.parametrize("model_type, method", [
+    ("distilbert", "tinybert"),
+    ("modernbert", "tinybert"),  # local layers' window (±32) covers --max-length 24: their scores are exact
+    ("deberta-v2", "minilmv2"),  # Q/K/V relations only: DeBERTa's real scores are not q·kᵀ
+    ("albert", "kd"),
+    ("megatron-bert", "minilm"),  # eager attention (it has no SDPA path), set by fastkd
+])
+def test_method_runs_end_to_end(tmp_path, data, model_type, method):
+    cfg = {"local_attention": 64} if model_type == "modernbert" else {}
+    tiny = _tiny(tmp_path, data, model_type, **cfg)
+    out = tmp_path / "out"
+    res = run_cli(args_for(tiny, out, method, "--etd", "none"))
+    recipe = res["trainer"].recipe
+    steps = [m for m in read_metrics(out) if "loss" in m and "event" not in m]
+    for stage in recipe.stages:  # every stage logged every term, all finite
+        mine = [m for m in steps if m["stage"] == stage.name]
+        assert mine and all(math.isfinite(m[f"loss_{t.kind}"]) for m in mine for t in stage.terms), stage.name
+    assert 0.0 <= res["student_test_acc"] <= 1.0
+    if model_type != "albert":  # ALBERT's layers share one set of weights: fewer layers, same parameters
+        assert res["student_params"] < res["teacher_params"]
+    from transformers import AutoModelForSequenceClassification
+
+    student = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert student.config.model_type == model_type and student.config.num_hidden_layers == 2
+
+
+def test_attention_score_terms_are_refused_for_deberta(tmp_path, data):
+    tiny = _tiny(tmp_path, data, "deberta-v2")
+    with pytest.raises(ValueError, match=r"att_mse \(stage intermediate of tinybert\): the (student|teacher) is a "
+                                         r"deberta-v2 model, and DeBERTa's attention adds disentangled .* wrong "
+                                         r"scores"):
+        run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--etd", "none"))
+
+
+def test_modernbert_window_shorter_than_the_batch_is_refused(tmp_path, data):
+    tiny = _tiny(tmp_path, data, "modernbert")  # local_attention 16: ±8 tokens, batches here reach 15
+    with pytest.raises(ValueError, match=r"att_mse \((teacher|student)\): modernbert layers \[1\] attend within a "
+                                         r"sliding window of ±8 tokens"):
+        run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--etd", "none"))
+
+
+def test_etd_refuses_a_family_it_cannot_cut(tmp_path, data):
+    tiny = _tiny(tmp_path, data, "distilbert")
+    with pytest.raises(ValueError, match="a distilbert model is not one: use --etd none"):
+        run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--etd", "rand"))
