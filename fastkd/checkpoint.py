@@ -19,7 +19,7 @@ from fastkd.engine import NonFiniteLossError
 
 RUN_FILE = "run.json"
 # Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
-IDENTITY = ("method", "mode", "task", "text_column", "label_column", "text_pair_column", "teacher", "etd",
+IDENTITY = ("method", "mode", "task", "text_column", "label_column", "text_pair_column", "teacher", "student", "etd",
             "student_layers", "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum", "seed",
             "epochs", "max_train_examples", "overrides", "finetune_epochs", "finetune_examples", "finetune_seed",
             "max_length")

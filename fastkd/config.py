@@ -94,6 +94,9 @@ class TrainConfig:
                                  "MiniLM); a teacher without a head is fine-tuned first and cached")
     output_dir: str | None = option(None, "where the run writes checkpoints, metrics.jsonl, loss.png and the "
                                     "student (default: runs/<method>-<task>-<time>)")
+    student: str | None = option(None, "a pretrained student instead of one made from the teacher: a local model "
+                                 "folder of any supported encoder family, of any width; its own sizes replace "
+                                 "--student-layers/-hidden/-heads/-ffn, and it must read the teacher's tokenizer")
     etd: str = option("none", "student initialisation: extract the teacher's weights by importance (impt) or at "
                       "random (rand), or none (random initialisation)", choices=("impt", "rand", "none"))
     student_layers: int = option(3, "student depth", check=positive)

@@ -373,7 +373,8 @@ def _need_equal_heads(shapes: Shapes, method: str):
         raise MappingError(
             f"{method}: attention losses compare per-head score maps, so student and teacher need the same head "
             f"count; the teacher has {shapes.teacher_heads} heads, the student {shapes.student_heads}. Set "
-            f"--student-heads {shapes.teacher_heads} (or use --method minilmv2, whose relation heads may differ)"
+            f"--student-heads {shapes.teacher_heads}, or give a --student with {shapes.teacher_heads} heads (or use "
+            f"--method minilmv2, whose relation heads may differ)"
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -38,11 +40,61 @@ def mapped_teacher_layers(recipe: Recipe, n_s: int, n_t: int) -> list[int] | Non
     return None
 
 
+def student_sizes(cfg: TrainConfig) -> tuple[int, int, int]:
+    """(layers, hidden, heads) of the run's student: a --student's own config, else --student-*."""
+    if cfg.student is None:
+        return cfg.student_layers, cfg.student_hidden, cfg.student_heads
+    from transformers import AutoConfig
+
+    from fastkd.families import num_heads
+
+    if cfg.etd != "none":
+        raise ValueError(f"--etd: {cfg.etd} extracts a student from the teacher, and --student gives one; use one")
+    if not Path(cfg.student).is_dir():
+        raise ValueError(f"--student: expected a local model folder, got {cfg.student}")
+    sc = AutoConfig.from_pretrained(cfg.student)
+    return sc.num_hidden_layers, sc.hidden_size, num_heads(sc)
+
+
+def check_student_tokenizer(cfg: TrainConfig, teacher_tokenizer) -> None:
+    """A --student trains on the teacher's token ids, so it must read the same vocabulary (no-op without one)."""
+    if cfg.student is None:
+        return
+    from transformers import AutoConfig, AutoTokenizer
+
+    vocab = getattr(AutoConfig.from_pretrained(cfg.student), "vocab_size", None)
+    try:
+        own = AutoTokenizer.from_pretrained(cfg.student)
+    except (OSError, ValueError, TypeError):
+        own = None  # a folder with weights only: it is taken to use the teacher's tokenizer
+    differs = own is not None and own.get_vocab() != teacher_tokenizer.get_vocab()
+    if differs or (vocab is not None and vocab < len(teacher_tokenizer)):
+        why = "its own tokenizer differs" if differs else f"{vocab} embeddings for {len(teacher_tokenizer)} tokens"
+        raise ValueError(
+            f"--student: {cfg.student} reads a different vocabulary from the teacher's tokenizer ({why}); "
+            f"fastkd.train feeds both models the teacher's token ids, so token-level terms would compare different "
+            f"tokens. Use a student with the teacher's tokenizer; logit KD across tokenizers needs each model fed "
+            f"its own tokenisation, which the Python API allows (Distiller(..., method='kd') with "
+            f"teacher_outputs=) and fastkd.train does not yet")
+
+
 def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num_batches: int = 64,
                  layers: list[int] | None = None) -> tuple[nn.Module, torch.Tensor | None]:
-    """(student, kept teacher hidden dims or None): ETD extraction (``--etd impt|rand``, fastkd.etd) or, with
-    ``--etd none``, the teacher's class randomly initialised."""
+    """(student, kept teacher hidden dims or None): a pretrained ``--student`` with a fresh task head the
+    teacher's size, ETD extraction (``--etd impt|rand``, fastkd.etd) or, with ``--etd none``, the teacher's class
+    randomly initialised."""
     torch.manual_seed(cfg.seed)
+    if cfg.student is not None:
+        from fastkd.teacher import load_model
+
+        tc = teacher.config
+        student = load_model(cfg.student, head=True, num_labels=tc.num_labels, id2label=tc.id2label,
+                             label2id=tc.label2id, problem_type=getattr(tc, "problem_type", None),
+                             ignore_mismatched_sizes=True)
+        sc = student.config
+        log(f"student: {cfg.student} ({sc.model_type}, {sc.num_hidden_layers} layers x {sc.hidden_size}), its "
+            f"task head sized to the teacher's {tc.num_labels} label(s)")
+        return student, None
     if cfg.etd != "none":
         from fastkd.etd import extract_student
 

@@ -46,11 +46,12 @@ from fastkd.engine import (
     steps_per_epoch,
     warmup_linear,
 )
+from fastkd.families import num_heads
 from fastkd.finetune import finetune_for_run
 from fastkd.recipes import Shapes, Stage, build_recipe, describe, make_params
 from fastkd.report import finish_run
 from fastkd.rundata import load_run_data
-from fastkd.student import etd_batches, make_student, mapped_teacher_layers
+from fastkd.student import check_student_tokenizer, etd_batches, make_student, mapped_teacher_layers, student_sizes
 from fastkd.teacher import (
     TeacherRunner,
     cache_bytes,
@@ -112,14 +113,15 @@ class Trainer:
         if positions is not None and cfg.max_length > positions:
             raise ValueError(f"--max-length: expected at most {positions} (the teacher's position embeddings), "
                              f"got {cfg.max_length}")
-        self.shapes = Shapes(tconf.num_hidden_layers, cfg.student_layers, tconf.hidden_size, cfg.student_hidden,
-                             tconf.num_attention_heads, cfg.student_heads)
+        (n_s, d_s, h_s), h_t = student_sizes(cfg), num_heads(tconf)
+        self.shapes = Shapes(tconf.num_hidden_layers, n_s, tconf.hidden_size, d_s, h_t, h_s)
         self.recipe = build_recipe(cfg.method, self.shapes, make_params(cfg.method, cfg.overrides), mode=cfg.mode)
         for s in self.recipe.stages:
             s.epochs = cfg.epochs if cfg.epochs is not None else (min(s.epochs, CPU_MAX_EPOCHS) if self.on_cpu
                                                                    else s.epochs)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         check_tokenizer(self.tokenizer, tconf, path)
+        check_student_tokenizer(cfg, self.tokenizer)
         # Fingerprint it before any call: a fast tokenizer's serialised state records the last truncation
         # settings, which differ when datasets serves a tokenised split from its cache (no call at all).
         self.tokenizer_fp = fingerprint_tokenizer(self.tokenizer)
@@ -177,7 +179,7 @@ class Trainer:
                               self.pad_id, cfg.seed)
         student, kept_hidden = make_student(
             src32.to(self.device), cfg, data=batches, log=self.log, num_batches=16 if self.on_cpu else 64,
-            layers=mapped_teacher_layers(self.recipe, cfg.student_layers, self.shapes.teacher_layers))
+            layers=mapped_teacher_layers(self.recipe, self.shapes.student_layers, self.shapes.teacher_layers))
         del src32
         names = {k: f"the {k} teacher ({self.teacher_paths[k]})" for k in self.teachers}
         self.module = Distiller(self.teachers, student, self.recipe, kept_hidden=kept_hidden,

@@ -78,8 +78,10 @@ def test_attention_rebuilt_from_captured_qk_is_the_models(model_type):
             assert err > 1e-3, f"layer {i}: expected the Q/K-only scores to differ, max error {err}"
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the fused kernels (the interpreter on a CPU)
 @pytest.mark.parametrize("model_type", [t for t in FAMILY_TYPES if FAMILIES[t].scores_from_qk])
-def test_attention_losses_run_on_captured_tensors(model_type):
+def test_attention_losses_run_on_captured_tensors(model_type, backend, monkeypatch):
+    monkeypatch.setenv("FASTKD_BACKEND", backend)
     teacher = tiny_family_model(model_type, seed=0)
     student = tiny_family_model(model_type, seed=1).train()
     inputs = _inputs()
@@ -94,6 +96,13 @@ def test_attention_losses_run_on_captured_tensors(model_type):
     loss.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and float(loss) > 0 and grads and all(torch.isfinite(g).all() for g in grads)
+    if backend == "triton":  # the fused path gives the reference's value on the same captured tensors
+        monkeypatch.setenv("FASTKD_BACKEND", "torch")
+        ref = (losses.attention_kl(s.q[0], s.k[0], t.q[0], t.k[0], mask)
+               + losses.attention_mse(s.q[0], s.k[0], t.q[0], t.k[0], mask)
+               + losses.hidden_mse(s.hidden[0], t.hidden[0], mask=mask)
+               + losses.hidden_mse(s.embeddings, t.embeddings, mask=mask))
+        assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref))
 
 
 def test_modernbert_local_layers_are_exact_within_the_window_only():
@@ -114,3 +123,30 @@ def test_unsupported_family_is_a_value_error_naming_it():
 
     with pytest.raises(ValueError, match=r"model_type 'gpt2' is not a supported encoder family; supported: .*bert"):
         family_of(GPT2Config())
+
+
+@pytest.mark.parametrize("model_type", [t for t in FAMILY_TYPES if FAMILIES[t].etd])
+def test_etd_per_family_full_size_is_exact_and_a_cut_keeps_units(model_type):
+    from fastkd import etd
+
+    teacher = tiny_family_model(model_type, layers=3)
+    cfg = teacher.config
+    x = _inputs()
+    full = etd.extract_student(teacher, num_layers=3, hidden_size=cfg.hidden_size, num_heads=4,
+                               intermediate_size=cfg.intermediate_size, strategy="rand").eval()
+    assert type(full) is type(teacher)
+    with torch.no_grad():
+        assert torch.equal(full(**x).logits, teacher(**x).logits)
+    cut, plan = etd.extract_student(teacher, num_layers=2, hidden_size=24, num_heads=2, intermediate_size=40,
+                                    strategy="rand", return_plan=True)
+    li, t_layer = 1, plan.layers[1]  # a kept layer's FFN rows are the teacher's kept rows and hidden dims
+    t_ffn = module_of(teacher, model_type, t_layer)
+    s_ffn = module_of(cut, model_type, li)
+    expect = t_ffn.weight[plan.ffn[li]][:, plan.hidden]
+    assert torch.equal(s_ffn.weight, expect)
+
+
+def module_of(model, model_type, i):
+    from fastkd.families import layer_module, module_at
+
+    return module_at(layer_module(model, FAMILIES[model_type], i), "intermediate.dense")

@@ -67,3 +67,46 @@ def test_etd_refuses_a_family_it_cannot_cut(tmp_path, data):
     tiny = _tiny(tmp_path, data, "distilbert")
     with pytest.raises(ValueError, match="a distilbert model is not one: use --etd none"):
         run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--etd", "rand"))
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "roberta"])
+def test_pretrained_student_of_another_family_with_the_packaged_teacher(tmp_path, data, model_type):
+    # The packaged MiniLM (BERT, 6 x 384, 12 heads) teaching a tiny random student of another family that reads
+    # the same tokenizer: 2 layers x 96 (12 heads of 8), so TinyBERT's hidden terms go through its projection.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fastkd.teacher import default_teacher_path
+    from tests.helpers import tiny_family_model
+
+    tok = AutoTokenizer.from_pretrained(default_teacher_path())
+    student_dir = tmp_path / f"student-{model_type}"
+    tiny_family_model(model_type, layers=2, hidden=96, heads=12, ffn=128, vocab_size=len(tok),
+                      peaked=False).save_pretrained(student_dir)
+    tok.save_pretrained(student_dir)
+    tiny = {"teacher": default_teacher_path(), "data": data}
+    out = tmp_path / "out"
+    res = run_cli(args_for(tiny, out, "tinybert", "--student", str(student_dir), "--finetune-epochs", "1"))
+    steps = [m for m in read_metrics(out) if "loss" in m and "event" not in m]
+    assert {m["stage"] for m in steps} == {"intermediate", "prediction"}
+    assert all(math.isfinite(m["loss"]) for m in steps) and "loss_hidden_mse" in steps[0]
+    saved = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert saved.config.model_type == model_type and saved.config.hidden_size == 96
+    assert res["student_params"] < res["teacher_params"]
+
+
+def test_student_with_another_vocabulary_is_refused(tmp_path, data):
+    from fastkd.teacher import default_teacher_path
+
+    # write_tokenizer's 25-token vocabulary, 12 heads like the teacher (so the recipe itself is fine)
+    student_dir = make_family_teacher(tmp_path / "student", "distilbert", hidden=48, heads=12)
+    tiny = {"teacher": default_teacher_path(), "data": data}
+    with pytest.raises(ValueError, match=r"--student: .* reads a different vocabulary from the teacher's tokenizer "
+                                         r"\(its own tokenizer differs\).* method='kd'"):
+        run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--student", str(student_dir)))
+
+
+def test_student_and_etd_together_are_refused(tmp_path, data):
+    student_dir = make_family_teacher(tmp_path / "student", "distilbert")
+    tiny = _tiny(tmp_path, data, "bert")
+    with pytest.raises(ValueError, match="--etd: rand extracts a student from the teacher, and --student gives one"):
+        run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--student", str(student_dir), "--etd", "rand"))

@@ -165,3 +165,25 @@ def test_backward_keeps_the_residual_in_the_dot_dtype(dtype, gen):
     r = max(extra, key=lambda t: t.numel())
     assert r.dtype == dtype
     assert not r.view(K, B, L, d_t)[:, ~mask].any()  # masked rows hold exactly 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU (the GPU session runs it)")
+def test_under_cuda_autocast_the_projection_reaches_the_kernel_in_the_autocast_dtype(gen, monkeypatch):
+    # As the trainer runs it: fp32 hidden states (LayerNorm's output under autocast) and fp32 fit_dense params.
+    import fastkd.kernels.hidden_mse as kernel
+
+    seen = {}
+    real = kernel.HiddenMSEFunction.apply
+
+    def spy(h_s, h_t, weight, bias, mask, store_r):
+        seen.update(h_s=h_s.dtype, weight=weight.dtype)
+        return real(h_s, h_t, weight, bias, mask, store_r)
+
+    monkeypatch.setattr(kernel.HiddenMSEFunction, "apply", spy)
+    h_s = rand((2, 17, 24), torch.float32, gen).requires_grad_()
+    weight = rand((40, 24), torch.float32, gen, scale=0.2).requires_grad_()
+    with torch.autocast("cuda", torch.bfloat16):
+        out = losses.hidden_mse(h_s, rand((2, 17, 40), torch.bfloat16, gen), weight, None, None)
+    out.backward()
+    assert seen == {"h_s": torch.bfloat16, "weight": torch.bfloat16}
+    assert h_s.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32

@@ -1,0 +1,63 @@
+"""Every method on every encoder family through fastkd.Distiller, one optimizer step per stage on tiny random
+models (teacher 4 layers, student 2), and every family as the student of a BERT teacher. The combinations a
+family cannot give are refused with a ValueError naming the family (hard-coded here, not derived from the
+code under test): DeBERTa (v1) has no capturable Q/K/V; DeBERTa-v2 and MPNet have scores Q and K do not give."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastkd import Distiller
+from fastkd.recipes import REGISTRY
+from tests.helpers import FAMILY_TYPES, tiny_family_model
+
+SCORE_METHODS = {"tinybert", "minilm", "bert-emd", "ernie-tiny"}  # attention-score terms
+QKV_METHODS = SCORE_METHODS | {"minilmv2"}  # anything read from Q/K/V
+REFUSED = {("deberta", m) for m in QKV_METHODS} | {(f, m) for f in ("deberta-v2", "mpnet") for m in SCORE_METHODS}
+SETTINGS = {"minilmv2": {"minilmv2.relation_heads": 4}}
+# ModernBERT's local layers attend within ±32 here, more than the batch's 11 tokens: their scores are exact.
+CFG = {"modernbert": {"local_attention": 64}}
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 32, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[2, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1])}
+
+
+def _steps(distiller):
+    opt = torch.optim.SGD(distiller.trainable_parameters(), lr=1e-3)
+    for stage in distiller.stages:
+        distiller.set_stage(stage.name)
+        out = distiller(**_batch())
+        assert math.isfinite(float(out.loss)) and out.terms, stage.name
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        distiller.after_step()
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_every_method_steps_or_is_refused(model_type):
+    cfg = CFG.get(model_type, {})
+    teacher = tiny_family_model(model_type, seed=0, layers=4, peaked=False, **cfg)
+    student = tiny_family_model(model_type, seed=1, layers=2, peaked=False, **cfg).train()
+    for method in REGISTRY:
+        if (model_type, method) in REFUSED:
+            with pytest.raises(ValueError, match=f"is a {model_type} model, and"):
+                Distiller(teacher, student, method, settings=SETTINGS.get(method))
+            continue
+        _steps(Distiller(teacher, student, method, settings=SETTINGS.get(method)))
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_every_family_as_the_student_of_a_bert_teacher(model_type):
+    teacher = tiny_family_model("bert", seed=0, layers=4, peaked=False)
+    student = tiny_family_model(model_type, seed=1, layers=2, peaked=False, **CFG.get(model_type, {})).train()
+    method = "kd" if model_type == "deberta" else "minilmv2" if model_type in ("deberta-v2", "mpnet") else "tinybert"
+    _steps(Distiller(teacher, student, method, settings=SETTINGS.get(method)))
