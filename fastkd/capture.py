@@ -32,13 +32,12 @@ class Captured:
     q: dict[int, torch.Tensor] = field(default_factory=dict)
     k: dict[int, torch.Tensor] = field(default_factory=dict)
     v: dict[int, torch.Tensor] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # real [B, H, L, L] scores (DeBERTa, MPNet)
 
     def clear(self) -> None:
         self.embeddings = None
-        self.hidden.clear()
-        self.q.clear()
-        self.k.clear()
-        self.v.clear()
+        for d in (self.hidden, self.q, self.k, self.v, self.scores):
+            d.clear()
 
 
 def check_capturable(model: nn.Module, family: EncoderFamily) -> None:
@@ -65,7 +64,10 @@ class ActivationCapture:
         hidden: bool | Iterable[int] = True,
         qkv: str | dict[int, str] = "",
         embeddings: bool = False,
+        scores: Iterable[int] = (),
     ):
+        """``scores``: layers whose real attention scores to record, for a family whose scores Q and K alone do
+        not give (:attr:`fastkd.families.EncoderFamily.real_scores`)."""
         self.family = family_of(model)
         check_capturable(model, self.family)
         self.model, self.base = model, base_model(model)
@@ -82,10 +84,17 @@ class ActivationCapture:
         for s in qkv_of.values():
             if set(s) - set("qkv"):
                 raise ValueError(f"qkv: expected letters from 'qkv', got {s!r}")
+        self._fields = dict(qkv_of)  # what the caller asked for (Q/K for real scores are held, not returned)
+        self.score_layers = sorted({int(i) % n for i in scores})
+        if self.score_layers and self.family.real_scores is None:
+            raise ValueError(f"scores: a {cfg.model_type} model's scores are q·kᵀ/√d of its Q and K; capture those")
+        for i in self.score_layers:  # the real scores are computed from the layer's Q and K
+            qkv_of[i] = "".join(sorted(set(qkv_of.get(i, "")) | {"q", "k"}))
         if any(qkv_of.values()) and self.family.qkv_refusal:
             raise ValueError(f"qkv: cannot capture Q/K/V of a {cfg.model_type} model: {self.family.qkv_refusal}")
         self.n = n
         self.out = Captured()
+        self._kept_qk: dict[tuple[str, int], torch.Tensor] = {}  # Q/K held only for a layer's real scores
         self._plan = (embeddings, hidden_layers, {i: s for i, s in qkv_of.items() if s})
         self._handles: list = []
         self._calls: dict[int, int] = {}  # per hooked module: calls in this forward (a shared layer runs n times)
@@ -128,10 +137,21 @@ class ActivationCapture:
             if self.family.rotate is not None:
                 q, k, v = self.family.rotate(self._attention(i), self._attn_args.get(i), q, k, v)
             for c, x in zip("qkv", (q, k, v), strict=True):
-                if x is not None and self._wants(i, c):
+                if x is not None and c in self._fields.get(i, ""):
                     getattr(self.out, c)[i] = x
+            if i in self.score_layers:
+                self._keep_for_scores(i, q, k)
 
         return record
+
+    def _keep_for_scores(self, i: int, q, k) -> None:
+        """Once a layer's Q and K are both in, its real scores by the model's own function."""
+        for c, x in (("q", q), ("k", k)):
+            if x is not None:
+                self._kept_qk[(c, i)] = x
+        if ("q", i) in self._kept_qk and ("k", i) in self._kept_qk:
+            qi, ki = self._kept_qk.pop(("q", i)), self._kept_qk.pop(("k", i))
+            self.out.scores[i] = self.family.real_scores(self._attention(i), self._attn_args.get(i), qi, ki)
 
     def _attention(self, i: int) -> nn.Module:
         return module_at(layer_module(self.model, self.family, i), self.family.attention)
@@ -166,7 +186,7 @@ class ActivationCapture:
     def _hook_qkv(self, layers: list[int]) -> None:
         fam = self.family
         for layer_mod, i in self._sites(layers):
-            if fam.rotate is not None:  # (no family both rotates and shares its layer)
+            if fam.rotate is not None or fam.real_scores is not None:  # (none of these shares its layer)
                 def keep_args(mod, args, kwargs, i=i):
                     self._attn_args[i] = inspect.signature(mod.forward).bind(*args, **kwargs)
 
@@ -195,9 +215,10 @@ def capture(
     hidden: bool | Iterable[int] = True,
     qkv: str | dict[int, str] = "",
     embeddings: bool = False,
+    scores: Iterable[int] = (),
 ) -> tuple[object, Captured]:
     """Run ``model(**inputs)`` once and return (model output, captured activations)."""
-    with ActivationCapture(model, layers, hidden=hidden, qkv=qkv, embeddings=embeddings) as cap:
+    with ActivationCapture(model, layers, hidden=hidden, qkv=qkv, embeddings=embeddings, scores=scores) as cap:
         output = model(**inputs)
     return output, cap.out
 
@@ -211,11 +232,13 @@ def capture_fields(model: nn.Module, fields: list[str]):
     for c, i in parsed:
         if c in ("q", "k", "v"):
             qkv[i] = qkv.get(i, "") + c
-    layers = sorted(set(hidden) | set(qkv))
+    scores = [i for c, i in parsed if c == "scores"]
+    layers = sorted(set(hidden) | set(qkv) | set(scores))
     if not (layers or "emb" in fields):  # logits only (method kd): no hooks, so any model with a head works
         yield lambda output: {"logits": output.logits} if "logits" in fields else {}
         return
-    with ActivationCapture(model, layers, hidden=hidden, qkv=qkv, embeddings="emb" in fields) as cap:
+    with ActivationCapture(model, layers, hidden=hidden, qkv=qkv, embeddings="emb" in fields,
+                           scores=scores) as cap:
         def read(output) -> dict[str, torch.Tensor]:
             out = {}
             if "emb" in fields:
@@ -225,6 +248,8 @@ def capture_fields(model: nn.Module, fields: list[str]):
             for i, letters in qkv.items():
                 for c in letters:
                     out[f"{c}.{i}"] = getattr(cap.out, c)[i]
+            for i in scores:
+                out[f"scores.{i}"] = cap.out.scores[i]
             if "logits" in fields:
                 out["logits"] = output.logits
             return out

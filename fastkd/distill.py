@@ -8,7 +8,7 @@ from torch import nn
 
 from fastkd.capture import capture_fields
 from fastkd.checks import value_checks
-from fastkd.families import check_window
+from fastkd.families import check_window, find_family
 from fastkd.recipes import Recipe, Shapes, Stage
 from fastkd.terms import Inputs, LossTerm, kind_of, stage_fields
 
@@ -18,6 +18,8 @@ class DistillModule(nn.Module):
 
     def __init__(self, student: nn.Module, shapes: Shapes, recipe: Recipe, kept_hidden: torch.Tensor | None = None):
         super().__init__()
+        family = find_family(student.config)
+        self.real_scores = family is not None and family.real_scores is not None  # DeBERTa-v2, MPNet
         self.student = student
         self.shapes = shapes
         self.fit = nn.Linear(shapes.student_hidden, shapes.teacher_hidden) \
@@ -41,7 +43,7 @@ class DistillModule(nn.Module):
 
     def set_stage(self, stage: Stage) -> None:
         self.terms = stage.terms
-        fields = stage_fields(stage.terms, "student", self.shapes.student_layers)
+        fields = stage_fields(stage.terms, "student", self.shapes.student_layers, real_scores=self.real_scores)
         self.student_fields = [f for f in fields if f != "logits"]
 
     def after_step(self, dist) -> None:

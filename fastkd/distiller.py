@@ -32,7 +32,7 @@ from fastkd.cache import TeacherCache
 from fastkd.disk import save_model_dir
 from fastkd.distill import DistillModule
 from fastkd.engine import Dist, current_dist
-from fastkd.families import family_of, sliding_windows
+from fastkd.families import family_of, find_family, sliding_windows
 from fastkd.recipes import Recipe, Shapes, Stage, build_recipe, make_params
 from fastkd.teacher import TEACHER_DTYPES, TeacherRunner, teacher_dtype
 from fastkd.terms import empty_plan, kind_of, stage_fields
@@ -92,7 +92,7 @@ def _qkv_layers(term, side: int, n_layers: int) -> list[int]:
     """The layers whose Q/K/V a term reads on one side (0 student, 1 teacher)."""
     plan = empty_plan()
     kind_of(term).capture(term, side, plan)
-    return list(range(n_layers)) if plan["all_qk"] else sorted(plan["qkv"])
+    return list(range(n_layers)) if plan["all_qk"] else sorted(set(plan["qkv"]) | plan["scores"])
 
 
 def check_families(teacher_configs: dict, student_config, recipe: Recipe) -> None:
@@ -110,12 +110,21 @@ def check_families(teacher_configs: dict, student_config, recipe: Recipe) -> Non
                 if not _qkv_layers(term, side, n):
                     continue
                 reason = family.qkv_refusal or (family.score_refusal if kind_of(term).uses_scores else None)
+                if term.kind == "emd_att" and family.real_scores is not None:
+                    reason = ("its real attention scores are not q·kᵀ/√d, while BERT-EMD's attention cost matrices "
+                              "come from the fused Q/K kernels")
                 if reason:
                     raise ValueError(
                         f"{term.kind} (stage {stage.name} of {recipe.method}): the {who} is a {cfg.model_type} "
                         f"model, and {reason}; fastkd will not compute this term from the wrong scores. Use a "
                         f"method without it (kd, pkd" + ("" if family.qkv_refusal else
                                                          "; minilmv2 reads only Q/K/V relations") + ")")
+
+
+def has_real_scores(model: nn.Module) -> bool:
+    """Whether a model's attention losses read its real score maps (DeBERTa-v2, MPNet) instead of Q and K."""
+    family = find_family(model.config)
+    return family is not None and family.real_scores is not None
 
 
 def window_checks(teacher: nn.Module, student: nn.Module, stage: Stage) -> list[tuple]:
@@ -197,6 +206,9 @@ class Distiller(DistillModule):
         self.stage_index = stage
         self.window_checks = window_checks(self.teachers[self.stage.teacher], self.student, self.stage)
         fields = self.teacher_fields()
+        if self.cache_mode == "memory" and any(f.startswith("scores.") for f in fields):
+            raise ValueError("cache: this stage reads the teacher's real [B, H, L, L] attention scores, which the "
+                             "activation cache does not hold; use cache='off'")
         if cache is None and self.cache_mode == "memory" and fields:
             cache = TeacherCache("memory", dtype=torch.bfloat16 if self.teacher_dtype == "bf16" else torch.float16)
         kind = self.stage.teacher
@@ -204,7 +216,9 @@ class Distiller(DistillModule):
 
     def teacher_fields(self, stage: Stage | None = None) -> list[str]:
         """What a stage's losses read from the teacher (field names, see :mod:`fastkd.terms`)."""
-        return stage_fields((stage or self.stage).terms, "teacher", self.shapes.teacher_layers)
+        stage = stage or self.stage
+        return stage_fields(stage.terms, "teacher", self.shapes.teacher_layers,
+                            real_scores=has_real_scores(self.teachers[stage.teacher]))
 
     # ------------------------------------------------------------ the forward
 
@@ -244,6 +258,17 @@ class Distiller(DistillModule):
             teacher_outputs = self.teacher_outputs(batch)
         total, terms, logits = self.distill(input_ids, attention_mask, labels, teacher_outputs, token_type_ids)
         return DistillOutput(loss=total, logits=logits, terms=terms)
+
+    def score_path_note(self) -> str | None:
+        """Which sides' attention terms read real score maps (unfused, O(B·H·L²) memory), or None."""
+        sides = [f"the {who} ({m.config.model_type})" for who, m in
+                 (("teacher", self.teachers["finetuned"]), ("student", self.student)) if has_real_scores(m)]
+        uses = any(kind_of(t).uses_scores for s in self.stages for t in s.terms)
+        if not (sides and uses):
+            return None
+        return (f"attention terms: {' and '.join(sides)} attend with more than q·kᵀ/√d (relative-position terms), "
+                f"so those terms read the model's real [B, H, L, L] scores through the reference path, not the "
+                f"fused kernels: O(B·H·L²) memory per mapped layer, and no activation cache for them")
 
     # ------------------------------------------------------------ training-loop hooks and the result
 

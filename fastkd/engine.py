@@ -136,16 +136,18 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def kernel_precision_note(amp: torch.dtype | None, device: torch.device) -> str | None:
-    """What the fused kernels receive on a GPU, said once: never fp32 without the log saying so."""
-    if device.type != "cuda":
-        return None
-    if amp is None:
-        return ("--amp off: the student runs in fp32, so the fused losses take their fp32 kernel paths (3xTF32 or "
-                "IEEE FMAs, several times slower than bf16; docs/kernels.md)")
-    name = str(amp).removeprefix("torch.")
-    return (f"autocast {name}: student Q/K reach the fused attention losses in {name}; hidden_mse's projection "
-            f"runs in {name} with an fp32 residual (docs/kernels.md)")
+def kernel_precision_note(amp: torch.dtype | None, device: torch.device, module=None) -> str | None:
+    """What the attention and hidden losses compute on, said once: never fp32 on a GPU without the log saying
+    so, never the unfused score-map path (``module.score_path_note()``) without saying so."""
+    lines = [module.score_path_note()] if module is not None and hasattr(module, "score_path_note") else []
+    if device.type == "cuda" and amp is None:
+        lines.append("--amp off: the student runs in fp32, so the fused losses take their fp32 kernel paths "
+                     "(3xTF32 or IEEE FMAs, several times slower than bf16; docs/kernels.md)")
+    elif device.type == "cuda":
+        name = str(amp).removeprefix("torch.")
+        lines.append(f"autocast {name}: student Q/K reach the fused attention losses in {name}; hidden_mse's "
+                     f"projection runs in {name} with an fp32 residual (docs/kernels.md)")
+    return "\n".join(x for x in lines if x) or None
 
 
 def finite_values(terms: dict[str, torch.Tensor], where: str, step: int, last_good: str) -> dict[str, float]:

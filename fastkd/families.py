@@ -9,9 +9,13 @@ read it; adding a family is one :func:`register_family` call here and its parity
 
 Attention scores. fastkd's attention losses compute softmax(q·kᵀ/√d) from captured Q and K. That is the
 model's own attention only where its scores are q·kᵀ/√d (after any rotary step, which capture applies with the
-model's own function). DeBERTa's disentangled content/position terms and MPNet's relative position bias cannot
-be rebuilt from Q and K, so for those families the recipes refuse the terms that need scores (``score_refusal``
-says why) instead of computing them from the wrong scores; the hidden-state, relation and logit terms work.
+model's own function): the fused path. DeBERTa-v2's disentangled content/position terms and MPNet's relative
+position bias cannot be rebuilt from Q and K, so for those families capture hands over the model's real
+[B, H, L, L] scores, computed by the model's own functions (``real_scores``), and the attention losses take
+their score-map form: materialised maps, the reference computation, O(B·H·L²) memory, said in the trainer's
+log. DeBERTa (v1) fuses Q/K/V in a way fastkd does not unpick, so terms reading them are refused
+(``qkv_refusal``); BERT-EMD's attention EMD, whose cost matrices come from the fused Q/K kernels, is refused
+for the real-score families.
 ModernBERT's local layers attend within a sliding window: their scores are exact while a batch fits the window
 (every token then sees every other), and :func:`check_window` refuses longer batches, naming the layers.
 """
@@ -52,6 +56,30 @@ def _rotate_modernbert(attention: nn.Module, bound: inspect.BoundArguments, q, k
     return q, k, v
 
 
+def _deberta_scores(attention: nn.Module, bound: inspect.BoundArguments, q, k):
+    """DeBERTa-v2's pre-mask scores, as its DisentangledSelfAttention forms them: q·kᵀ/√(d·(1 + #position
+    terms)) plus its own disentangled_attention_bias (content-to-position, position-to-content). The relative
+    embeddings are taken without the module's dropout: the model's own draw is not visible from outside, so
+    a training-mode student's targets are its dropout-free scores (a teacher runs in eval mode: exact)."""
+    B, H, L, d = q.shape
+    qf, kf = q.reshape(B * H, L, d), k.reshape(B * H, L, d)
+    factor = 1 + sum(t in attention.pos_att_type for t in ("c2p", "p2c"))
+    scale = (torch.tensor(d, dtype=torch.float) * factor).sqrt().to(q.dtype)
+    scores = torch.bmm(qf, kf.transpose(-1, -2) / scale)
+    if attention.relative_attention:
+        args = bound.arguments
+        scores = scores + attention.disentangled_attention_bias(qf, kf, args.get("relative_pos"),
+                                                                args.get("rel_embeddings"), factor)
+    return scores.view(B, H, L, L)
+
+
+def _mpnet_scores(attention: nn.Module, bound: inspect.BoundArguments, q, k):
+    """MPNet's pre-mask scores: q·kᵀ/√d plus the relative-position bias its encoder passes every layer."""
+    scores = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
+    bias = bound.arguments.get("position_bias")
+    return scores if bias is None else scores + bias
+
+
 @dataclass(frozen=True)
 class EncoderFamily:
     """Paths are dotted attribute paths: ``layers``, ``embeddings``, ``final_norm`` and ``shared_layer`` under the
@@ -67,6 +95,7 @@ class EncoderFamily:
     fused_qkv: str | None = None  # one Linear giving [q | k | v] (ModernBERT's Wqkv)
     attention: str = "attention.self"  # the module whose call arguments a rotary step needs
     rotate: Callable | None = None  # (attention module, its bound call arguments, q, k, v) -> (q, k, v)
+    real_scores: Callable | None = None  # (attention module, bound arguments, q, k) -> the model's [B, H, L, L]
     final_norm: str | None = None  # applied after the last layer: output_hidden_states[-1] is its output
     shared_layer: str | None = None  # one module run num_hidden_layers times (ALBERT)
     heads: str = "num_attention_heads"  # the config attribute holding the head count
@@ -79,7 +108,8 @@ class EncoderFamily:
 
     @property
     def scores_from_qk(self) -> bool:
-        return self.score_refusal is None and self.qkv_refusal is None
+        """Whether the model's attention scores are q·kᵀ/√d of the captured Q and K (the fused path)."""
+        return self.score_refusal is None and self.qkv_refusal is None and self.real_scores is None
 
 
 FAMILIES: dict[str, EncoderFamily] = {}
@@ -113,9 +143,7 @@ register_family(EncoderFamily(
     attention="attn", rotate=_rotate_modernbert, final_norm="final_norm"))
 register_family(EncoderFamily(
     "deberta-v2", ("deberta-v2",), q="attention.self.query_proj", k="attention.self.key_proj",
-    v="attention.self.value_proj", attn_implementation="eager",
-    score_refusal="DeBERTa's attention adds disentangled content-to-position and position-to-content terms "
-                  "that Q and K alone do not give"))
+    v="attention.self.value_proj", attn_implementation="eager", real_scores=_deberta_scores))
 register_family(EncoderFamily(
     "deberta", ("deberta",), q=None, k=None, v=None, attn_implementation="eager",
     score_refusal="DeBERTa's attention adds disentangled content-to-position and position-to-content terms "
@@ -124,8 +152,13 @@ register_family(EncoderFamily(
                 "biases, which fastkd does not unpick"))
 register_family(EncoderFamily(
     "mpnet", ("mpnet",), q="attention.attn.q", k="attention.attn.k", v="attention.attn.v",
-    attention="attention.attn", attn_implementation="eager",
-    score_refusal="MPNet adds a learned relative-position bias to q·kᵀ/√d"))
+    attention="attention.attn", attn_implementation="eager", real_scores=_mpnet_scores))
+
+
+def find_family(config) -> EncoderFamily | None:
+    """The registered family of a config's model_type, or None."""
+    model_type = getattr(config, "model_type", None)
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
 
 
 def supported() -> str:
@@ -204,8 +237,7 @@ def check_window(config, layers: list[int], length: int, terms: str) -> None:
 def attention_interface(config) -> str | None:
     """The attention implementation fastkd loads a model of this config with; None (transformers' own choice)
     for a model outside the registry, which only method kd (logits alone) can use."""
-    model_type = getattr(config, "model_type", None)
-    family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    family = find_family(config)
     return None if family is None else family.attn_implementation
 
 

@@ -36,6 +36,9 @@ __all__ = [
     "attention_kl",
     "relation_kl",
     "hidden_mse",
+    "attention_scores",
+    "attention_mse_maps",
+    "attention_kl_maps",
     "pkd_mse",
     "soft_cross_entropy",
     "sinkhorn",
@@ -147,6 +150,50 @@ def _attention_kl(q_s, k_s, q_t, k_t, mask) -> torch.Tensor:
 
         return fused(q_s, k_s, q_t, k_t, mask)
     return ref.attention_kl(*_zero_padding(mask, 0, 2, q_s, k_s, q_t, k_t), mask)
+
+
+# ---------------------------------------------------------------- attention losses on score maps
+# The path for families whose real scores Q and K do not give (DeBERTa's disentangled terms, MPNet's relative
+# bias): the capture hands over the model's own [B, H, L, L] scores. The maps are materialised, so this is the
+# reference computation, O(B·H·L²) memory, not the fused kernels; the trainer says so when it takes it.
+
+
+def _check_maps(s_s, s_t, mask):
+    check_float("s_s", s_s, 4, "[B, H, L, L]")
+    check_float("s_t", s_t, 4, "[B, H, L, L]")
+    check_same_device(s_s=s_s, s_t=s_t, mask=mask)
+    B, H, L, L2 = s_s.shape
+    if L != L2 or 0 in s_s.shape:
+        raise ValueError(f"s_s: expected non-empty square score maps [B, H, L, L], got {tuple(s_s.shape)}")
+    if s_t.shape != s_s.shape:
+        raise ValueError(f"s_t: expected the shape of s_s {tuple(s_s.shape)} (head counts must match), got "
+                         f"{tuple(s_t.shape)}")
+    mask = check_mask(mask, B, L)
+    check_finite(mask, batch_dim=-4, seq_dim=-1, s_s=s_s, s_t=s_t)
+    return mask
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """S = q·kᵀ/√d [B, H, L, L] in fp32 (fp64 for fp64 inputs), materialised: for comparing a model's Q/K
+    with another model's real score maps."""
+    check_float("q", q, 4, "[B, H, L, d]")
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    return ref.attention_scores(q, k, torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def attention_mse_maps(s_s, s_t, mask=None) -> torch.Tensor:
+    """:func:`attention_mse` on score maps s: [B, H, L, L] (mean over heads and valid pairs of (s_s − s_t)²)."""
+    mask = _check_maps(s_s, s_t, mask)
+    (s_t,) = _teacher(s_t)
+    return ref.attention_mse_maps(s_s, s_t, mask)
+
+
+def attention_kl_maps(s_s, s_t, mask=None) -> torch.Tensor:
+    """:func:`attention_kl` on score maps s: [B, H, L, L] (padded keys excluded from both softmaxes)."""
+    mask = _check_maps(s_s, s_t, mask)
+    (s_t,) = _teacher(s_t)
+    return ref.attention_kl_maps(s_s, s_t, mask)
 
 
 def relation_kl(x_s, x_t, num_heads: int, mask=None) -> torch.Tensor:

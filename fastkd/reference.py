@@ -24,8 +24,14 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> to
 
 def attention_mse(q_s, k_s, q_t, k_t, mask=None):
     dt = _acc_dtype(q_s, q_t)
-    diff = attention_scores(q_s, k_s, dt) - attention_scores(q_t, k_t, dt)
-    B, H, L, _ = q_s.shape
+    return attention_mse_maps(attention_scores(q_s, k_s, dt), attention_scores(q_t, k_t, dt), mask)
+
+
+def attention_mse_maps(s_s, s_t, mask=None):
+    """attention_mse on score maps [B, H, L, L] (a model's real scores, e.g. DeBERTa's)."""
+    dt = _acc_dtype(s_s, s_t)
+    diff = s_s.to(dt) - s_t.to(dt)
+    B, H, L, _ = diff.shape
     if mask is None:
         return diff.square().mean()
     pair = (mask[:, :, None] & mask[:, None, :])[:, None]  # [B, 1, L, L]
@@ -36,9 +42,14 @@ def attention_mse(q_s, k_s, q_t, k_t, mask=None):
 
 def attention_kl(q_s, k_s, q_t, k_t, mask=None):
     dt = _acc_dtype(q_s, q_t)
-    s_s = attention_scores(q_s, k_s, dt)
-    s_t = attention_scores(q_t, k_t, dt)
-    B, H, L, _ = q_s.shape
+    return attention_kl_maps(attention_scores(q_s, k_s, dt), attention_scores(q_t, k_t, dt), mask)
+
+
+def attention_kl_maps(s_s, s_t, mask=None):
+    """attention_kl on score maps [B, H, L, L] (a model's real scores, e.g. DeBERTa's)."""
+    dt = _acc_dtype(s_s, s_t)
+    s_s, s_t = s_s.to(dt), s_t.to(dt)
+    B, H, L, _ = s_s.shape
     if mask is not None:
         key_pad = ~mask[:, None, None, :]
         s_s = s_s.masked_fill(key_pad, float("-inf"))
@@ -51,8 +62,8 @@ def attention_kl(q_s, k_s, q_t, k_t, mask=None):
     kl_rows = terms.sum(dim=-1)  # [B, H, L]
     if mask is None:
         return kl_rows.mean()
-    valid = mask[:, None, :].to(dt)
-    return (kl_rows * valid).sum() / (H * valid.sum())
+    valid = mask[:, None, :]
+    return torch.where(valid, kl_rows, kl_rows.new_zeros(())).sum() / (H * valid.sum().to(dt))
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

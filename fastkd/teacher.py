@@ -172,6 +172,10 @@ def make_cache(mode: str, *, epochs: int, fields: list[str], lengths, device: to
     needed (the key hashes the whole dataset)."""
     if mode == "off" or not fields:  # a stage that needs nothing from the teacher (e.g. a fine-tune)
         return None
+    if any(f.startswith("scores.") for f in fields):
+        log(f"teacher cache: off for stage {stage}: it reads the teacher's real [B, H, L, L] attention scores "
+            f"(DeBERTa/MPNet), which the cache does not hold; the teacher runs every step")
+        return None
     host_or_device = mode in ("auto", "memory", "device")
     if host_or_device and ddp and epochs > 1:
         log("teacher cache: under DDP each rank sees other examples every epoch, so a memory or device "

@@ -6,9 +6,11 @@ runs after every optimizer step (``after_step``: BERT-EMD's layer-weight update)
 record. Recipes, the capture plan, the loss module and the trainer all read this registry, so adding a kind is
 one registration here.
 
-Activation fields are named ``emb``, ``hidden.{i}`` [B, L, D], ``q.{i}`` / ``k.{i}`` / ``v.{i}`` [B, H, L, d] and
-``logits`` [B, C] (the activation cache stores them under the same names); :func:`field` builds a name,
-:func:`seq_dim` tells its token dimension.
+Activation fields are named ``emb``, ``hidden.{i}`` [B, L, D], ``q.{i}`` / ``k.{i}`` / ``v.{i}`` [B, H, L, d],
+``scores.{i}`` [B, H, L, L] (a model's real attention scores, for families whose scores Q and K alone do not
+give: see :mod:`fastkd.families`) and ``logits`` [B, C] (the activation cache stores them under the same names,
+except ``scores``, which it does not cache); :func:`field` builds a name, :func:`seq_dim` tells its token
+dimension.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fastkd.emd import update_layer_weights
 
 # ---------------------------------------------------------------- activation fields
 
-SEQ_DIMS = {"emb": 1, "hidden": 1, "q": 2, "k": 2, "v": 2, "logits": None}
+SEQ_DIMS = {"emb": 1, "hidden": 1, "q": 2, "k": 2, "v": 2, "scores": 2, "logits": None}
 
 
 def field_name(kind: str, layer: int | None = None) -> str:
@@ -47,19 +49,27 @@ def seq_dim(name: str) -> int | None:
 def empty_plan() -> dict[str, Any]:
     """What one side records: embeddings (bool), hidden layers, {layer: "qkv" letters}, all layers' hidden states
     or Q/K (for EMD), logits (bool)."""
-    return {"embeddings": False, "hidden": set(), "qkv": {}, "all_hidden": False, "all_qk": False, "logits": False}
+    return {"embeddings": False, "hidden": set(), "qkv": {}, "scores": set(), "all_hidden": False, "all_qk": False,
+            "logits": False}
 
 
-def plan_fields(plan: dict, n_layers: int) -> list[str]:
-    """A capture plan as field names, in a fixed order (emb, hidden by layer, q/k/v by layer, logits)."""
+def plan_fields(plan: dict, n_layers: int, real_scores: bool = False) -> list[str]:
+    """A capture plan as field names, in a fixed order (emb, hidden by layer, q/k/v by layer, scores, logits).
+    The layers whose attention scores a term reads become Q and K, or with ``real_scores`` (a family whose
+    scores Q and K do not give) the model's own ``scores``."""
     names = [field_name("emb")] if plan["embeddings"] else []
     hidden = set(range(n_layers)) if plan["all_hidden"] else set(plan["hidden"])
     names += [field_name("hidden", i) for i in sorted(hidden)]
     qkv = {i: set(s) for i, s in plan["qkv"].items()}
+    if not real_scores:
+        for i in plan["scores"]:
+            qkv.setdefault(i, set()).update("qk")
     if plan["all_qk"]:
         for i in range(n_layers):
             qkv.setdefault(i, set()).update("qk")
     names += [field_name(c, i) for i in sorted(qkv) for c in sorted(qkv[i])]
+    if real_scores:
+        names += [field_name("scores", i) for i in sorted(plan["scores"])]
     if plan["logits"]:
         names.append(field_name("logits"))
     return names
@@ -131,9 +141,9 @@ def capture_plan(terms: list[LossTerm], side: str) -> dict[str, Any]:
     return plan
 
 
-def stage_fields(terms: list[LossTerm], side: str, n_layers: int) -> list[str]:
-    """The field names one side records for ``terms``."""
-    return plan_fields(capture_plan(terms, side), n_layers)
+def stage_fields(terms: list[LossTerm], side: str, n_layers: int, real_scores: bool = False) -> list[str]:
+    """The field names one side records for ``terms`` (``real_scores``: see :func:`plan_fields`)."""
+    return plan_fields(capture_plan(terms, side), n_layers, real_scores)
 
 
 # ---------------------------------------------------------------- what each kind reads
@@ -149,6 +159,10 @@ def _reads_qkv(letters: str):
             _add_qkv(plan, p[side], letters)
 
     return capture
+
+
+def _reads_scores(term: LossTerm, side: int, plan: dict) -> None:
+    plan["scores"].update(p[side] for p in term.pairs)
 
 
 def _reads_hidden(term: LossTerm, side: int, plan: dict) -> None:
@@ -188,10 +202,23 @@ def _hidden_mse(x: Inputs, term: LossTerm) -> torch.Tensor:
 
 
 def _attention(name: str):
+    """The fused loss on Q/K of both sides; where a side has its model's real scores (DeBERTa, MPNet), the
+    score-map form of the same loss, with the other side's scores materialised from its Q and K."""
     def compute(x: Inputs, term: LossTerm) -> torch.Tensor:
-        fn = getattr(losses, name)  # looked up per call, so a test can wrap the public loss
-        return sum(fn(x.s[field_name("q", i)], x.s[field_name("k", i)], x.t[field_name("q", j)],
-                      x.t[field_name("k", j)], x.mask) for i, j in term.pairs)
+        total = 0.0
+        for i, j in term.pairs:
+            ss, st = x.s.get(field_name("scores", i)), x.t.get(field_name("scores", j))
+            if ss is None and st is None:
+                fn = getattr(losses, name)  # looked up per call, so a test can wrap the public loss
+                total = total + fn(x.s[field_name("q", i)], x.s[field_name("k", i)], x.t[field_name("q", j)],
+                                   x.t[field_name("k", j)], x.mask)
+                continue
+            if ss is None:
+                ss = losses.attention_scores(x.s[field_name("q", i)], x.s[field_name("k", i)])
+            if st is None:
+                st = losses.attention_scores(x.t[field_name("q", j)], x.t[field_name("k", j)])
+            total = total + getattr(losses, f"{name}_maps")(ss, st, x.mask)
+        return total
 
     return compute
 
@@ -292,9 +319,9 @@ for _kind in (
     TermKind("emb_mse", "TinyBERT embedding loss: hidden_mse(W·emb_s, emb_t)", _reads("embeddings"), _emb_mse),
     TermKind("hidden_mse", "TinyBERT hidden loss over `pairs`: hidden_mse(W·h_s,i, h_t,j)", _reads_hidden,
              _hidden_mse),
-    TermKind("att_mse", "TinyBERT attention-score MSE over `pairs` (needs equal head counts)", _reads_qkv("qk"),
+    TermKind("att_mse", "TinyBERT attention-score MSE over `pairs` (needs equal head counts)", _reads_scores,
              _attention("attention_mse"), uses_scores=True),
-    TermKind("att_kl", "MiniLM attention-distribution KL over `pairs` (needs equal head counts)", _reads_qkv("qk"),
+    TermKind("att_kl", "MiniLM attention-distribution KL over `pairs` (needs equal head counts)", _reads_scores,
              _attention("attention_kl"), uses_scores=True),
     TermKind("value_kl", "MiniLM value-relation KL over `pairs`", _reads_qkv("v"), _value_kl),
     TermKind("qkv_relation", "MiniLMv2 Q-Q/K-K/V-V relation KL (1/3 each) with `relation_heads` heads",

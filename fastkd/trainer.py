@@ -69,6 +69,11 @@ from fastkd.teacher import (
 from fastkd.tracking import check_installed, open_trackers
 
 
+def _task_head(kind: str, mode: str) -> bool:
+    """Whether a teacher is loaded with its task head: the fine-tuned teacher of a task run."""
+    return kind == "finetuned" and mode == "task"
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=None, data=None):
         """``data``: a Dataset or DatasetDict in place of ``cfg.task`` (which becomes its fingerprint)."""
@@ -116,9 +121,9 @@ class Trainer:
         (n_s, d_s, h_s), h_t = student_sizes(cfg), num_heads(tconf)
         self.shapes = Shapes(tconf.num_hidden_layers, n_s, tconf.hidden_size, d_s, h_t, h_s)
         self.recipe = build_recipe(cfg.method, self.shapes, make_params(cfg.method, cfg.overrides), mode=cfg.mode)
+        cap = CPU_MAX_EPOCHS if self.on_cpu else None  # --epochs, else the recipe's, capped on a CPU
         for s in self.recipe.stages:
-            s.epochs = cfg.epochs if cfg.epochs is not None else (min(s.epochs, CPU_MAX_EPOCHS) if self.on_cpu
-                                                                   else s.epochs)
+            s.epochs = cfg.epochs if cfg.epochs is not None else min(s.epochs, cap or s.epochs)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         check_tokenizer(self.tokenizer, tconf, path)
         check_student_tokenizer(cfg, self.tokenizer)
@@ -135,7 +140,8 @@ class Trainer:
         self._make_student()
         if self.dist.main and not cfg.resume:
             write_run_file(self.out_dir, cfg, describe(self.recipe))
-        self.log("\n".join(filter(None, (describe(self.recipe), kernel_precision_note(self.amp, self.device)))))
+        self.log("\n".join(filter(None, (describe(self.recipe), kernel_precision_note(self.amp, self.device,
+                                                                                       self.module)))))
 
     @property
     def global_step(self) -> int:
@@ -163,24 +169,22 @@ class Trainer:
         self.teacher_paths = {"pretrained": path, "finetuned": finetuned}
         self.teachers: dict[str, nn.Module] = {}
         for kind in sorted({s.teacher for s in self.recipe.stages}):
-            model = load_model(self.teacher_paths[kind], head=self._teacher_head(kind), dtype=self.teacher_dtype)
+            head = _task_head(kind, self.cfg.mode)
+            model = load_model(self.teacher_paths[kind], head=head, dtype=self.teacher_dtype)
             self.teachers[kind] = model.to(self.device).eval().requires_grad_(False)
         self.teacher_digest = {k: model_digest(p) for k, p in self.teacher_paths.items()}
-
-    def _teacher_head(self, kind: str) -> bool:
-        return kind == "finetuned" and self.cfg.mode == "task"
 
     def _make_student(self) -> None:
         cfg = self.cfg
         kind = "finetuned" if "finetuned" in self.teachers else "pretrained"
         src32 = self.teachers[kind] if self.teacher_dtype == torch.float32 else load_model(
-            self.teacher_paths[kind], head=self._teacher_head(kind))
+            self.teacher_paths[kind], head=_task_head(kind, cfg.mode))
         batches = etd_batches(self.data["task"] if cfg.mode == "task" else self.data["general"], cfg.batch_size,
                               self.pad_id, cfg.seed)
         student, kept_hidden = make_student(
             src32.to(self.device), cfg, data=batches, log=self.log, num_batches=16 if self.on_cpu else 64,
             layers=mapped_teacher_layers(self.recipe, self.shapes.student_layers, self.shapes.teacher_layers))
-        del src32
+        del src32  # the fp32 copy ETD read is freed before the Distiller moves to the device
         names = {k: f"the {k} teacher ({self.teacher_paths[k]})" for k in self.teachers}
         self.module = Distiller(self.teachers, student, self.recipe, kept_hidden=kept_hidden,
                                 teacher_names=names).to(self.device)

@@ -3,10 +3,10 @@ attention, built offline (tests/helpers.py: FAMILY_TYPES, tiny_family_model).
 
 For every family: the captured embedding output and layer outputs equal ``output_hidden_states`` exactly;
 where the family's scores are q·kᵀ/√d (after its rotary step), the attention rebuilt from the captured Q and K
-equals the model's own eager ``output_attentions`` to fp32 tolerance (1e-5 absolute on probabilities); the
-attention losses run forward and backward on the captured tensors. Families whose scores Q and K cannot give
-(DeBERTa's disentangled terms, MPNet's relative bias) are checked to differ, which is why fastkd refuses their
-attention-score terms, and the refusal is tested.
+equals the model's own eager ``output_attentions`` to fp32 tolerance (1e-5 absolute on probabilities); for the
+families whose scores Q and K cannot give (DeBERTa-v2's disentangled terms, MPNet's relative bias) the captured
+real scores do, and Q and K alone are checked not to; the attention losses run forward and backward on the
+captured tensors, on the torch and the fused path.
 """
 
 from __future__ import annotations
@@ -57,25 +57,32 @@ def test_captured_hidden_states_are_the_models(model_type):
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
 def test_attention_rebuilt_from_captured_qk_is_the_models(model_type):
-    family = family_of(tiny_family_model(model_type, attn="eager").config)
+    family = FAMILIES[model_type]
     model = tiny_family_model(model_type, attn="eager")
     inputs = _inputs()
     if family.qkv_refusal:
         with pytest.raises(ValueError, match="cannot capture Q/K/V"):
             capture(model, inputs, qkv="qk")
         return
+    n = model.config.num_hidden_layers
+    real = range(n) if family.real_scores else ()
     with torch.no_grad():
-        out, cap = capture(model, {**inputs, "output_attentions": True}, qkv="qk", hidden=False)
+        out, cap = capture(model, {**inputs, "output_attentions": True}, qkv="qk", hidden=False, scores=real)
     windows = sliding_windows(model.config)
+    keys = inputs["attention_mask"].bool()[:, None, None, :]
     for i, ref in enumerate(out.attentions):
-        rebuilt = _rebuilt_attention(cap.q[i], cap.k[i], inputs["attention_mask"])
         valid = inputs["attention_mask"].bool()[:, None, :, None].expand_as(ref)  # padded query rows: undefined
-        err = float((rebuilt.float() - ref)[valid].abs().max())
         assert float(ref.max()) > 0.3, "the test's attention is not peaked (uniform would be 1/13)"
-        if family.scores_from_qk and not (i in windows and L > windows[i]):
-            assert err < 1e-5, f"layer {i}: {err}"
-        else:  # the real scores carry terms Q and K do not: fastkd must not compute losses from these
-            assert err > 1e-3, f"layer {i}: expected the Q/K-only scores to differ, max error {err}"
+        from_qk = _rebuilt_attention(cap.q[i], cap.k[i], inputs["attention_mask"])
+        err_qk = float((from_qk.float() - ref)[valid].abs().max())
+        if family.real_scores:  # the real-score path: the model's own scores, then its masked softmax
+            probs = cap.scores[i].double().masked_fill(~keys, float("-inf")).softmax(-1)
+            assert float((probs.float() - ref)[valid].abs().max()) < 1e-5, f"layer {i}"
+            assert err_qk > 1e-3, f"layer {i}: Q/K alone should not give this family's scores ({err_qk})"
+        elif i in windows and L > windows[i]:  # a local layer on a batch longer than its window
+            assert err_qk > 1e-3, f"layer {i}: expected the window to matter, max error {err_qk}"
+        else:
+            assert err_qk < 1e-5, f"layer {i}: {err_qk}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the fused kernels (the interpreter on a CPU)

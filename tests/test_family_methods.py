@@ -1,7 +1,8 @@
 """Every method on every encoder family through fastkd.Distiller, one optimizer step per stage on tiny random
 models (teacher 4 layers, student 2), and every family as the student of a BERT teacher. The combinations a
 family cannot give are refused with a ValueError naming the family (hard-coded here, not derived from the
-code under test): DeBERTa (v1) has no capturable Q/K/V; DeBERTa-v2 and MPNet have scores Q and K do not give."""
+code under test): DeBERTa (v1) has no capturable Q/K/V; DeBERTa-v2 and MPNet, whose attention losses read their
+real score maps, refuse only BERT-EMD's attention EMD (its cost matrices come from the fused Q/K kernels)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.helpers import FAMILY_TYPES, tiny_family_model
 
 SCORE_METHODS = {"tinybert", "minilm", "bert-emd", "ernie-tiny"}  # attention-score terms
 QKV_METHODS = SCORE_METHODS | {"minilmv2"}  # anything read from Q/K/V
-REFUSED = {("deberta", m) for m in QKV_METHODS} | {(f, m) for f in ("deberta-v2", "mpnet") for m in SCORE_METHODS}
+REFUSED = {("deberta", m) for m in QKV_METHODS} | {("deberta-v2", "bert-emd"), ("mpnet", "bert-emd")}
 SETTINGS = {"minilmv2": {"minilmv2.relation_heads": 4}}
 # ModernBERT's local layers attend within ±32 here, more than the batch's 11 tokens: their scores are exact.
 CFG = {"modernbert": {"local_attention": 64}}
@@ -59,5 +60,14 @@ def test_every_method_steps_or_is_refused(model_type):
 def test_every_family_as_the_student_of_a_bert_teacher(model_type):
     teacher = tiny_family_model("bert", seed=0, layers=4, peaked=False)
     student = tiny_family_model(model_type, seed=1, layers=2, peaked=False, **CFG.get(model_type, {})).train()
-    method = "kd" if model_type == "deberta" else "minilmv2" if model_type in ("deberta-v2", "mpnet") else "tinybert"
+    method = "kd" if model_type == "deberta" else "tinybert"
     _steps(Distiller(teacher, student, method, settings=SETTINGS.get(method)))
+
+
+def test_real_score_maps_are_never_cached():
+    teacher = tiny_family_model("deberta-v2", seed=0, layers=4, peaked=False)
+    student = tiny_family_model("bert", seed=1, layers=2, peaked=False)
+    with pytest.raises(ValueError, match=r"real \[B, H, L, L\] attention scores, which the activation cache does "
+                                         r"not hold; use cache='off'"):
+        Distiller(teacher, student, "tinybert", cache="memory")
+    assert Distiller(teacher, student, "minilmv2", cache="memory", settings=SETTINGS["minilmv2"]).runner.cache

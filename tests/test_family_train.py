@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from fastkd import train
 from tests.helpers import make_family_teacher, write_task
 from tests.train_support import args_for, one_thread, read_metrics, run_cli  # noqa: F401
 
@@ -25,7 +26,8 @@ def _tiny(tmp_path, data, model_type, **cfg):
 @pytest.mark.parametrize("model_type, method", [
     ("distilbert", "tinybert"),
     ("modernbert", "tinybert"),  # local layers' window (±32) covers --max-length 24: their scores are exact
-    ("deberta-v2", "minilmv2"),  # Q/K/V relations only: DeBERTa's real scores are not q·kᵀ
+    ("deberta-v2", "tinybert"),  # the real-score path: DeBERTa's own scores, materialised
+    ("mpnet", "minilm"),  # likewise, with MPNet's relative-position bias
     ("albert", "kd"),
     ("megatron-bert", "minilm"),  # eager attention (it has no SDPA path), set by fastkd
 ])
@@ -48,12 +50,22 @@ def test_method_runs_end_to_end(tmp_path, data, model_type, method):
     assert student.config.model_type == model_type and student.config.num_hidden_layers == 2
 
 
-def test_attention_score_terms_are_refused_for_deberta(tmp_path, data):
+def test_deberta_runs_tinybert_on_its_real_scores_and_says_so(tmp_path, data):
     tiny = _tiny(tmp_path, data, "deberta-v2")
-    with pytest.raises(ValueError, match=r"att_mse \(stage intermediate of tinybert\): the (student|teacher) is a "
-                                         r"deberta-v2 model, and DeBERTa's attention adds disentangled .* wrong "
-                                         r"scores"):
-        run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--etd", "none"))
+    lines = []
+    cfg = train.parse_config(args_for(tiny, tmp_path / "out", "tinybert", "--etd", "none", "--cache", "auto"))
+    train.run(cfg, log=lines.append)
+    log = "\n".join(map(str, lines))
+    assert "the teacher (deberta-v2) and the student (deberta-v2) attend with more than q·kᵀ/√d" in log
+    assert "reference path, not the fused kernels" in log
+    assert "teacher cache: off for stage intermediate: it reads the teacher's real [B, H, L, L] attention" in log
+
+
+def test_bert_emd_attention_is_refused_for_deberta(tmp_path, data):
+    tiny = _tiny(tmp_path, data, "deberta-v2")
+    with pytest.raises(ValueError, match=r"emd_att \(stage emd of bert-emd\): the (student|teacher) is a "
+                                         r"deberta-v2 model, and its real attention scores are not q·kᵀ/√d"):
+        run_cli(args_for(tiny, tmp_path / "out", "bert-emd", "--etd", "none"))
 
 
 def test_modernbert_window_shorter_than_the_batch_is_refused(tmp_path, data):
