@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fastkd.families import FAMILIES, family_of, module_at
+from fastkd.families import FAMILIES, family_of, ffn_size, module_at
 
-# The families ETD extracts from: BERT's layer layout (attention.self.{query,key,value}, attention.output,
-# intermediate, output) with absolute positions.
+# The families ETD extracts from: those whose family gives a layer map (fastkd.families, layer_params).
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() if f.etd for t in f.model_types)
 
 
@@ -46,28 +45,21 @@ class LayerParts:
     out_norm: nn.LayerNorm
 
 
-# Parameter names inside one encoder layer -> LayerParts attribute.
-LAYER_PARAMS = {
-    "attention.self.query": "query",
-    "attention.self.key": "key",
-    "attention.self.value": "value",
-    "attention.output.dense": "attn_out",
-    "attention.output.LayerNorm": "attn_norm",
-    "intermediate.dense": "ffn_in",
-    "output.dense": "ffn_out",
-    "output.LayerNorm": "out_norm",
-}
+def layer_params(model: nn.Module) -> dict[str, str]:
+    """Parameter paths inside one of ``model``'s layers -> the LayerParts part ETD cuts them as."""
+    return family_of(model, "teacher").layer_params or {}
 
 
-def layer_parts(layer: nn.Module) -> LayerParts:
-    try:
-        sa = layer.attention.self
-        parts = LayerParts(sa.query, sa.key, sa.value, layer.attention.output.dense,
-                            layer.attention.output.LayerNorm, layer.intermediate.dense, layer.output.dense,
-                            layer.output.LayerNorm)
-    except AttributeError as e:
-        raise ValueError(f"teacher: unsupported encoder layer {type(layer).__name__} ({e}); expected BERT's "
-                         f"attention.self.{{query,key,value}}, attention.output, intermediate, output") from e
+def layer_parts(layer: nn.Module, params: dict[str, str]) -> LayerParts:
+    """The layer's parts by the family's map (the first path of each part)."""
+    found = {}
+    for path, part in params.items():
+        if part not in found:
+            try:
+                found[part] = module_at(layer, path)
+            except ValueError as e:
+                raise ValueError(f"teacher: unsupported encoder layer {type(layer).__name__}: no {path}") from e
+    parts = LayerParts(**found)
     for name, mod in _fields(parts).items():
         want = nn.LayerNorm if name.endswith("norm") else nn.Linear
         if not isinstance(mod, want):
@@ -83,18 +75,19 @@ def check_encoder(teacher) -> object:
     cfg = getattr(teacher, "config", None)
     if not isinstance(teacher, nn.Module) or cfg is None:
         raise ValueError(f"teacher: expected a transformers BERT-family model, got {type(teacher).__name__}")
-    if not family_of(cfg, "teacher").etd:
-        raise ValueError(f"teacher: ETD extracts students from encoders with BERT's layer layout "
-                         f"({', '.join(SUPPORTED_MODEL_TYPES)}); a {cfg.model_type} model is not one: use --etd none "
-                         f"(a randomly initialised student of the teacher's class) or --student DIR (a pretrained "
-                         f"student of any supported family)")
+    family = family_of(cfg, "teacher")
+    if not family.etd:
+        raise ValueError(f"teacher: ETD is defined here for {', '.join(SUPPORTED_MODEL_TYPES)}; not for a "
+                         f"{cfg.model_type} model: {family.etd_refusal}. Use --etd none (a randomly initialised "
+                         f"student of the teacher's class) or --student DIR (a pretrained student of any supported "
+                         f"family)")
     if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
         raise ValueError(f"teacher: expected absolute position embeddings, got {cfg.position_embedding_type!r}")
     layers = encoder_layers(teacher)
     if len(layers) != cfg.num_hidden_layers:
         raise ValueError(f"teacher: has {len(layers)} layers but config says {cfg.num_hidden_layers}")
     for layer in layers:
-        layer_parts(layer)
+        layer_parts(layer, family.layer_params)
     return cfg
 
 
@@ -115,9 +108,14 @@ def student_config(teacher, *, num_layers: int, hidden_size: int, num_heads: int
     _positive_int("num_layers", num_layers, cfg_t.num_hidden_layers, "num_hidden_layers")
     _positive_int("hidden_size", hidden_size, cfg_t.hidden_size, "hidden_size")
     _positive_int("num_heads", num_heads, cfg_t.num_attention_heads, "num_attention_heads")
-    _positive_int("intermediate_size", intermediate_size, cfg_t.intermediate_size, "intermediate_size")
+    _positive_int("intermediate_size", intermediate_size, ffn_size(cfg_t), "FFN width")
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size: expected a multiple of num_heads={num_heads}, got {hidden_size}")
+    d_t = cfg_t.hidden_size // cfg_t.num_attention_heads
+    if family_of(cfg_t, "teacher").rotary_head_dim and hidden_size // num_heads != d_t:
+        raise ValueError(f"hidden_size: a {cfg_t.model_type} teacher's rotary positions depend on the head dim "
+                         f"({d_t}), so ETD keeps it: choose hidden_size = {d_t} x num_heads "
+                         f"({d_t * num_heads}), got {hidden_size}")
     emb_t = getattr(cfg_t, "embedding_size", None)
     if emb_t is not None and emb_t != cfg_t.hidden_size and hidden_size == emb_t:
         raise ValueError(
@@ -146,6 +144,8 @@ def resized_config(cfg_t, *, num_layers: int, hidden_size: int, num_heads: int, 
     setattr(cfg, family.ffn, intermediate_size)
     if emb_t is not None and emb_t == cfg_t.hidden_size:
         cfg.embedding_size = hidden_size  # tied to the hidden size (no projection), so it shrinks with it
+    if getattr(cfg_t, "pooler_hidden_size", None) == cfg_t.hidden_size:  # DeBERTa's pooler, likewise
+        cfg.pooler_hidden_size = hidden_size
     every = getattr(cfg_t, "global_attn_every_n_layers", None)
     if getattr(cfg_t, "layer_types", None) is not None and every:
         cfg.layer_types = ["full_attention" if i % every == 0 else "sliding_attention" for i in range(num_layers)]

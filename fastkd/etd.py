@@ -65,13 +65,14 @@ import torch
 from torch import nn
 
 from fastkd.encoder import (
-    LAYER_PARAMS,
     SUPPORTED_MODEL_TYPES,
     check_encoder,
     encoder_layers,
+    layer_params,
     student_config,
     uniform_layers,
 )
+from fastkd.families import ffn_size
 from fastkd.importance import OBJECTIVES, Importance, compute_importance, ffn_gates, head_gates, hidden_axes
 
 __all__ = [
@@ -146,9 +147,9 @@ def plan_extraction(teacher: nn.Module, cfg_s, *, strategy: str, importance: Imp
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     if strategy == "impt" and importance is None:
         raise ValueError("importance: strategy 'impt' needs an Importance (see compute_importance)")
-    H_t, D_t, F_t = cfg_t.num_attention_heads, cfg_t.hidden_size, cfg_t.intermediate_size
+    H_t, D_t, F_t = cfg_t.num_attention_heads, cfg_t.hidden_size, ffn_size(cfg_t)
     d_t = D_t // H_t
-    m, D_s, H_s, F_s = cfg_s.num_hidden_layers, cfg_s.hidden_size, cfg_s.num_attention_heads, cfg_s.intermediate_size
+    m, D_s, H_s, F_s = cfg_s.num_hidden_layers, cfg_s.hidden_size, cfg_s.num_attention_heads, ffn_size(cfg_s)
     d_keep = min(D_s // H_s, d_t)
     layers = uniform_layers(cfg_t.num_hidden_layers, m) if layers is None else _check_layers(layers, m, cfg_t)
     gen = torch.Generator().manual_seed(seed)
@@ -206,6 +207,7 @@ def apply_plan(teacher: nn.Module, cfg_s, plan: ExtractionPlan, *, seed: int = 0
     gen = torch.Generator().manual_seed(seed + 7919)  # the padded dims' random init
     std = float(getattr(cfg_t, "initializer_range", 0.02))
     layer_prefix = _layer_prefix(teacher)
+    params = layer_params(teacher)
     outer = {}  # teacher param id -> list of (axis) carrying the hidden dim
     for p, axis, b in hidden_axes(teacher, D_t):
         outer.setdefault(id(p), set()).add(axis)
@@ -218,7 +220,7 @@ def apply_plan(teacher: nn.Module, cfg_s, plan: ExtractionPlan, *, seed: int = 0
             i_s, rest = key[len(layer_prefix):].split(".", 1)
             li = int(i_s)
             t_key = f"{layer_prefix}{plan.layers[li]}.{rest}"
-            value = _layer_param(rest, sd_t[t_key], plan, li, hid, d_t, d_s, gen, std)
+            value = _layer_param(rest, sd_t[t_key], plan, li, hid, d_t, d_s, gen, std, params)
         else:
             t = sd_t[key]
             p = param_of.get(key)
@@ -243,9 +245,9 @@ def _layer_prefix(model: nn.Module) -> str:
 
 
 def _layer_param(rest: str, t: torch.Tensor, plan: ExtractionPlan, li: int, hid: torch.Tensor, d_t: int,
-                 d_s: int, gen: torch.Generator, std: float) -> torch.Tensor:
+                 d_s: int, gen: torch.Generator, std: float, params: dict[str, str]) -> torch.Tensor:
     module, _, kind = rest.rpartition(".")
-    part = LAYER_PARAMS.get(module)
+    part = params.get(module)
     if part is None:
         raise ValueError(f"teacher: unsupported parameter {rest!r} in an encoder layer")
     heads = plan.heads[li]

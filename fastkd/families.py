@@ -80,6 +80,16 @@ def _mpnet_scores(attention: nn.Module, bound: inspect.BoundArguments, q, k):
     return scores if bias is None else scores + bias
 
 
+# How ETD cuts a layer: parameter paths inside one layer -> the part each is (fastkd.encoder.LayerParts), whose
+# rows/columns ETD slices by kept heads, head dims, FFN units and hidden dims. A part may have several paths
+# (DeBERTa's position projections are cut as its query and key); the first names the LayerParts module.
+BERT_LAYER_PARAMS = {
+    "attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
+    "attention.output.dense": "attn_out", "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "ffn_in", "output.dense": "ffn_out", "output.LayerNorm": "out_norm",
+}
+
+
 @dataclass(frozen=True)
 class EncoderFamily:
     """Paths are dotted attribute paths: ``layers``, ``embeddings``, ``final_norm`` and ``shared_layer`` under the
@@ -104,7 +114,13 @@ class EncoderFamily:
     attn_implementation: str = "sdpa"  # what the model is loaded with (eager where it has no SDPA path)
     score_refusal: str | None = None  # why attention-score terms cannot be computed from captured Q/K
     qkv_refusal: str | None = None  # why Q/K/V cannot be captured at all
-    etd: bool = False  # fastkd.etd can extract a student (BERT's layer layout)
+    layer_params: dict[str, str] | None = None  # how ETD cuts a layer (None: ETD is not defined, see etd_refusal)
+    etd_refusal: str | None = None  # why ETD is not defined for this family
+    rotary_head_dim: bool = False  # ETD must keep the head dim (rotary frequencies depend on it)
+
+    @property
+    def etd(self) -> bool:
+        return self.layer_params is not None
 
     @property
     def scores_from_qk(self) -> bool:
@@ -125,34 +141,53 @@ def register_family(family: EncoderFamily) -> EncoderFamily:
 
 for _name, _types in (("bert", ("bert",)), ("roberta", ("roberta",)), ("xlm-roberta", ("xlm-roberta",)),
                       ("camembert", ("camembert",)), ("ernie", ("ernie",)), ("data2vec-text", ("data2vec-text",))):
-    register_family(EncoderFamily(_name, _types, etd=True))
-register_family(EncoderFamily("electra", ("electra",), embeddings="embeddings_project|embeddings", etd=True))
-register_family(EncoderFamily("mobilebert", ("mobilebert",), resizable=False))
-register_family(EncoderFamily("megatron-bert", ("megatron-bert",), final_norm="encoder.ln",
-                              attn_implementation="eager"))
-register_family(EncoderFamily("roformer", ("roformer",), rotate=_rotate_roformer, attn_implementation="eager"))
+    register_family(EncoderFamily(_name, _types, layer_params=BERT_LAYER_PARAMS))
+register_family(EncoderFamily("electra", ("electra",), embeddings="embeddings_project|embeddings",
+                              layer_params=BERT_LAYER_PARAMS))
+register_family(EncoderFamily("mobilebert", ("mobilebert",), resizable=False,
+                              etd_refusal="its bottleneck and stacked-FFN widths are tied to the hidden size"))
+register_family(EncoderFamily(
+    "megatron-bert", ("megatron-bert",), final_norm="encoder.ln", attn_implementation="eager",
+    layer_params={"attention.ln": "attn_norm", "attention.self.query": "query", "attention.self.key": "key",
+                  "attention.self.value": "value", "attention.output.dense": "attn_out", "ln": "out_norm",
+                  "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}))  # pre-LN: norms before each block
+register_family(EncoderFamily("roformer", ("roformer",), rotate=_rotate_roformer, attn_implementation="eager",
+                              layer_params=BERT_LAYER_PARAMS, rotary_head_dim=True))
 register_family(EncoderFamily(
     "distilbert", ("distilbert",), layers="transformer.layer", q="attention.q_lin", k="attention.k_lin",
-    v="attention.v_lin", attention="attention", heads="n_heads", ffn="hidden_dim"))
+    v="attention.v_lin", attention="attention", heads="n_heads", ffn="hidden_dim",
+    layer_params={"attention.q_lin": "query", "attention.k_lin": "key", "attention.v_lin": "value",
+                  "attention.out_lin": "attn_out", "sa_layer_norm": "attn_norm", "ffn.lin1": "ffn_in",
+                  "ffn.lin2": "ffn_out", "output_layer_norm": "out_norm"}))
 register_family(EncoderFamily(
     "albert", ("albert",), layers="encoder.albert_layer_groups", embeddings="encoder.embedding_hidden_mapping_in",
     shared_layer="encoder.albert_layer_groups.0.albert_layers.0", q="attention.query", k="attention.key",
-    v="attention.value", attention="attention"))
+    v="attention.value", attention="attention",
+    etd_refusal="its one layer is shared by every depth, so it cannot keep different heads or FFN units per "
+                "layer; cutting it uniformly is a different method (not implemented)"))
 register_family(EncoderFamily(
     "modernbert", ("modernbert",), layers="layers", q=None, k=None, v=None, fused_qkv="attn.Wqkv",
-    attention="attn", rotate=_rotate_modernbert, final_norm="final_norm"))
+    attention="attn", rotate=_rotate_modernbert, final_norm="final_norm",
+    etd_refusal="cutting its fused Wqkv and the two GeGLU halves of Wi is not implemented yet"))
 register_family(EncoderFamily(
     "deberta-v2", ("deberta-v2",), q="attention.self.query_proj", k="attention.self.key_proj",
-    v="attention.self.value_proj", attn_implementation="eager", real_scores=_deberta_scores))
+    v="attention.self.value_proj", attn_implementation="eager", real_scores=_deberta_scores,
+    layer_params={"attention.self.query_proj": "query", "attention.self.key_proj": "key",
+                  "attention.self.value_proj": "value", "attention.self.pos_query_proj": "query",
+                  "attention.self.pos_key_proj": "key", "attention.output.dense": "attn_out",
+                  "attention.output.LayerNorm": "attn_norm", "intermediate.dense": "ffn_in",
+                  "output.dense": "ffn_out", "output.LayerNorm": "out_norm"}))
 register_family(EncoderFamily(
     "deberta", ("deberta",), q=None, k=None, v=None, attn_implementation="eager",
     score_refusal="DeBERTa's attention adds disentangled content-to-position and position-to-content terms "
-                  "that Q and K alone do not give",
+                  "that Q and K alone do not give", etd_refusal="its Q/K/V are one fused, interleaved projection",
     qkv_refusal="DeBERTa (v1) computes Q, K and V in one fused in_proj with per-head interleaving and separate "
                 "biases, which fastkd does not unpick"))
 register_family(EncoderFamily(
     "mpnet", ("mpnet",), q="attention.attn.q", k="attention.attn.k", v="attention.attn.v",
-    attention="attention.attn", attn_implementation="eager", real_scores=_mpnet_scores))
+    attention="attention.attn", attn_implementation="eager", real_scores=_mpnet_scores,
+    etd_refusal="its relative-position bias is one per-head table shared by all layers, so layers cannot keep "
+                "different heads"))
 
 
 def find_family(config) -> EncoderFamily | None:
@@ -201,7 +236,13 @@ def num_layers(model: nn.Module) -> int:
 
 
 def num_heads(config) -> int:
-    return getattr(config, family_of(config).heads)
+    family = find_family(config)
+    return getattr(config, family.heads if family else "num_attention_heads")
+
+
+def ffn_size(config) -> int:
+    family = find_family(config)
+    return getattr(config, family.ffn if family else "intermediate_size")
 
 
 def layer_module(model: nn.Module, family: EncoderFamily, i: int) -> nn.Module:

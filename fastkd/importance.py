@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd.encoder import LayerParts, check_encoder, encoder_layers, layer_parts
+from fastkd.encoder import LayerParts, check_encoder, encoder_layers, layer_parts, layer_params
+from fastkd.families import ffn_size
 
 OBJECTIVES = ("auto", "task", "sensitivity")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -47,7 +48,7 @@ def head_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
 
     try:
         for i, layer in enumerate(layers):
-            handles.append(layer_parts(layer).attn_out.register_forward_pre_hook(make(i)))
+            handles.append(layer_parts(layer, layer_params(model)).attn_out.register_forward_pre_hook(make(i)))
         yield
     finally:
         for h in handles:
@@ -58,7 +59,7 @@ def head_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
 def ffn_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
     """Multiply each FFN neuron's activation by ``gates[layer, neuron]`` (0 = the neuron removed)."""
     cfg, layers = check_encoder(model), encoder_layers(model)
-    gates = _gate_tensor("gates", gates, len(layers), cfg.intermediate_size)
+    gates = _gate_tensor("gates", gates, len(layers), ffn_size(cfg))
     handles = []
 
     def make(i):
@@ -69,7 +70,7 @@ def ffn_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
 
     try:
         for i, layer in enumerate(layers):
-            handles.append(layer_parts(layer).ffn_out.register_forward_pre_hook(make(i)))
+            handles.append(layer_parts(layer, layer_params(model)).ffn_out.register_forward_pre_hook(make(i)))
         yield
     finally:
         for h in handles:
@@ -204,8 +205,8 @@ def compute_importance(teacher: nn.Module, data: Iterable[Mapping], *, num_batch
         raise ValueError(f"num_batches: expected a positive int, got {num_batches!r}")
     if data is None:
         raise ValueError("data: strategy 'impt' needs an iterable of batches (dicts of input_ids, attention_mask)")
-    layers = [layer_parts(layer) for layer in encoder_layers(teacher)]
-    n, H, D, F = len(layers), cfg.num_attention_heads, cfg.hidden_size, cfg.intermediate_size
+    layers = [layer_parts(layer, layer_params(teacher)) for layer in encoder_layers(teacher)]
+    n, H, D, F = len(layers), cfg.num_attention_heads, cfg.hidden_size, ffn_size(cfg)
     d = D // H
     device = next(teacher.parameters()).device
     acc = dict(head=torch.zeros(n, H), ffn=torch.zeros(n, F), hidden=torch.zeros(D), qk_dim=torch.zeros(n, D),

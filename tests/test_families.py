@@ -18,7 +18,7 @@ import torch
 
 from fastkd import losses
 from fastkd.capture import capture
-from fastkd.families import FAMILIES, family_of, sliding_windows
+from fastkd.families import FAMILIES, family_of, ffn_size, sliding_windows
 from tests.helpers import FAMILY_TYPES, tiny_family_model
 
 B, L = 2, 13  # odd length; the second sequence is padded from position 9
@@ -140,20 +140,29 @@ def test_etd_per_family_full_size_is_exact_and_a_cut_keeps_units(model_type):
     cfg = teacher.config
     x = _inputs()
     full = etd.extract_student(teacher, num_layers=3, hidden_size=cfg.hidden_size, num_heads=4,
-                               intermediate_size=cfg.intermediate_size, strategy="rand").eval()
+                               intermediate_size=ffn_size(cfg), strategy="rand").eval()
     assert type(full) is type(teacher)
     with torch.no_grad():
         assert torch.equal(full(**x).logits, teacher(**x).logits)
-    cut, plan = etd.extract_student(teacher, num_layers=2, hidden_size=24, num_heads=2, intermediate_size=40,
+    hidden = 16 if FAMILIES[model_type].rotary_head_dim else 24  # RoFormer keeps its head dim (8)
+    cut, plan = etd.extract_student(teacher, num_layers=2, hidden_size=hidden, num_heads=2, intermediate_size=40,
                                     strategy="rand", return_plan=True)
     li, t_layer = 1, plan.layers[1]  # a kept layer's FFN rows are the teacher's kept rows and hidden dims
     t_ffn = module_of(teacher, model_type, t_layer)
     s_ffn = module_of(cut, model_type, li)
     expect = t_ffn.weight[plan.ffn[li]][:, plan.hidden]
     assert torch.equal(s_ffn.weight, expect)
+    with torch.no_grad():
+        assert torch.isfinite(cut.eval()(**x).logits).all()
+    # Importance (the task loss through head and FFN gates) works on this family's layout too.
+    impt = etd.extract_student(teacher, num_layers=2, hidden_size=hidden, num_heads=2, intermediate_size=40,
+                               strategy="impt", data=[{**x, "labels": torch.tensor([0, 1])}], num_batches=1)
+    assert type(impt) is type(teacher)
 
 
 def module_of(model, model_type, i):
     from fastkd.families import layer_module, module_at
 
-    return module_at(layer_module(model, FAMILIES[model_type], i), "intermediate.dense")
+    params = FAMILIES[model_type].layer_params
+    ffn_in = next(path for path, part in params.items() if part == "ffn_in")
+    return module_at(layer_module(model, FAMILIES[model_type], i), ffn_in)

@@ -76,9 +76,20 @@ def test_modernbert_window_shorter_than_the_batch_is_refused(tmp_path, data):
 
 
 def test_etd_refuses_a_family_it_cannot_cut(tmp_path, data):
-    tiny = _tiny(tmp_path, data, "distilbert")
-    with pytest.raises(ValueError, match="a distilbert model is not one: use --etd none"):
+    tiny = _tiny(tmp_path, data, "modernbert", local_attention=64)
+    with pytest.raises(ValueError, match="not for a modernbert model: cutting its fused Wqkv .* Use --etd none"):
         run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--etd", "rand"))
+
+
+def test_etd_extracts_a_distilbert_student(tmp_path, data):
+    tiny = _tiny(tmp_path, data, "distilbert", layers=4)
+    out = tmp_path / "out"
+    run_cli(args_for(tiny, out, "tinybert", "--etd", "impt", "--student-hidden", "24", "--student-heads", "4",
+                     "--student-ffn", "48"))
+    from transformers import AutoModelForSequenceClassification
+
+    student = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert (student.config.model_type, student.config.dim, student.config.hidden_dim) == ("distilbert", 24, 48)
 
 
 @pytest.mark.parametrize("model_type", ["distilbert", "roberta"])

@@ -14,7 +14,7 @@ from fastkd.recipes import (
     parse_set,
     uniform_pairs,
 )
-from fastkd.terms import capture_plan
+from fastkd.terms import capture_plan, plan_fields
 
 BASE = Shapes(teacher_layers=12, student_layers=4, teacher_hidden=768, student_hidden=312, teacher_heads=12,
               student_heads=12)
@@ -180,8 +180,12 @@ def test_mapping_errors_say_what_to_change():
 def test_capture_plan_records_only_what_terms_read():
     r = build_recipe("tinybert", BASE)
     t = capture_plan(r.stages[0].terms, "teacher")
-    assert t["embeddings"] and t["hidden"] == {2, 5, 8, 11} and t["qkv"] == {2: "kq", 5: "kq", 8: "kq", 11: "kq"}
+    assert t["embeddings"] and t["hidden"] == {2, 5, 8, 11} and t["scores"] == {2, 5, 8, 11} and not t["qkv"]
     assert not t["logits"]
+    # Attention scores become Q and K for a q·kᵀ family, or the model's own score maps (DeBERTa, MPNet).
+    assert plan_fields(t, 12) == ["emb"] + [f"hidden.{i}" for i in (2, 5, 8, 11)] + [
+        f"{c}.{i}" for i in (2, 5, 8, 11) for c in "kq"]
+    assert plan_fields(t, 12, real_scores=True)[-4:] == [f"scores.{i}" for i in (2, 5, 8, 11)]
     s = capture_plan(r.stages[0].terms, "student")
     assert s["hidden"] == {0, 1, 2, 3}
     p = capture_plan(r.stages[1].terms, "teacher")
