@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd.encoder import LayerParts, check_encoder, encoder_layers, layer_parts, layer_params
+from fastkd.encoder import LayerParts, check_encoder, encoder_layers, layer_params, layer_parts
 from fastkd.families import ffn_size
 
 OBJECTIVES = ("auto", "task", "sensitivity")
