@@ -32,7 +32,7 @@ from fastkd.cache import TeacherCache
 from fastkd.disk import save_model_dir
 from fastkd.distill import DistillModule
 from fastkd.engine import Dist, current_dist
-from fastkd.families import family_of, find_family, sliding_windows
+from fastkd.families import attention_interface, family_of, find_family, sliding_windows
 from fastkd.recipes import Recipe, Shapes, Stage, build_recipe, make_params
 from fastkd.teacher import TEACHER_DTYPES, TeacherRunner, teacher_dtype
 from fastkd.terms import empty_plan, kind_of, stage_fields
@@ -260,15 +260,19 @@ class Distiller(DistillModule):
         return DistillOutput(loss=total, logits=logits, terms=terms)
 
     def score_path_note(self) -> str | None:
-        """Which sides' attention terms read real score maps (unfused, O(B·H·L²) memory), or None."""
-        sides = [f"the {who} ({m.config.model_type})" for who, m in
-                 (("teacher", self.teachers["finetuned"]), ("student", self.student)) if has_real_scores(m)]
-        uses = any(kind_of(t).uses_scores for s in self.stages for t in s.terms)
-        if not (sides and uses):
-            return None
-        return (f"attention terms: {' and '.join(sides)} attend with more than q·kᵀ/√d (relative-position terms), "
-                f"so those terms read the model's real [B, H, L, L] scores through the reference path, not the "
-                f"fused kernels: O(B·H·L²) memory per mapped layer, and no activation cache for them")
+        """What the attention terms run on, where it is not the default: which sides read real score maps
+        (unfused, O(B·H·L²) memory) and which models run eager attention because their family has no SDPA."""
+        models = (("teacher", self.teachers["finetuned"]), ("student", self.student))
+        lines = [f"{who}: {m.config.model_type} runs eager attention (fastkd loads it so: transformers has no SDPA "
+                 f"path for it)" for who, m in models if getattr(m.config, "_attn_implementation", None) == "eager"
+                 and attention_interface(m.config) == "eager"]
+        sides = [f"the {who} ({m.config.model_type})" for who, m in models if has_real_scores(m)]
+        if sides and any(kind_of(t).uses_scores for s in self.stages for t in s.terms):
+            lines.append(f"attention terms: {' and '.join(sides)} attend with more than q·kᵀ/√d (relative-position "
+                         f"terms), so those terms read the model's real [B, H, L, L] scores through the reference "
+                         f"path, not the fused kernels: O(B·H·L²) memory per mapped layer, and no activation cache "
+                         f"for them")
+        return "\n".join(lines) or None
 
     # ------------------------------------------------------------ training-loop hooks and the result
 

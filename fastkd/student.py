@@ -9,6 +9,7 @@ from torch import nn
 
 from fastkd.batching import LengthBucketSampler
 from fastkd.config import TrainConfig
+from fastkd.distiller import check_families
 from fastkd.encoder import resized_config
 from fastkd.engine import batches_for_epoch
 from fastkd.recipes import Recipe
@@ -56,10 +57,19 @@ def student_sizes(cfg: TrainConfig) -> tuple[int, int, int]:
     return sc.num_hidden_layers, sc.hidden_size, num_heads(sc)
 
 
+def check_student(cfg: TrainConfig, tconf, recipe: Recipe, teacher_tokenizer) -> None:
+    """Before anything loads or trains: what the recipe reads must exist in both models' families (a student
+    made from the teacher is of its class), and a --student must read the teacher's vocabulary."""
+    from transformers import AutoConfig
+
+    student_config = tconf if cfg.student is None else AutoConfig.from_pretrained(cfg.student)
+    check_families(dict.fromkeys(("pretrained", "finetuned"), tconf), student_config, recipe)
+    if cfg.student is not None:
+        check_student_tokenizer(cfg, teacher_tokenizer)
+
+
 def check_student_tokenizer(cfg: TrainConfig, teacher_tokenizer) -> None:
-    """A --student trains on the teacher's token ids, so it must read the same vocabulary (no-op without one)."""
-    if cfg.student is None:
-        return
+    """A --student trains on the teacher's token ids, so it must read the same vocabulary."""
     from transformers import AutoConfig, AutoTokenizer
 
     vocab = getattr(AutoConfig.from_pretrained(cfg.student), "vocab_size", None)

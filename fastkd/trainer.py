@@ -51,7 +51,7 @@ from fastkd.finetune import finetune_for_run
 from fastkd.recipes import Shapes, Stage, build_recipe, describe, make_params
 from fastkd.report import finish_run
 from fastkd.rundata import load_run_data
-from fastkd.student import check_student_tokenizer, etd_batches, make_student, mapped_teacher_layers, student_sizes
+from fastkd.student import check_student, etd_batches, make_student, mapped_teacher_layers, student_sizes
 from fastkd.teacher import (
     TeacherRunner,
     cache_bytes,
@@ -126,7 +126,7 @@ class Trainer:
             s.epochs = cfg.epochs if cfg.epochs is not None else min(s.epochs, cap or s.epochs)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         check_tokenizer(self.tokenizer, tconf, path)
-        check_student_tokenizer(cfg, self.tokenizer)
+        check_student(cfg, tconf, self.recipe, self.tokenizer)
         # Fingerprint it before any call: a fast tokenizer's serialised state records the last truncation
         # settings, which differ when datasets serves a tokenised split from its cache (no call at all).
         self.tokenizer_fp = fingerprint_tokenizer(self.tokenizer)

@@ -58,6 +58,7 @@ def test_deberta_runs_tinybert_on_its_real_scores_and_says_so(tmp_path, data):
     log = "\n".join(map(str, lines))
     assert "the teacher (deberta-v2) and the student (deberta-v2) attend with more than q·kᵀ/√d" in log
     assert "reference path, not the fused kernels" in log
+    assert "teacher: deberta-v2 runs eager attention (fastkd loads it so: transformers has no SDPA path" in log
     assert "teacher cache: off for stage intermediate: it reads the teacher's real [B, H, L, L] attention" in log
 
 
@@ -133,3 +134,16 @@ def test_student_and_etd_together_are_refused(tmp_path, data):
     tiny = _tiny(tmp_path, data, "bert")
     with pytest.raises(ValueError, match="--etd: rand extracts a student from the teacher, and --student gives one"):
         run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--student", str(student_dir), "--etd", "rand"))
+
+
+def test_family_refusal_comes_before_the_teacher_is_fine_tuned(tmp_path, data):
+    from tests.helpers import tiny_family_model, write_tokenizer
+
+    folder = tmp_path / "deberta-headless"  # no task head: a run would fine-tune it first
+    tiny_family_model("deberta", peaked=False).base_model.save_pretrained(folder)
+    write_tokenizer(folder)
+    lines = []
+    cfg = train.parse_config(args_for({"teacher": folder, "data": data}, tmp_path / "out", "tinybert"))
+    with pytest.raises(ValueError, match=r"is a deberta model, and DeBERTa \(v1\) computes Q, K and V in one fused"):
+        train.run(cfg, log=lines.append)
+    assert not any("fine-tun" in str(x) for x in lines)
