@@ -147,3 +147,23 @@ def test_family_refusal_comes_before_the_teacher_is_fine_tuned(tmp_path, data):
     with pytest.raises(ValueError, match=r"is a deberta model, and DeBERTa \(v1\) computes Q, K and V in one fused"):
         train.run(cfg, log=lines.append)
     assert not any("fine-tun" in str(x) for x in lines)
+
+
+def test_kd_runs_for_a_teacher_of_no_listed_family(tmp_path, data):
+    # ConvBERT is not a registered family: logit KD needs no capture, so it runs (here with a BERT --student);
+    # a method that reads activations is refused naming the model_type and the supported families.
+    from transformers import ConvBertConfig, ConvBertForSequenceClassification
+
+    from tests.helpers import write_tokenizer
+
+    teacher_dir = tmp_path / "convbert"
+    cfg = ConvBertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, embedding_size=32, max_position_embeddings=64, num_labels=2)
+    ConvBertForSequenceClassification(cfg).save_pretrained(teacher_dir)
+    write_tokenizer(teacher_dir)
+    student_dir = make_family_teacher(tmp_path / "student", "bert", layers=2)
+    tiny = {"teacher": teacher_dir, "data": data}
+    res = run_cli(args_for(tiny, tmp_path / "kd", "kd", "--student", str(student_dir)))
+    assert 0.0 <= res["student_test_acc"] <= 1.0
+    with pytest.raises(ValueError, match="teacher: model_type 'convbert' is not a supported encoder family"):
+        run_cli(args_for(tiny, tmp_path / "tb", "tinybert", "--student", str(student_dir)))
