@@ -39,10 +39,12 @@ class LayerParts:
     key: nn.Linear
     value: nn.Linear
     attn_out: nn.Linear
-    attn_norm: nn.LayerNorm
+    attn_norm: nn.Module  # a LayerNorm, or Identity (ModernBERT's first layer has none)
     ffn_in: nn.Linear
     ffn_out: nn.Linear
-    out_norm: nn.LayerNorm
+    out_norm: nn.Module
+    fused_qkv: bool = False  # query, key and value are one Linear [q | k | v]
+    glu: bool = False  # ffn_in is [input half | gate half]
 
 
 def layer_params(model: nn.Module) -> dict[str, str]:
@@ -51,19 +53,25 @@ def layer_params(model: nn.Module) -> dict[str, str]:
 
 
 def layer_parts(layer: nn.Module, params: dict[str, str]) -> LayerParts:
-    """The layer's parts by the family's map (the first path of each part)."""
+    """The layer's parts by the family's map (the first path of each part; a fused "qkv" path serves as query,
+    key and value, an "ffn_in_glu" one as ffn_in)."""
     found = {}
     for path, part in params.items():
-        if part not in found:
-            try:
-                found[part] = module_at(layer, path)
-            except ValueError as e:
-                raise ValueError(f"teacher: unsupported encoder layer {type(layer).__name__}: no {path}") from e
-    parts = LayerParts(**found)
-    for name, mod in _fields(parts).items():
-        want = nn.LayerNorm if name.endswith("norm") else nn.Linear
+        try:
+            mod = module_at(layer, path)
+        except ValueError as e:
+            raise ValueError(f"teacher: unsupported encoder layer {type(layer).__name__}: no {path}") from e
+        names = ("query", "key", "value") if part == "qkv" else ("ffn_in",) if part == "ffn_in_glu" else (part,)
+        for name in names:
+            found.setdefault(name, mod)
+    fused = "qkv" in params.values()
+    parts = LayerParts(**found, fused_qkv=fused, glu="ffn_in_glu" in params.values())
+    for name in ("query", "key", "value", "attn_out", "ffn_in", "ffn_out", "attn_norm", "out_norm"):
+        mod = getattr(parts, name)
+        want = (nn.LayerNorm, nn.Identity) if name.endswith("norm") else (nn.Linear,)
         if not isinstance(mod, want):
-            raise ValueError(f"teacher: layer part {name} is {type(mod).__name__}, expected {want.__name__}")
+            raise ValueError(f"teacher: layer part {name} is {type(mod).__name__}, expected "
+                             f"{' or '.join(w.__name__ for w in want)}")
     return parts
 
 

@@ -198,6 +198,8 @@ def _head_rows(heads: torch.Tensor, dims: torch.Tensor, d_t: int, d_s: int) -> t
 def apply_plan(teacher: nn.Module, cfg_s, plan: ExtractionPlan, *, seed: int = 0) -> nn.Module:
     """Build ``type(teacher)(cfg_s)`` and fill every weight from the teacher by ``plan``."""
     cfg_t = check_encoder(teacher)
+    if getattr(cfg_t, "layer_types", None):  # each kept layer keeps its attention type (ModernBERT: global/local)
+        cfg_s.layer_types = [cfg_t.layer_types[j] for j in plan.layers]
     ref = next(teacher.parameters())
     D_t, H_t = cfg_t.hidden_size, cfg_t.num_attention_heads
     d_t, d_s = D_t // H_t, cfg_s.hidden_size // cfg_s.num_attention_heads
@@ -250,6 +252,14 @@ def _layer_param(rest: str, t: torch.Tensor, plan: ExtractionPlan, li: int, hid:
     part = params.get(module)
     if part is None:
         raise ValueError(f"teacher: unsupported parameter {rest!r} in an encoder layer")
+    if part == "qkv":  # one Linear giving [q | k | v] (ModernBERT's Wqkv): each third cut by its own rule
+        thirds = t.chunk(3, dim=0)
+        return torch.cat([_layer_param(f"{name}.{kind}", x, plan, li, hid, d_t, d_s, gen, std,
+                                       {name: name}) for name, x in zip(("query", "key", "value"), thirds,
+                                                                        strict=True)])
+    if part == "ffn_in_glu":  # [input half | gate half] (GeGLU): a kept unit keeps its row in both halves
+        return torch.cat([_layer_param(f"ffn_in.{kind}", x, plan, li, hid, d_t, d_s, gen, std, {"ffn_in": "ffn_in"})
+                          for x in t.chunk(2, dim=0)])
     heads = plan.heads[li]
     if part in ("query", "key"):
         rows = _head_rows(heads, plan.qk_dims[li], d_t, d_s)

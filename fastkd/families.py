@@ -167,8 +167,9 @@ register_family(EncoderFamily(
                 "layer; cutting it uniformly is a different method (not implemented)"))
 register_family(EncoderFamily(
     "modernbert", ("modernbert",), layers="layers", q=None, k=None, v=None, fused_qkv="attn.Wqkv",
-    attention="attn", rotate=_rotate_modernbert, final_norm="final_norm",
-    etd_refusal="cutting its fused Wqkv and the two GeGLU halves of Wi is not implemented yet"))
+    attention="attn", rotate=_rotate_modernbert, final_norm="final_norm", rotary_head_dim=True,
+    layer_params={"attn_norm": "attn_norm", "attn.Wqkv": "qkv", "attn.Wo": "attn_out", "mlp_norm": "out_norm",
+                  "mlp.Wi": "ffn_in_glu", "mlp.Wo": "ffn_out"}))
 register_family(EncoderFamily(
     "deberta-v2", ("deberta-v2",), q="attention.self.query_proj", k="attention.self.key_proj",
     v="attention.self.value_proj", attn_implementation="eager", real_scores=_deberta_scores,

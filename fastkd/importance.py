@@ -162,28 +162,43 @@ def _batch_scores(layers: list[LayerParts], outer: list, gate_grad: torch.Tensor
                   D: int, device) -> dict[str, torch.Tensor]:
     """One batch's importance scores from the gate gradient and the parameter gradients (by parameter id)."""
 
-    def wg(p):  # w·∂L/∂w in fp32 (zeros when the parameter took no part)
+    def wg(p):  # w·∂L/∂w in fp32 (zeros when the parameter took no part; None for a missing bias)
+        if p is None:
+            return None
         g = g_of.get(id(p))
         return torch.zeros_like(p, dtype=torch.float32) if g is None else p.detach().float() * g.float()
+
+    def wg_qkv(lp):  # (q_w, q_b, k_w, k_b, v_w, v_b), a fused [q | k | v] Linear split into its thirds
+        if not lp.fused_qkv:
+            return (wg(lp.query.weight), wg(lp.query.bias), wg(lp.key.weight), wg(lp.key.bias),
+                    wg(lp.value.weight), wg(lp.value.bias))
+        w, b = wg(lp.query.weight).chunk(3), wg(lp.query.bias)
+        b = (None,) * 3 if b is None else b.chunk(3)
+        return w[0], b[0], w[1], b[1], w[2], b[2]
 
     score = dict(head=gate_grad.detach().abs().float(), ffn=torch.zeros(n, F, device=device),
                  hidden=torch.zeros(D, device=device), qk_dim=torch.zeros(n, D, device=device),
                  v_dim=torch.zeros(n, D, device=device))
     for i, lp in enumerate(layers):
-        q_w, q_b, k_w, k_b = wg(lp.query.weight), wg(lp.query.bias), wg(lp.key.weight), wg(lp.key.bias)
-        v_w, v_b = wg(lp.value.weight), wg(lp.value.bias)
+        q_w, q_b, k_w, k_b, v_w, v_b = wg_qkv(lp)
         ao_w, ao_b = wg(lp.attn_out.weight), wg(lp.attn_out.bias)
         fi_w, fi_b = wg(lp.ffn_in.weight), wg(lp.ffn_in.bias)
         fo_w, fo_b = wg(lp.ffn_out.weight), wg(lp.ffn_out.bias)
         score["qk_dim"][i] = _row_score(q_w, q_b) + _row_score(k_w, k_b)
         score["v_dim"][i] = _row_score(v_w, v_b) + ao_w.sum(dim=0).abs()
-        score["ffn"][i] = _row_score(fi_w, fi_b) + fo_w.sum(dim=0).abs()
+        if lp.glu:  # a GeGLU unit is a row in each half of ffn_in
+            halves = zip(fi_w.chunk(2), (None, None) if fi_b is None else fi_b.chunk(2), strict=True)
+            score["ffn"][i] = sum(_row_score(w, b) for w, b in halves) + fo_w.sum(dim=0).abs()
+        else:
+            score["ffn"][i] = _row_score(fi_w, fi_b) + fo_w.sum(dim=0).abs()
         h = score["hidden"]
         for w in (q_w, k_w, v_w, fi_w):  # input columns
             h += w.sum(dim=0).abs()
         h += _row_score(ao_w, ao_b) + _row_score(fo_w, fo_b)  # output rows with their bias
         for norm in (lp.attn_norm, lp.out_norm):
-            h += (wg(norm.weight) + wg(norm.bias)).abs()
+            if isinstance(norm, nn.LayerNorm):
+                w, b = wg(norm.weight), wg(norm.bias)
+                h += (w if b is None else w + b).abs()
     for p, axis, b in outer:
         w = wg(p)
         s = w.sum(dim=1 - axis) if w.dim() == 2 else w

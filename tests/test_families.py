@@ -150,8 +150,18 @@ def test_etd_per_family_full_size_is_exact_and_a_cut_keeps_units(model_type):
     li, t_layer = 1, plan.layers[1]  # a kept layer's FFN rows are the teacher's kept rows and hidden dims
     t_ffn = module_of(teacher, model_type, t_layer)
     s_ffn = module_of(cut, model_type, li)
-    expect = t_ffn.weight[plan.ffn[li]][:, plan.hidden]
+    halves = t_ffn.weight.chunk(2) if "ffn_in_glu" in FAMILIES[model_type].layer_params.values() else [
+        t_ffn.weight]  # GeGLU: a kept unit keeps its row in both halves of Wi
+    expect = torch.cat([w[plan.ffn[li]] for w in halves])[:, plan.hidden]
     assert torch.equal(s_ffn.weight, expect)
+    # ... and its query rows are the kept heads' kept dims of the teacher's (the first third of a fused Wqkv)
+    d_t = cfg.hidden_size // 4
+    rows = (plan.heads[li][:, None] * d_t + plan.qk_dims[li]).flatten()
+    t_q, s_q = (query_of(m, model_type, i) for m, i in ((teacher, t_layer), (cut, li)))
+    if FAMILIES[model_type].rotary_head_dim or hidden // 2 == d_t:
+        assert torch.equal(s_q, t_q[rows][:, plan.hidden])
+    if getattr(cfg, "layer_types", None):  # each kept layer keeps its attention type (ModernBERT)
+        assert cut.config.layer_types == [cfg.layer_types[j] for j in plan.layers]
     with torch.no_grad():
         assert torch.isfinite(cut.eval()(**x).logits).all()
     # Importance (the task loss through head and FFN gates) works on this family's layout too.
@@ -160,9 +170,18 @@ def test_etd_per_family_full_size_is_exact_and_a_cut_keeps_units(model_type):
     assert type(impt) is type(teacher)
 
 
+def query_of(model, model_type, i):
+    from fastkd.families import layer_module, module_at
+
+    params = FAMILIES[model_type].layer_params
+    path, part = next((p, k) for p, k in params.items() if k in ("query", "qkv"))
+    w = module_at(layer_module(model, FAMILIES[model_type], i), path).weight
+    return w.chunk(3)[0] if part == "qkv" else w
+
+
 def module_of(model, model_type, i):
     from fastkd.families import layer_module, module_at
 
     params = FAMILIES[model_type].layer_params
-    ffn_in = next(path for path, part in params.items() if part == "ffn_in")
+    ffn_in = next(path for path, part in params.items() if part in ("ffn_in", "ffn_in_glu"))
     return module_at(layer_module(model, FAMILIES[model_type], i), ffn_in)

@@ -77,9 +77,24 @@ def test_modernbert_window_shorter_than_the_batch_is_refused(tmp_path, data):
 
 
 def test_etd_refuses_a_family_it_cannot_cut(tmp_path, data):
-    tiny = _tiny(tmp_path, data, "modernbert", local_attention=64)
-    with pytest.raises(ValueError, match="not for a modernbert model: cutting its fused Wqkv .* Use --etd none"):
-        run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--etd", "rand"))
+    tiny = _tiny(tmp_path, data, "albert")
+    with pytest.raises(ValueError, match="not for a albert model: its one layer is shared by every depth.* Use "
+                                         "--etd none"):
+        run_cli(args_for(tiny, tmp_path / "out", "kd", "--etd", "rand"))
+
+
+def test_etd_extracts_a_modernbert_student(tmp_path, data):
+    # Wqkv cut by thirds, both GeGLU halves of Wi together, the head dim (8) kept for the rotary step, and each
+    # kept layer keeps its global/local type.
+    tiny = _tiny(tmp_path, data, "modernbert", layers=4, local_attention=64)
+    out = tmp_path / "out"
+    run_cli(args_for(tiny, out, "tinybert", "--etd", "impt", "--student-hidden", "32", "--student-heads", "4",
+                     "--student-ffn", "40", "--set", "tinybert.layer_map=0:0,1:2"))
+    from transformers import AutoModelForSequenceClassification
+
+    student = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert (student.config.num_hidden_layers, student.config.intermediate_size) == (2, 40)
+    assert student.config.layer_types == ["full_attention", "full_attention"]
 
 
 def test_etd_extracts_a_distilbert_student(tmp_path, data):
