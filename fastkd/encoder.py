@@ -24,10 +24,7 @@ def base_model(model: nn.Module) -> nn.Module:
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
     family = family_of(model, "teacher")
-    if family.shared_layer:
-        raise ValueError(f"teacher: a {model.config.model_type} model shares one layer across depths; it has no "
-                         f"per-layer modules to extract from")
-    layers = module_at(base_model(model), family.layers)
+    layers = module_at(base_model(model), family.etd_layers or family.layers)  # ALBERT: its one shared layer
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"teacher: expected the layer list at {family.layers}, got {type(layers).__name__}")
     return layers
@@ -91,9 +88,12 @@ def check_encoder(teacher) -> object:
                          f"family)")
     if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
         raise ValueError(f"teacher: expected absolute position embeddings, got {cfg.position_embedding_type!r}")
+    if family.shared_layer and (getattr(cfg, "num_hidden_groups", 1), getattr(cfg, "inner_group_num", 1)) != (1, 1):
+        raise ValueError(f"teacher: ETD cuts the one shared layer of an ALBERT with num_hidden_groups=1 and "
+                         f"inner_group_num=1; this one has {cfg.num_hidden_groups} and {cfg.inner_group_num}")
     layers = encoder_layers(teacher)
-    if len(layers) != cfg.num_hidden_layers:
-        raise ValueError(f"teacher: has {len(layers)} layers but config says {cfg.num_hidden_layers}")
+    if len(layers) != (1 if family.shared_layer else cfg.num_hidden_layers):
+        raise ValueError(f"teacher: has {len(layers)} layer modules but config says {cfg.num_hidden_layers}")
     for layer in layers:
         layer_parts(layer, family.layer_params)
     return cfg

@@ -72,7 +72,7 @@ from fastkd.encoder import (
     student_config,
     uniform_layers,
 )
-from fastkd.families import ffn_size
+from fastkd.families import family_of, ffn_size
 from fastkd.importance import OBJECTIVES, Importance, compute_importance, ffn_gates, head_gates, hidden_axes
 
 __all__ = [
@@ -151,7 +151,12 @@ def plan_extraction(teacher: nn.Module, cfg_s, *, strategy: str, importance: Imp
     d_t = D_t // H_t
     m, D_s, H_s, F_s = cfg_s.num_hidden_layers, cfg_s.hidden_size, cfg_s.num_attention_heads, ffn_size(cfg_s)
     d_keep = min(D_s // H_s, d_t)
-    layers = uniform_layers(cfg_t.num_hidden_layers, m) if layers is None else _check_layers(layers, m, cfg_t)
+    if family_of(cfg_t, "teacher").shared_layer:  # one shared layer (ALBERT): cut once, run m times
+        layers = [0]
+    elif layers is None:
+        layers = uniform_layers(cfg_t.num_hidden_layers, m)
+    else:
+        layers = _check_layers(layers, m, cfg_t)
     gen = torch.Generator().manual_seed(seed)
     if strategy == "rand":
         hidden = _rand(D_t, D_s, gen)

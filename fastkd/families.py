@@ -117,6 +117,7 @@ class EncoderFamily:
     layer_params: dict[str, str] | None = None  # how ETD cuts a layer (None: ETD is not defined, see etd_refusal)
     etd_refusal: str | None = None  # why ETD is not defined for this family
     rotary_head_dim: bool = False  # ETD must keep the head dim (rotary frequencies depend on it)
+    etd_layers: str | None = None  # the layer list ETD cuts when it is not ``layers`` (ALBERT: the shared one)
 
     @property
     def etd(self) -> bool:
@@ -162,9 +163,12 @@ register_family(EncoderFamily(
 register_family(EncoderFamily(
     "albert", ("albert",), layers="encoder.albert_layer_groups", embeddings="encoder.embedding_hidden_mapping_in",
     shared_layer="encoder.albert_layer_groups.0.albert_layers.0", q="attention.query", k="attention.key",
-    v="attention.value", attention="attention",
-    etd_refusal="its one layer is shared by every depth, so it cannot keep different heads or FFN units per "
-                "layer; cutting it uniformly is a different method (not implemented)"))
+    v="attention.value", attention="attention", etd_layers="encoder.albert_layer_groups.0.albert_layers",
+    # ETD cuts the one shared layer once (heads, FFN units and hidden dims by importance summed over every depth
+    # it runs at); the student runs it num_layers times.
+    layer_params={"attention.query": "query", "attention.key": "key", "attention.value": "value",
+                  "attention.dense": "attn_out", "attention.LayerNorm": "attn_norm", "ffn": "ffn_in",
+                  "ffn_output": "ffn_out", "full_layer_layer_norm": "out_norm"}))
 register_family(EncoderFamily(
     "modernbert", ("modernbert",), layers="layers", q=None, k=None, v=None, fused_qkv="attn.Wqkv",
     attention="attn", rotate=_rotate_modernbert, final_norm="final_norm", rotary_head_dim=True,

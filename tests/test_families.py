@@ -147,7 +147,8 @@ def test_etd_per_family_full_size_is_exact_and_a_cut_keeps_units(model_type):
     hidden = 16 if FAMILIES[model_type].rotary_head_dim else 24  # RoFormer keeps its head dim (8)
     cut, plan = etd.extract_student(teacher, num_layers=2, hidden_size=hidden, num_heads=2, intermediate_size=40,
                                     strategy="rand", return_plan=True)
-    li, t_layer = 1, plan.layers[1]  # a kept layer's FFN rows are the teacher's kept rows and hidden dims
+    li = len(plan.layers) - 1  # ALBERT: one shared layer, cut once
+    t_layer = plan.layers[li]  # a kept layer's FFN rows are the teacher's kept rows and hidden dims
     t_ffn = module_of(teacher, model_type, t_layer)
     s_ffn = module_of(cut, model_type, li)
     halves = t_ffn.weight.chunk(2) if "ffn_in_glu" in FAMILIES[model_type].layer_params.values() else [

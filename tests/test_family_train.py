@@ -29,6 +29,7 @@ def _tiny(tmp_path, data, model_type, **cfg):
     ("deberta-v2", "tinybert"),  # the real-score path: DeBERTa's own scores, materialised
     ("mpnet", "minilm"),  # likewise, with MPNet's relative-position bias
     ("albert", "kd"),
+    ("albert", "tinybert"),  # its one shared layer captured per depth
     ("megatron-bert", "minilm"),  # eager attention (it has no SDPA path), set by fastkd
 ])
 def test_method_runs_end_to_end(tmp_path, data, model_type, method):
@@ -77,8 +78,8 @@ def test_modernbert_window_shorter_than_the_batch_is_refused(tmp_path, data):
 
 
 def test_etd_refuses_a_family_it_cannot_cut(tmp_path, data):
-    tiny = _tiny(tmp_path, data, "albert")
-    with pytest.raises(ValueError, match="not for a albert model: its one layer is shared by every depth.* Use "
+    tiny = _tiny(tmp_path, data, "mobilebert")
+    with pytest.raises(ValueError, match="not for a mobilebert model: its bottleneck and stacked-FFN widths .* Use "
                                          "--etd none"):
         run_cli(args_for(tiny, tmp_path / "out", "kd", "--etd", "rand"))
 
