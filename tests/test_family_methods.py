@@ -72,3 +72,22 @@ def test_real_score_maps_are_never_cached():
         Distiller(teacher, student, "tinybert", cache="memory")
     relations = Distiller(teacher, student, "minilmv2", cache="memory", settings=SETTINGS["minilmv2"])
     assert relations.runner.cache is not None  # Q/K/V relations cache as usual
+
+
+def test_logit_kd_across_tokenizers_through_the_api():
+    # Different vocabularies: token-level terms are refused; logit KD works when each model reads its own
+    # tokenisation and the caller hands the teacher's logits over (what fastkd.train's refusal points to).
+    teacher = tiny_family_model("bert", seed=0, layers=4, peaked=False)
+    student = tiny_family_model("distilbert", seed=1, layers=2, peaked=False, vocab_size=40).train()
+    with pytest.raises(ValueError, match=r"its vocabulary has 40 tokens and the teacher's 32.*method='kd'"):
+        Distiller(teacher, student, "tinybert")
+    distiller = Distiller(teacher, student, "kd")
+    t_batch, labels = _batch(), torch.tensor([0, 1, 1])
+    s_ids = torch.randint(5, 40, (3, 9))  # the student's own tokenisation of the same three texts
+    with torch.no_grad():
+        t_logits = teacher(input_ids=t_batch["input_ids"], attention_mask=t_batch["attention_mask"]).logits
+    out = distiller(input_ids=s_ids, attention_mask=torch.ones_like(s_ids), labels=labels,
+                    teacher_outputs={"logits": t_logits})
+    out.loss.backward()
+    assert set(out.terms) == {"soft_ce", "hard_ce"} and math.isfinite(float(out.loss))
+    assert student.distilbert.embeddings.word_embeddings.weight.grad is not None
