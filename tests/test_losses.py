@@ -231,3 +231,33 @@ def test_emd_loss_gradient_is_the_plan(gen):
     loss, plan = losses.emd_loss(cost, a, b)
     loss.sum().backward()
     assert torch.allclose(cost.grad, plan)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "prefix", "holes"])
+@pytest.mark.parametrize("name", ["attention_mse", "attention_kl"])
+def test_score_map_losses_match_float64(name, mask_kind, gen):
+    # The real-score path (DeBERTa, MPNet): on maps q·kᵀ/√d the loss equals the independent float64 of the Q/K
+    # form; a teacher map with a bias Q and K could not give changes it, and the student's grads flow.
+    B, H, L, d = 3, 2, 7, 8
+    q_s, k_s = qk(B, H, L, d, torch.float32, gen, grad=True), qk(B, H, L, d, torch.float32, gen, grad=True)
+    q_t, k_t = qk(B, H, L, d, torch.float32, gen), qk(B, H, L, d, torch.float32, gen)
+    mask = make_mask(mask_kind, B, L, gen)
+    s_s, s_t = losses.attention_scores(q_s, k_s), losses.attention_scores(q_t, k_t)
+    s_t = s_t + torch.randn(B, H, L, L, generator=gen)  # a bias Q and K alone could not give
+    out = getattr(losses, f"{name}_maps")(s_s, s_t, mask)
+    naive = {"attention_mse": attention_mse_f64, "attention_kl": attention_kl_f64}[name]
+    unbiased = getattr(losses, f"{name}_maps")(s_s, losses.attention_scores(q_t, k_t), mask)
+    assert rel_err(unbiased, naive(q_s.double(), k_s.double(), q_t, k_t, mask)) < TOL
+    assert torch.isfinite(out) and float(out) != float(unbiased)
+    out.backward()
+    assert q_s.grad is not None and torch.isfinite(q_s.grad).all()
+
+
+def test_score_map_bad_input_names_argument(gen):
+    s = torch.randn(2, 2, 5, 5, generator=gen)
+    with pytest.raises(ValueError, match=r"s_s: expected non-empty square score maps \[B, H, L, L\]"):
+        losses.attention_mse_maps(s[..., :4], s[..., :4])
+    with pytest.raises(ValueError, match=r"s_t: expected the shape of s_s \(2, 2, 5, 5\)"):
+        losses.attention_kl_maps(s, s[:, :1])
+    with pytest.raises(ValueError, match="s_t"):
+        losses.attention_kl_maps(s, s.clone().fill_(float("nan")))
