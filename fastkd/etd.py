@@ -158,19 +158,24 @@ def plan_extraction(teacher: nn.Module, cfg_s, *, strategy: str, importance: Imp
     else:
         layers = _check_layers(layers, m, cfg_t)
     gen = torch.Generator().manual_seed(seed)
+    # A per-head table shared by all layers (MPNet's position bias) can follow only one head set: every layer
+    # then keeps the same heads, by importance summed over the kept layers (or one random draw).
+    same_heads = bool(family_of(cfg_t, "teacher").shared_heads)
     if strategy == "rand":
         hidden = _rand(D_t, D_s, gen)
         plan = ExtractionPlan(layers, hidden, strategy=strategy, seed=seed)
+        common = _rand(H_t, H_s, gen) if same_heads else None
         for _ in layers:
-            heads = _rand(H_t, H_s, gen)
+            heads = common if same_heads else _rand(H_t, H_s, gen)
             plan.heads.append(heads)
             plan.qk_dims.append(torch.stack([_rand(d_t, d_keep, gen) for _ in heads]))
             plan.v_dims.append(torch.stack([_rand(d_t, d_keep, gen) for _ in heads]))
             plan.ffn.append(_rand(F_t, F_s, gen))
         return plan
     plan = ExtractionPlan(layers, _top(importance.hidden, D_s), strategy=strategy, seed=seed)
+    common = _top(importance.head[layers].sum(0), H_s) if same_heads else None
     for li in layers:
-        heads = _top(importance.head[li], H_s)
+        heads = common if same_heads else _top(importance.head[li], H_s)
         plan.heads.append(heads)
         plan.qk_dims.append(torch.stack([_top(importance.qk_dim[li, h], d_keep) for h in heads.tolist()]))
         plan.v_dims.append(torch.stack([_top(importance.v_dim[li, h], d_keep) for h in heads.tolist()]))
@@ -215,6 +220,7 @@ def apply_plan(teacher: nn.Module, cfg_s, plan: ExtractionPlan, *, seed: int = 0
     std = float(getattr(cfg_t, "initializer_range", 0.02))
     layer_prefix = _layer_prefix(teacher)
     params = layer_params(teacher)
+    shared_heads = family_of(cfg_t, "teacher").shared_heads
     outer = {}  # teacher param id -> list of (axis) carrying the hidden dim
     for p, axis, b in hidden_axes(teacher, D_t):
         outer.setdefault(id(p), set()).add(axis)
@@ -234,6 +240,9 @@ def apply_plan(teacher: nn.Module, cfg_s, plan: ExtractionPlan, *, seed: int = 0
             value = t
             for axis in sorted(outer.get(id(p), ())) if p is not None else ():
                 value = value.index_select(axis, hid.to(t.device))
+            for suffix, axis in (shared_heads or {}).items():  # the one head set every layer kept
+                if key.endswith(suffix):
+                    value = value.index_select(axis, plan.heads[0].to(t.device))
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"teacher: unsupported parameter {key}: extracted shape {tuple(value.shape)}, the "
                              f"student needs {tuple(target.shape)}")

@@ -118,6 +118,8 @@ class EncoderFamily:
     etd_refusal: str | None = None  # why ETD is not defined for this family
     rotary_head_dim: bool = False  # ETD must keep the head dim (rotary frequencies depend on it)
     etd_layers: str | None = None  # the layer list ETD cuts when it is not ``layers`` (ALBERT: the shared one)
+    shared_heads: dict[str, int] | None = None  # per-head tables all layers share (state-dict suffix -> head axis):
+    # ETD then keeps the same heads in every layer and slices these (MPNet's relative-position bias)
 
     @property
     def etd(self) -> bool:
@@ -191,8 +193,10 @@ register_family(EncoderFamily(
 register_family(EncoderFamily(
     "mpnet", ("mpnet",), q="attention.attn.q", k="attention.attn.k", v="attention.attn.v",
     attention="attention.attn", attn_implementation="eager", real_scores=_mpnet_scores,
-    etd_refusal="its relative-position bias is one per-head table shared by all layers, so layers cannot keep "
-                "different heads"))
+    layer_params={"attention.attn.q": "query", "attention.attn.k": "key", "attention.attn.v": "value",
+                  "attention.attn.o": "attn_out", "attention.LayerNorm": "attn_norm", "intermediate.dense": "ffn_in",
+                  "output.dense": "ffn_out", "output.LayerNorm": "out_norm"},
+    shared_heads={"encoder.relative_attention_bias.weight": 1}))
 
 
 def find_family(config) -> EncoderFamily | None:

@@ -161,6 +161,11 @@ def test_etd_per_family_full_size_is_exact_and_a_cut_keeps_units(model_type):
     t_q, s_q = (query_of(m, model_type, i) for m, i in ((teacher, t_layer), (cut, li)))
     if FAMILIES[model_type].rotary_head_dim or hidden // 2 == d_t:
         assert torch.equal(s_q, t_q[rows][:, plan.hidden])
+    for suffix, axis in (FAMILIES[model_type].shared_heads or {}).items():  # MPNet: one head set, its bias cut
+        assert all(torch.equal(h, plan.heads[0]) for h in plan.heads)
+        t_bias = next(v for k, v in teacher.state_dict().items() if k.endswith(suffix))
+        s_bias = next(v for k, v in cut.state_dict().items() if k.endswith(suffix))
+        assert torch.equal(s_bias, t_bias.index_select(axis, plan.heads[0]))
     if getattr(cfg, "layer_types", None):  # each kept layer keeps its attention type (ModernBERT)
         assert cut.config.layer_types == [cfg.layer_types[j] for j in plan.layers]
     with torch.no_grad():
