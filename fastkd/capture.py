@@ -90,8 +90,6 @@ class ActivationCapture:
             raise ValueError(f"scores: a {cfg.model_type} model's scores are q·kᵀ/√d of its Q and K; capture those")
         for i in self.score_layers:  # the real scores are computed from the layer's Q and K
             qkv_of[i] = "".join(sorted(set(qkv_of.get(i, "")) | {"q", "k"}))
-        if any(qkv_of.values()) and self.family.qkv_refusal:
-            raise ValueError(f"qkv: cannot capture Q/K/V of a {cfg.model_type} model: {self.family.qkv_refusal}")
         self.n = n
         self.out = Captured()
         self._kept_qk: dict[tuple[str, int], torch.Tensor] = {}  # Q/K held only for a layer's real scores
@@ -126,7 +124,9 @@ class ActivationCapture:
         def record(i, t):
             if not any(self._wants(i, c) for c in letters):
                 return
-            if len(letters) == 3:  # one fused projection: [B, L, 3·H·d] -> three [B, H, L, d]
+            if len(letters) == 3 and self.family.split_qkv is not None:  # a family's own fused layout
+                q, k, v = self.family.split_qkv(self._attention(i), t)
+            elif len(letters) == 3:  # one fused projection [B, L, 3·H·d] = [q | k | v] -> three [B, H, L, d]
                 B, L, _ = t.shape
                 parts = t.view(B, L, 3, self.num_heads, -1).unbind(dim=2)
                 q, k, v = (p.transpose(1, 2) for p in parts)

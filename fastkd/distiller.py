@@ -97,28 +97,22 @@ def _qkv_layers(term, side: int, n_layers: int) -> list[int]:
 
 def check_families(teacher_configs: dict, student_config, recipe: Recipe) -> None:
     """Refuse, before anything runs, what a model's family cannot give: any captured activation of an
-    unsupported family (logits alone need none: method kd works for any model with a head), Q/K/V where they
-    cannot be captured, attention scores where Q and K alone are not the model's scores; each error names the
-    term, the family and why."""
+    unsupported family (logits alone need none: method kd works for any model with a head), and BERT-EMD's
+    attention EMD for a family whose real scores are not q·kᵀ/√d; each error names the term, the family and
+    why."""
     for stage in recipe.stages:
-        for side, who, cfg in ((0, "student", student_config), (1, "teacher", teacher_configs[stage.teacher])):
+        for who, cfg in (("student", student_config), ("teacher", teacher_configs[stage.teacher])):
             n = cfg.num_hidden_layers
             if not [f for f in stage_fields(stage.terms, who, n) if f != "logits"]:
                 continue
             family = family_of(cfg, who)
             for term in stage.terms:
-                if not _qkv_layers(term, side, n):
-                    continue
-                reason = family.qkv_refusal or (family.score_refusal if kind_of(term).uses_scores else None)
                 if term.kind == "emd_att" and family.real_scores is not None:
-                    reason = ("its real attention scores are not q·kᵀ/√d, while BERT-EMD's attention cost matrices "
-                              "come from the fused Q/K kernels")
-                if reason:
                     raise ValueError(
                         f"{term.kind} (stage {stage.name} of {recipe.method}): the {who} is a {cfg.model_type} "
-                        f"model, and {reason}; fastkd will not compute this term from the wrong scores. Use a "
-                        f"method without it (kd, pkd" + ("" if family.qkv_refusal else
-                                                         "; minilmv2 reads only Q/K/V relations") + ")")
+                        f"model, and its real attention scores are not q·kᵀ/√d, while BERT-EMD's attention cost "
+                        f"matrices come from the fused Q/K kernels; fastkd will not compute this term from the "
+                        f"wrong scores. Use another method (tinybert and minilm read the real scores)")
 
 
 def has_real_scores(model: nn.Module) -> bool:

@@ -9,13 +9,12 @@ read it; adding a family is one :func:`register_family` call here and its parity
 
 Attention scores. fastkd's attention losses compute softmax(q·kᵀ/√d) from captured Q and K. That is the
 model's own attention only where its scores are q·kᵀ/√d (after any rotary step, which capture applies with the
-model's own function): the fused path. DeBERTa-v2's disentangled content/position terms and MPNet's relative
-position bias cannot be rebuilt from Q and K, so for those families capture hands over the model's real
-[B, H, L, L] scores, computed by the model's own functions (``real_scores``), and the attention losses take
-their score-map form: materialised maps, the reference computation, O(B·H·L²) memory, said in the trainer's
-log. DeBERTa (v1) fuses Q/K/V in a way fastkd does not unpick, so terms reading them are refused
-(``qkv_refusal``); BERT-EMD's attention EMD, whose cost matrices come from the fused Q/K kernels, is refused
-for the real-score families.
+model's own function): the fused path. DeBERTa's (v1 and v2) disentangled content/position terms and MPNet's
+relative position bias cannot be rebuilt from Q and K, so for those families capture hands over the model's
+real [B, H, L, L] scores, computed by the model's own functions (``real_scores``), and the attention losses
+take their score-map form: materialised maps, the reference computation, O(B·H·L²) memory, said in the
+trainer's log. BERT-EMD's attention EMD, whose cost matrices come from the fused Q/K kernels, is refused for
+the real-score families.
 ModernBERT's local layers attend within a sliding window: their scores are exact while a batch fits the window
 (every token then sees every other), and :func:`check_window` refuses longer batches, naming the layers.
 """
@@ -73,6 +72,31 @@ def _deberta_scores(attention: nn.Module, bound: inspect.BoundArguments, q, k):
     return scores.view(B, H, L, L)
 
 
+def _deberta_v1_qkv(attention: nn.Module, t: torch.Tensor):
+    """DeBERTa (v1)'s fused in_proj output [B, L, H·3d], interleaved per head ([q_h | k_h | v_h]), split as its
+    DisentangledSelfAttention does, with its separate Q and V biases added."""
+    B, L, _ = t.shape
+    H = attention.num_attention_heads
+    q, k, v = t.view(B, L, H, -1).permute(0, 2, 1, 3).chunk(3, dim=-1)
+    q = q + attention.q_bias.view(H, -1)[None, :, None, :].to(q.dtype)
+    v = v + attention.v_bias.view(H, -1)[None, :, None, :].to(v.dtype)
+    return q, k, v
+
+
+def _deberta_v1_scores(attention: nn.Module, bound: inspect.BoundArguments, q, k):
+    """DeBERTa (v1)'s pre-mask scores: (q/√(d·(1 + #position terms)))·kᵀ plus its own disentangled_att_bias
+    (computed from the scaled Q, as the model does), then its talking-heads projection if it has one."""
+    factor = 1 + len(attention.pos_att_type)
+    q = q / (torch.tensor(q.shape[-1], dtype=torch.float) * factor).sqrt().to(q.dtype)
+    scores = q @ k.transpose(-1, -2)
+    rel_pos, rel_emb = bound.arguments.get("relative_pos"), bound.arguments.get("rel_embeddings")
+    if attention.relative_attention and rel_emb is not None and rel_pos is not None:
+        scores = scores + attention.disentangled_att_bias(q, k, rel_pos, rel_emb, factor)
+    if attention.head_logits_proj is not None:
+        scores = attention.head_logits_proj(scores.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return scores
+
+
 def _mpnet_scores(attention: nn.Module, bound: inspect.BoundArguments, q, k):
     """MPNet's pre-mask scores: q·kᵀ/√d plus the relative-position bias its encoder passes every layer."""
     scores = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
@@ -103,6 +127,7 @@ class EncoderFamily:
     k: str | None = "attention.self.key"
     v: str | None = "attention.self.value"
     fused_qkv: str | None = None  # one Linear giving [q | k | v] (ModernBERT's Wqkv)
+    split_qkv: Callable | None = None  # (attention module, fused output) -> q, k, v [B, H, L, d] when not [q|k|v]
     attention: str = "attention.self"  # the module whose call arguments a rotary step needs
     rotate: Callable | None = None  # (attention module, its bound call arguments, q, k, v) -> (q, k, v)
     real_scores: Callable | None = None  # (attention module, bound arguments, q, k) -> the model's [B, H, L, L]
@@ -112,8 +137,6 @@ class EncoderFamily:
     ffn: str = "intermediate_size"  # the config attribute holding the FFN width
     resizable: bool = True  # a config copy with other sizes is a valid model (MobileBERT's bottlenecks: no)
     attn_implementation: str = "sdpa"  # what the model is loaded with (eager where it has no SDPA path)
-    score_refusal: str | None = None  # why attention-score terms cannot be computed from captured Q/K
-    qkv_refusal: str | None = None  # why Q/K/V cannot be captured at all
     layer_params: dict[str, str] | None = None  # how ETD cuts a layer (None: ETD is not defined, see etd_refusal)
     etd_refusal: str | None = None  # why ETD is not defined for this family
     rotary_head_dim: bool = False  # ETD must keep the head dim (rotary frequencies depend on it)
@@ -128,7 +151,7 @@ class EncoderFamily:
     @property
     def scores_from_qk(self) -> bool:
         """Whether the model's attention scores are q·kᵀ/√d of the captured Q and K (the fused path)."""
-        return self.score_refusal is None and self.qkv_refusal is None and self.real_scores is None
+        return self.real_scores is None
 
 
 FAMILIES: dict[str, EncoderFamily] = {}
@@ -185,11 +208,9 @@ register_family(EncoderFamily(
                   "attention.output.LayerNorm": "attn_norm", "intermediate.dense": "ffn_in",
                   "output.dense": "ffn_out", "output.LayerNorm": "out_norm"}))
 register_family(EncoderFamily(
-    "deberta", ("deberta",), q=None, k=None, v=None, attn_implementation="eager",
-    score_refusal="DeBERTa's attention adds disentangled content-to-position and position-to-content terms "
-                  "that Q and K alone do not give", etd_refusal="its Q/K/V are one fused, interleaved projection",
-    qkv_refusal="DeBERTa (v1) computes Q, K and V in one fused in_proj with per-head interleaving and separate "
-                "biases, which fastkd does not unpick"))
+    "deberta", ("deberta",), q=None, k=None, v=None, fused_qkv="attention.self.in_proj", split_qkv=_deberta_v1_qkv,
+    attn_implementation="eager", real_scores=_deberta_v1_scores,
+    etd_refusal="cutting its per-head interleaved in_proj and separate Q/V biases is not implemented"))
 register_family(EncoderFamily(
     "mpnet", ("mpnet",), q="attention.attn.q", k="attention.attn.k", v="attention.attn.v",
     attention="attention.attn", attn_implementation="eager", real_scores=_mpnet_scores,

@@ -28,6 +28,7 @@ def _tiny(tmp_path, data, model_type, **cfg):
     ("modernbert", "tinybert"),  # local layers' window (±32) covers --max-length 24: their scores are exact
     ("deberta-v2", "tinybert"),  # the real-score path: DeBERTa's own scores, materialised
     ("mpnet", "minilm"),  # likewise, with MPNet's relative-position bias
+    ("deberta", "tinybert"),  # DeBERTa v1: its interleaved in_proj split as the model does, its real scores
     ("albert", "kd"),
     ("albert", "tinybert"),  # its one shared layer captured per depth
     ("megatron-bert", "minilm"),  # eager attention (it has no SDPA path), set by fastkd
@@ -159,8 +160,9 @@ def test_family_refusal_comes_before_the_teacher_is_fine_tuned(tmp_path, data):
     tiny_family_model("deberta", peaked=False).base_model.save_pretrained(folder)
     write_tokenizer(folder)
     lines = []
-    cfg = train.parse_config(args_for({"teacher": folder, "data": data}, tmp_path / "out", "tinybert"))
-    with pytest.raises(ValueError, match=r"is a deberta model, and DeBERTa \(v1\) computes Q, K and V in one fused"):
+    cfg = train.parse_config(args_for({"teacher": folder, "data": data}, tmp_path / "out", "bert-emd"))
+    with pytest.raises(ValueError, match=r"emd_att \(stage emd of bert-emd\): the (student|teacher) is a deberta "
+                                         r"model, and its real attention scores are not q·kᵀ/√d"):
         train.run(cfg, log=lines.append)
     assert not any("fine-tun" in str(x) for x in lines)
 
