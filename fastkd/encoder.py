@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fastkd.families import FAMILIES, family_of, ffn_size, module_at
@@ -40,8 +41,15 @@ class LayerParts:
     ffn_in: nn.Linear
     ffn_out: nn.Linear
     out_norm: nn.Module
-    fused_qkv: bool = False  # query, key and value are one Linear [q | k | v]
+    qkv_layout: str = ""  # "" (three Linears), "thirds" ([q | k | v]) or "interleaved" ([q_h | k_h | v_h])
     glu: bool = False  # ffn_in is [input half | gate half]
+    heads: int = 0  # the layer's head count (to split an interleaved layout)
+
+
+def is_norm(mod: nn.Module) -> bool:
+    """A LayerNorm: torch's, or a model's own (DeBERTa's DebertaLayerNorm: weight and bias over the features)."""
+    return isinstance(mod, nn.LayerNorm) or (type(mod).__name__.endswith("LayerNorm")
+                                             and isinstance(getattr(mod, "weight", None), torch.Tensor))
 
 
 def layer_params(model: nn.Module) -> dict[str, str]:
@@ -49,26 +57,30 @@ def layer_params(model: nn.Module) -> dict[str, str]:
     return family_of(model, "teacher").layer_params or {}
 
 
-def layer_parts(layer: nn.Module, params: dict[str, str]) -> LayerParts:
-    """The layer's parts by the family's map (the first path of each part; a fused "qkv" path serves as query,
-    key and value, an "ffn_in_glu" one as ffn_in)."""
+def layer_parts(layer: nn.Module, params: dict[str, str], heads: int = 0) -> LayerParts:
+    """The layer's parts by the family's map (the first path of each part; a fused "qkv" or "qkv_interleaved"
+    path serves as query, key and value, an "ffn_in_glu" one as ffn_in; "qv_bias" modules are not parts)."""
     found = {}
     for path, part in params.items():
+        if part == "qv_bias":
+            continue
         try:
             mod = module_at(layer, path)
         except ValueError as e:
             raise ValueError(f"teacher: unsupported encoder layer {type(layer).__name__}: no {path}") from e
-        names = ("query", "key", "value") if part == "qkv" else ("ffn_in",) if part == "ffn_in_glu" else (part,)
+        names = (("query", "key", "value") if part in ("qkv", "qkv_interleaved") else ("ffn_in",)
+                 if part == "ffn_in_glu" else (part,))
         for name in names:
             found.setdefault(name, mod)
-    fused = "qkv" in params.values()
-    parts = LayerParts(**found, fused_qkv=fused, glu="ffn_in_glu" in params.values())
+    values = set(params.values())
+    layout = "thirds" if "qkv" in values else "interleaved" if "qkv_interleaved" in values else ""
+    parts = LayerParts(**found, qkv_layout=layout, glu="ffn_in_glu" in values, heads=heads)
     for name in ("query", "key", "value", "attn_out", "ffn_in", "ffn_out", "attn_norm", "out_norm"):
         mod = getattr(parts, name)
-        want = (nn.LayerNorm, nn.Identity) if name.endswith("norm") else (nn.Linear,)
-        if not isinstance(mod, want):
+        ok = (is_norm(mod) or isinstance(mod, nn.Identity)) if name.endswith("norm") else isinstance(mod, nn.Linear)
+        if not ok:
             raise ValueError(f"teacher: layer part {name} is {type(mod).__name__}, expected "
-                             f"{' or '.join(w.__name__ for w in want)}")
+                             f"{'a LayerNorm or Identity' if name.endswith('norm') else 'a Linear'}")
     return parts
 
 
@@ -95,7 +107,7 @@ def check_encoder(teacher) -> object:
     if len(layers) != (1 if family.shared_layer else cfg.num_hidden_layers):
         raise ValueError(f"teacher: has {len(layers)} layer modules but config says {cfg.num_hidden_layers}")
     for layer in layers:
-        layer_parts(layer, family.layer_params)
+        layer_parts(layer, family.layer_params, cfg.num_attention_heads)
     return cfg
 
 

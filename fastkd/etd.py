@@ -260,20 +260,42 @@ def _layer_prefix(model: nn.Module) -> str:
     raise ValueError("teacher: could not locate encoder.layer")
 
 
+_FUSED = ("qkv", "qkv_interleaved", "qv_bias", "ffn_in_glu")
+
+
+def _fused_param(part: str, kind: str, t: torch.Tensor, plan: ExtractionPlan, li: int, hid: torch.Tensor,
+                 d_t: int, d_s: int, gen: torch.Generator, std: float) -> torch.Tensor:
+    """A fused layer parameter cut through its parts (see fastkd.families.BERT_LAYER_PARAMS)."""
+    if part == "qkv":  # one Linear giving [q | k | v] (ModernBERT's Wqkv): each third cut by its own rule
+        thirds = t.chunk(3, dim=0)
+        return torch.cat([_layer_param(f"{name}.{kind}", x, plan, li, hid, d_t, d_s, gen, std,
+                                       {name: name}) for name, x in zip(("query", "key", "value"), thirds,
+                                                                        strict=True)])
+    if part == "qkv_interleaved":  # [q_h | k_h | v_h] per head (DeBERTa v1): cut each, re-interleave
+        H_t = t.shape[0] // (3 * d_t)
+        blocks = t.view(H_t, 3, d_t, *t.shape[1:]).transpose(0, 1).reshape(t.shape).chunk(3)
+        cut = [_layer_param(f"{name}.{kind}", x, plan, li, hid, d_t, d_s, gen, std, {name: name})
+               for name, x in zip(("query", "key", "value"), blocks, strict=True)]
+        H_s = len(plan.heads[li])
+        return torch.stack([c.view(H_s, d_s, *c.shape[1:]) for c in cut], dim=1).reshape(3 * H_s * d_s,
+                                                                                         *cut[0].shape[1:])
+    if part == "qv_bias":  # a module's own q_bias / v_bias (DeBERTa v1): cut as the query / value bias
+        name = {"q_bias": "query", "v_bias": "value"}[kind]
+        return _layer_param(f"{name}.bias", t, plan, li, hid, d_t, d_s, gen, std, {name: name})
+    if part == "ffn_in_glu":  # [input half | gate half] (GeGLU): a kept unit keeps its row in both halves
+        return torch.cat([_layer_param(f"ffn_in.{kind}", x, plan, li, hid, d_t, d_s, gen, std, {"ffn_in": "ffn_in"})
+                          for x in t.chunk(2, dim=0)])
+    raise ValueError(f"teacher: unknown fused part {part!r}")
+
+
 def _layer_param(rest: str, t: torch.Tensor, plan: ExtractionPlan, li: int, hid: torch.Tensor, d_t: int,
                  d_s: int, gen: torch.Generator, std: float, params: dict[str, str]) -> torch.Tensor:
     module, _, kind = rest.rpartition(".")
     part = params.get(module)
     if part is None:
         raise ValueError(f"teacher: unsupported parameter {rest!r} in an encoder layer")
-    if part == "qkv":  # one Linear giving [q | k | v] (ModernBERT's Wqkv): each third cut by its own rule
-        thirds = t.chunk(3, dim=0)
-        return torch.cat([_layer_param(f"{name}.{kind}", x, plan, li, hid, d_t, d_s, gen, std,
-                                       {name: name}) for name, x in zip(("query", "key", "value"), thirds,
-                                                                        strict=True)])
-    if part == "ffn_in_glu":  # [input half | gate half] (GeGLU): a kept unit keeps its row in both halves
-        return torch.cat([_layer_param(f"ffn_in.{kind}", x, plan, li, hid, d_t, d_s, gen, std, {"ffn_in": "ffn_in"})
-                          for x in t.chunk(2, dim=0)])
+    if part in _FUSED:
+        return _fused_param(part, kind, t, plan, li, hid, d_t, d_s, gen, std)
     heads = plan.heads[li]
     if part in ("query", "key"):
         rows = _head_rows(heads, plan.qk_dims[li], d_t, d_s)

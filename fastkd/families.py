@@ -106,7 +106,9 @@ def _mpnet_scores(attention: nn.Module, bound: inspect.BoundArguments, q, k):
 
 # How ETD cuts a layer: parameter paths inside one layer -> the part each is (fastkd.encoder.LayerParts), whose
 # rows/columns ETD slices by kept heads, head dims, FFN units and hidden dims. A part may have several paths
-# (DeBERTa's position projections are cut as its query and key); the first names the LayerParts module.
+# (DeBERTa's position projections are cut as its query and key); the first names the LayerParts module. Fused
+# parts: "qkv" ([q | k | v] rows), "qkv_interleaved" ([q_h | k_h | v_h] per head, DeBERTa v1), "ffn_in_glu"
+# ([input | gate] halves), "qv_bias" (a module's own q_bias / v_bias parameters).
 BERT_LAYER_PARAMS = {
     "attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
     "attention.output.dense": "attn_out", "attention.output.LayerNorm": "attn_norm",
@@ -210,7 +212,10 @@ register_family(EncoderFamily(
 register_family(EncoderFamily(
     "deberta", ("deberta",), q=None, k=None, v=None, fused_qkv="attention.self.in_proj", split_qkv=_deberta_v1_qkv,
     attn_implementation="eager", real_scores=_deberta_v1_scores,
-    etd_refusal="cutting its per-head interleaved in_proj and separate Q/V biases is not implemented"))
+    layer_params={"attention.self.in_proj": "qkv_interleaved", "attention.self": "qv_bias",
+                  "attention.self.pos_proj": "key", "attention.self.pos_q_proj": "query",
+                  "attention.output.dense": "attn_out", "attention.output.LayerNorm": "attn_norm",
+                  "intermediate.dense": "ffn_in", "output.dense": "ffn_out", "output.LayerNorm": "out_norm"}))
 register_family(EncoderFamily(
     "mpnet", ("mpnet",), q="attention.attn.q", k="attention.attn.k", v="attention.attn.v",
     attention="attention.attn", attn_implementation="eager", real_scores=_mpnet_scores,

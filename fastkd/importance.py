@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd.encoder import LayerParts, check_encoder, encoder_layers, layer_params, layer_parts
+from fastkd.encoder import LayerParts, check_encoder, encoder_layers, is_norm, layer_params, layer_parts
 from fastkd.families import ffn_size
 
 OBJECTIVES = ("auto", "task", "sensitivity")
@@ -48,7 +48,8 @@ def head_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
 
     try:
         for i, layer in enumerate(layers):
-            handles.append(layer_parts(layer, layer_params(model)).attn_out.register_forward_pre_hook(make(i)))
+            handles.append(layer_parts(layer, layer_params(model), cfg.num_attention_heads).attn_out
+                           .register_forward_pre_hook(make(i)))
         yield
     finally:
         for h in handles:
@@ -70,7 +71,8 @@ def ffn_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
 
     try:
         for i, layer in enumerate(layers):
-            handles.append(layer_parts(layer, layer_params(model)).ffn_out.register_forward_pre_hook(make(i)))
+            handles.append(layer_parts(layer, layer_params(model), cfg.num_attention_heads).ffn_out
+                           .register_forward_pre_hook(make(i)))
         yield
     finally:
         for h in handles:
@@ -144,8 +146,8 @@ def hidden_axes(model: nn.Module, hidden: int) -> list[tuple[nn.Parameter, int, 
         items = []
         if isinstance(mod, nn.Embedding) and mod.embedding_dim == hidden:
             items.append((mod.weight, 1, None))
-        elif isinstance(mod, nn.LayerNorm) and tuple(mod.normalized_shape) == (hidden,):
-            items.append((mod.weight, 0, mod.bias))
+        elif is_norm(mod) and tuple(mod.weight.shape) == (hidden,):
+            items.append((mod.weight, 0, getattr(mod, "bias", None)))
         elif isinstance(mod, nn.Linear):
             if mod.in_features == hidden:
                 items.append((mod.weight, 1, None))
@@ -168,12 +170,15 @@ def _batch_scores(layers: list[LayerParts], outer: list, gate_grad: torch.Tensor
         g = g_of.get(id(p))
         return torch.zeros_like(p, dtype=torch.float32) if g is None else p.detach().float() * g.float()
 
-    def wg_qkv(lp):  # (q_w, q_b, k_w, k_b, v_w, v_b), a fused [q | k | v] Linear split into its thirds
-        if not lp.fused_qkv:
+    def wg_qkv(lp):  # (q_w, q_b, k_w, k_b, v_w, v_b), a fused Linear split by its layout
+        if not lp.qkv_layout:
             return (wg(lp.query.weight), wg(lp.query.bias), wg(lp.key.weight), wg(lp.key.bias),
                     wg(lp.value.weight), wg(lp.value.bias))
-        w, b = wg(lp.query.weight).chunk(3), wg(lp.query.bias)
-        b = (None,) * 3 if b is None else b.chunk(3)
+        w, b = wg(lp.query.weight), wg(lp.query.bias)
+        if lp.qkv_layout == "interleaved":  # [q_h | k_h | v_h] per head -> the three in head order
+            w = w.view(lp.heads, 3, -1, w.shape[-1]).transpose(0, 1).reshape(w.shape)
+            b = None if b is None else b.view(lp.heads, 3, -1).transpose(0, 1).reshape(b.shape)
+        w, b = w.chunk(3), (None,) * 3 if b is None else b.chunk(3)
         return w[0], b[0], w[1], b[1], w[2], b[2]
 
     score = dict(head=gate_grad.detach().abs().float(), ffn=torch.zeros(n, F, device=device),
@@ -196,8 +201,8 @@ def _batch_scores(layers: list[LayerParts], outer: list, gate_grad: torch.Tensor
             h += w.sum(dim=0).abs()
         h += _row_score(ao_w, ao_b) + _row_score(fo_w, fo_b)  # output rows with their bias
         for norm in (lp.attn_norm, lp.out_norm):
-            if isinstance(norm, nn.LayerNorm):
-                w, b = wg(norm.weight), wg(norm.bias)
+            if is_norm(norm):
+                w, b = wg(norm.weight), wg(getattr(norm, "bias", None))
                 h += (w if b is None else w + b).abs()
     for p, axis, b in outer:
         w = wg(p)
@@ -220,7 +225,7 @@ def compute_importance(teacher: nn.Module, data: Iterable[Mapping], *, num_batch
         raise ValueError(f"num_batches: expected a positive int, got {num_batches!r}")
     if data is None:
         raise ValueError("data: strategy 'impt' needs an iterable of batches (dicts of input_ids, attention_mask)")
-    layers = [layer_parts(layer, layer_params(teacher)) for layer in encoder_layers(teacher)]
+    layers = [layer_parts(layer, layer_params(teacher), cfg.num_attention_heads) for layer in encoder_layers(teacher)]
     n, H, D, F = len(layers), cfg.num_attention_heads, cfg.hidden_size, ffn_size(cfg)
     d = D // H
     device = next(teacher.parameters()).device

@@ -187,3 +187,22 @@ def module_of(model, model_type, i):
     params = FAMILIES[model_type].layer_params
     ffn_in = next(path for path, part in params.items() if part in ("ffn_in", "ffn_in_glu"))
     return module_at(layer_module(model, FAMILIES[model_type], i), ffn_in)
+
+
+def test_etd_cuts_deberta_v1_interleaved_in_proj_head_by_head():
+    # DeBERTa v1's in_proj rows are [q_h | k_h | v_h] per head, and q_bias / v_bias are separate parameters:
+    # each kept head's three blocks and its biases are the teacher's kept dims, re-interleaved.
+    from fastkd import etd
+
+    teacher = tiny_family_model("deberta", layers=3)
+    cut, plan = etd.extract_student(teacher, num_layers=2, hidden_size=16, num_heads=2, intermediate_size=40,
+                                    strategy="rand", return_plan=True)
+    d = 8  # the head dim is kept (32/4 = 16/2), so no padding rows
+    for li, tl in enumerate(plan.layers):
+        t_att, s_att = teacher.deberta.encoder.layer[tl].attention.self, cut.deberta.encoder.layer[li].attention.self
+        for j, h in enumerate(plan.heads[li].tolist()):
+            for block, dims in enumerate((plan.qk_dims[li][j], plan.qk_dims[li][j], plan.v_dims[li][j])):
+                expect = t_att.in_proj.weight[h * 3 * d + block * d + dims][:, plan.hidden]
+                assert torch.equal(s_att.in_proj.weight[(3 * j + block) * d:(3 * j + block + 1) * d], expect)
+            assert torch.equal(s_att.q_bias[j * d:(j + 1) * d], t_att.q_bias[h * d + plan.qk_dims[li][j]])
+            assert torch.equal(s_att.v_bias[j * d:(j + 1) * d], t_att.v_bias[h * d + plan.v_dims[li][j]])
