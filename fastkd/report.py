@@ -13,6 +13,7 @@ from torch import nn
 
 from fastkd.disk import save_model_dir
 from fastkd.engine import evaluate
+from fastkd.student import student_view
 from fastkd.teacher import load_model
 
 
@@ -23,21 +24,20 @@ def _forward_ms(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def paired_latency_ms(teacher: nn.Module, student: nn.Module, input_ids: list[int], runs: int = 20
-                      ) -> tuple[list[float], list[float]]:
+def paired_latency_ms(teacher: nn.Module, student: nn.Module, input_ids: list[int], runs: int = 20,
+                      student_ids: list[int] | None = None) -> tuple[list[float], list[float]]:
     """Batch-1 CPU latencies (ms, fp32, after warm-up) of both models on one sequence, timed in alternation: a
     load spike on a shared machine then hits a teacher run and the student run beside it alike, instead of one
     model's whole series (the same student was once reported at 141x and at 0.065x)."""
     models = [m.to("cpu").float().eval() for m in (teacher, student)]
-    x = torch.tensor([input_ids])
-    mask = torch.ones_like(x)
-    for m in models:
+    xs = [torch.tensor([ids]) for ids in (input_ids, student_ids or input_ids)]  # the student's own tokens
+    for m, x in zip(models, xs, strict=True):
         for _ in range(3):
-            m(input_ids=x, attention_mask=mask)
+            m(input_ids=x, attention_mask=torch.ones_like(x))
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(max(1, runs)):
-        for series, m in zip(times, models, strict=True):
-            series.append(_forward_ms(m, x, mask))
+        for series, m, x in zip(times, models, xs, strict=True):
+            series.append(_forward_ms(m, x, torch.ones_like(x)))
     return times
 
 
@@ -146,12 +146,15 @@ def finish_run(tr, t_start: float) -> dict:
         key = next(k for k in tr.best if k.startswith("dev_"))
         tr.log(f"student: best dev checkpoint (stage {tr.best['stage']}, epoch {tr.best['epoch'] + 1}, "
                f"{key.replace('_', ' ')} {tr.best[key]:.4f})")
-    save_model_dir(final_dir, student, tr.tokenizer, kept=f"best/ and the checkpoints in {tr.out_dir} are kept")
+    save_model_dir(final_dir, student, tr.student_tok or tr.tokenizer,
+                   kept=f"best/ and the checkpoints in {tr.out_dir} are kept")
     t_path = tr.teacher_paths["finetuned" if "finetuned" in tr.teachers else "pretrained"]
     if cfg.mode == "task" and tr.data.get("test") is not None:
         teacher32 = load_model(t_path, head=True).to(tr.device)
         for who, model in (("teacher", teacher32), ("student", student)):
-            metrics = evaluate(model, tr.data["test"], 64, tr.device, tr.pad_id)
+            split, pad = (tr.data["test"], tr.pad_id) if who == "teacher" else student_view(
+                tr.student_tokens, tr.data, "test", tr.pad_id)
+            metrics = evaluate(model, split, 64, tr.device, pad)
             result.update({f"{who}_test_{k}": v for k, v in metrics.items()})
         result["test_examples"] = len(tr.data["test"])
     else:
@@ -162,9 +165,13 @@ def finish_run(tr, t_start: float) -> dict:
     result["student_params"] = count_params(student)
     lengths = sorted(ref["length"])
     median_len = int(lengths[len(lengths) // 2])
-    ids = next(r for r in ref if r["length"] == median_len)["input_ids"]
+    row = next(r for r in ref if r["length"] == median_len)
+    name = next(k for k in ("test", "dev", "task", "general") if tr.data.get(k) is not None)
+    s_ids = None if tr.student_tokens is None or name not in tr.student_tokens.splits else \
+        tr.student_tokens.splits[name][int(row["index"])]["input_ids"]  # the same example, the student's tokens
     result["latency_tokens"] = median_len
-    result.update(speedup_summary(*paired_latency_ms(teacher32, student, ids, cfg.latency_runs)))
+    result.update(speedup_summary(*paired_latency_ms(teacher32, student, row["input_ids"], cfg.latency_runs,
+                                                     student_ids=s_ids)))
     result["teacher_forwards"] = tr.teacher_calls
     result["cache"] = tr.cache_stats
     result["wall_s"] = time.time() - t_start

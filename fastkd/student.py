@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastkd.batching import LengthBucketSampler
+from fastkd.batching import Batch, LengthBucketSampler, collate
 from fastkd.config import TrainConfig
 from fastkd.distiller import check_families
 from fastkd.encoder import resized_config
@@ -57,19 +57,20 @@ def student_sizes(cfg: TrainConfig) -> tuple[int, int, int]:
     return sc.num_hidden_layers, sc.hidden_size, num_heads(sc)
 
 
-def check_student(cfg: TrainConfig, tconf, recipe: Recipe, teacher_tokenizer) -> None:
+def check_student(cfg: TrainConfig, tconf, recipe: Recipe, teacher_tokenizer):
     """Before anything loads or trains: what the recipe reads must exist in both models' families (a student
-    made from the teacher is of its class), and a --student must read the teacher's vocabulary."""
+    made from the teacher is of its class). Returns a --student's own tokenizer when it reads another
+    vocabulary than the teacher's, which only logit KD can train across (None otherwise)."""
     from transformers import AutoConfig
 
     student_config = tconf if cfg.student is None else AutoConfig.from_pretrained(cfg.student)
     check_families(dict.fromkeys(("pretrained", "finetuned"), tconf), student_config, recipe)
-    if cfg.student is not None:
-        check_student_tokenizer(cfg, teacher_tokenizer)
+    return None if cfg.student is None else student_tokenizer(cfg, teacher_tokenizer, recipe)
 
 
-def check_student_tokenizer(cfg: TrainConfig, teacher_tokenizer) -> None:
-    """A --student trains on the teacher's token ids, so it must read the same vocabulary."""
+def student_tokenizer(cfg: TrainConfig, teacher_tokenizer, recipe: Recipe):
+    """A --student's own tokenizer when its vocabulary differs from the teacher's (then the recipe must read
+    only logits: each model is fed its own tokenisation of the same text); None when it reads the teacher's."""
     from transformers import AutoConfig, AutoTokenizer
 
     vocab = getattr(AutoConfig.from_pretrained(cfg.student), "vocab_size", None)
@@ -78,14 +79,48 @@ def check_student_tokenizer(cfg: TrainConfig, teacher_tokenizer) -> None:
     except (OSError, ValueError, TypeError):
         own = None  # a folder with weights only: it is taken to use the teacher's tokenizer
     differs = own is not None and own.get_vocab() != teacher_tokenizer.get_vocab()
-    if differs or (vocab is not None and vocab < len(teacher_tokenizer)):
-        why = "its own tokenizer differs" if differs else f"{vocab} embeddings for {len(teacher_tokenizer)} tokens"
+    if not differs and (vocab is None or vocab >= len(teacher_tokenizer)):
+        return None
+    token_level = sorted({t.kind for st in recipe.stages for t in st.terms if t.kind not in ("soft_ce", "hard_ce")})
+    why = "its own tokenizer differs" if differs else f"{vocab} embeddings for {len(teacher_tokenizer)} tokens"
+    if own is None or token_level:
         raise ValueError(
-            f"--student: {cfg.student} reads a different vocabulary from the teacher's tokenizer ({why}); "
-            f"fastkd.train feeds both models the teacher's token ids, so token-level terms would compare different "
-            f"tokens. Use a student with the teacher's tokenizer; logit KD across tokenizers needs each model fed "
-            f"its own tokenisation, which the Python API allows (Distiller(..., method='kd') with "
-            f"teacher_outputs=) and fastkd.train does not yet")
+            f"--student: {cfg.student} reads a different vocabulary from the teacher's tokenizer ({why}), so the "
+            f"token-level terms {token_level} of {recipe.method} would compare different tokens"
+            + (" and it has no tokenizer of its own to read the text with" if own is None else "")
+            + ". Use a student with the teacher's tokenizer, or --method kd (logits on the shared labels: each "
+              "model reads its own tokenisation)")
+    return own
+
+
+class StudentTokens:
+    """The student's own tokenisation of the run's splits, for a --student with another tokenizer (logit KD):
+    the same rows, looked up by example index, so both models see the same examples in the same batches."""
+
+    def __init__(self, tokenizer, data: dict, max_length: int):
+        from fastkd.data import tokenize
+
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        drop = ("input_ids", "length", "index", "type_start")
+        self.splits = {k: tokenize(v.remove_columns([c for c in drop if c in v.column_names]), tokenizer, max_length)
+                       for k, v in data.items() if k in ("task", "dev", "test") and v is not None}
+
+    def batch(self, batch: Batch, split: str = "task") -> Batch:
+        """The student's batch of the same examples, on the teacher batch's device."""
+        rows = self.splits[split].select(batch.index.tolist())
+        return collate(list(rows), self.pad_id).to(batch.input_ids.device)
+
+
+def student_view(tokens: StudentTokens | None, data: dict, split: str, pad_id: int) -> tuple:
+    """(dataset, pad id) the student is evaluated on: its own tokenisation when it has one."""
+    return (data[split], pad_id) if tokens is None else (tokens.splits[split], tokens.pad_id)
+
+
+def student_batch(tokens: StudentTokens | None, batch: Batch) -> tuple:
+    """(input_ids, attention_mask, token_type_ids) the student reads for a teacher batch."""
+    s = batch if tokens is None else tokens.batch(batch)
+    return s.input_ids, s.attention_mask, s.token_type_ids
 
 
 def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num_batches: int = 64,

@@ -51,7 +51,16 @@ from fastkd.finetune import finetune_for_run
 from fastkd.recipes import Shapes, Stage, build_recipe, describe, make_params
 from fastkd.report import finish_run
 from fastkd.rundata import load_run_data
-from fastkd.student import check_student, etd_batches, make_student, mapped_teacher_layers, student_sizes
+from fastkd.student import (
+    StudentTokens,
+    check_student,
+    etd_batches,
+    make_student,
+    mapped_teacher_layers,
+    student_batch,
+    student_sizes,
+    student_view,
+)
 from fastkd.teacher import (
     TeacherRunner,
     cache_bytes,
@@ -126,7 +135,7 @@ class Trainer:
             s.epochs = cfg.epochs if cfg.epochs is not None else min(s.epochs, cap or s.epochs)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         check_tokenizer(self.tokenizer, tconf, path)
-        check_student(cfg, tconf, self.recipe, self.tokenizer)
+        self.student_tok = check_student(cfg, tconf, self.recipe, self.tokenizer)  # None: the teacher's
         # Fingerprint it before any call: a fast tokenizer's serialised state records the last truncation
         # settings, which differ when datasets serves a tokenised split from its cache (no call at all).
         self.tokenizer_fp = fingerprint_tokenizer(self.tokenizer)
@@ -136,6 +145,7 @@ class Trainer:
                                  finetunes=not has_task_head(tconf), log=self.log,
                                  task_data=self.task_data)
         self.data, self.label_names, self.subset_note = run_data.splits, run_data.label_names, run_data.subset_note
+        self.student_tokens = self.student_tok and StudentTokens(self.student_tok, self.data, cfg.max_length)
         self._load_teachers(path, tconf)
         self._make_student()
         if self.dist.main and not cfg.resume:
@@ -281,8 +291,7 @@ class Trainer:
         def forward(batch, host):
             # The teacher runs outside DDP's forward (its cache look-up reads the host copy of the batch).
             teacher = self.module.teacher_outputs(batch, host)
-            out = self.model(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.labels,
-                             teacher_outputs=teacher)
+            out = self.model(*student_batch(self.student_tokens, batch), batch.labels, teacher_outputs=teacher)
             return out.loss, out.terms
 
         def on_step(state: StepState, terms: dict[str, float]) -> None:
@@ -344,7 +353,8 @@ class Trainer:
         rec = {"step": self.state.global_step, "stage": stage.name, "epoch": epoch, "event": "eval"}
         student = self.module.student
         if self.data.get("dev") is not None and hasattr(student, "classifier"):
-            metrics = evaluate(student, self.data["dev"], 64, self.device, self.pad_id)
+            dev, pad = student_view(self.student_tokens, self.data, "dev", self.pad_id)
+            metrics = evaluate(student, dev, 64, self.device, pad)
             key = f"dev_{primary_metric(metrics)}"
             rec.update({f"dev_{k}": v for k, v in metrics.items()})
             self.log(f"stage {stage.name} epoch {epoch + 1}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in
@@ -352,16 +362,15 @@ class Trainer:
             if si == self.last_head_stage and (self.best is None or rec[key] > self.best[key]):
                 self.best = {key: rec[key], "stage": stage.name, "epoch": epoch, "step": self.state.global_step}
                 if self.dist.main:
-                    save_model_dir(self.out_dir / "best", student, self.tokenizer,
+                    save_model_dir(self.out_dir / "best", student, self.student_tok or self.tokenizer,
                                    kept=f"the last good checkpoint is {self.last_ckpt}")
                 rec["best"] = True
         self.metrics.write(rec)
         # The epoch-end checkpoint resumes at the next epoch (or the next stage).
         st = self._ckpt_state(si, fit, None)
+        st.update(epoch=epoch + 1, sampler=None)
         if epoch + 1 >= stage.epochs:
-            st.update(stage=si + 1, epoch=0, stage_step=0, sampler=None)
-        else:
-            st.update(epoch=epoch + 1, sampler=None)
+            st.update(stage=si + 1, epoch=0, stage_step=0)
         self._save(st, "epoch")
 
     def finish(self, t_start: float) -> dict:

@@ -135,15 +135,30 @@ def test_pretrained_student_of_another_family_with_the_packaged_teacher(tmp_path
     assert res["student_params"] < res["teacher_params"]
 
 
-def test_student_with_another_vocabulary_is_refused(tmp_path, data):
+def test_student_with_another_tokenizer_trains_by_logit_kd_only(tmp_path, data):
+    # The packaged MiniLM (30,522 WordPiece tokens) and a DistilBERT student with its own 25-token tokenizer:
+    # token-level terms are refused before training; logit KD runs, each model reading its own tokenisation.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from fastkd.teacher import default_teacher_path
 
-    # write_tokenizer's 25-token vocabulary, 12 heads like the teacher (so the recipe itself is fine)
     student_dir = make_family_teacher(tmp_path / "student", "distilbert", hidden=48, heads=12)
     tiny = {"teacher": default_teacher_path(), "data": data}
     with pytest.raises(ValueError, match=r"--student: .* reads a different vocabulary from the teacher's tokenizer "
-                                         r"\(its own tokenizer differs\).* method='kd'"):
-        run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--student", str(student_dir)))
+                                         r"\(its own tokenizer differs\), so the token-level terms \['att_mse', "
+                                         r"'emb_mse', 'hidden_mse'\] of tinybert .* or --method kd"):
+        run_cli(args_for(tiny, tmp_path / "tb", "tinybert", "--student", str(student_dir)))
+    out = tmp_path / "kd"
+    res = run_cli(args_for(tiny, out, "kd", "--student", str(student_dir), "--finetune-epochs", "1"))
+    steps = [m for m in read_metrics(out) if "loss" in m and "event" not in m]
+    assert steps and all(math.isfinite(m["loss_soft_ce"]) for m in steps)
+    assert 0.0 <= res["student_test_acc"] <= 1.0 and 0.0 <= res["teacher_test_acc"] <= 1.0
+    # The student is saved with its own tokenizer, and it reads it: ids within its 32-token vocabulary.
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    assert len(tok) == len(AutoTokenizer.from_pretrained(student_dir)) != len(AutoTokenizer.from_pretrained(
+        default_teacher_path()))
+    assert max(res["trainer"].student_tokens.splits["task"][0]["input_ids"]) < 32
+    AutoModelForSequenceClassification.from_pretrained(out / "student")
 
 
 def test_student_and_etd_together_are_refused(tmp_path, data):
