@@ -99,9 +99,14 @@ def eager_time(counts: dict, bandwidth: float) -> float:
 # ---------------------------------------------------------------- fused: the kernels' own counts
 
 
+def _bounds(k: dict, bandwidth: float) -> dict[str, float]:
+    """Seconds a fused kernel needs by each limit."""
+    return {"HBM": k["bytes"] / bandwidth, "tensor": k.get("tensor_flops", 0) / k.get("peak", TENSOR_PEAK),
+            "MUFU": k.get("mufu_s", 0.0), "issue": k.get("issue_s", 0.0)}
+
+
 def _kernel_time(k: dict, bandwidth: float) -> float:
-    return max(k["bytes"] / bandwidth, k.get("tensor_flops", 0) / k.get("peak", TENSOR_PEAK),
-               k.get("mufu_s", 0.0), k.get("issue_s", 0.0)) + LAUNCH_FLOOR_S
+    return max(_bounds(k, bandwidth).values()) + LAUNCH_FLOOR_S
 
 
 def _loop_bounds(row: dict | None, tiles: int) -> dict:
@@ -192,8 +197,7 @@ def eager_hidden_mse_autocast(h_s, h_t, w, b, mask):
 
 
 def _bound(k: dict, bandwidth: float) -> str:
-    parts = {"HBM": k["bytes"] / bandwidth, "tensor": k.get("tensor_flops", 0) / k.get("peak", TENSOR_PEAK),
-             "MUFU": k.get("mufu_s", 0.0), "issue": k.get("issue_s", 0.0)}
+    parts = _bounds(k, bandwidth)
     return max(parts, key=parts.get)
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from fastkd.capture import capture_fields
 from fastkd.checks import value_checks
-from fastkd.families import check_window, find_family
+from fastkd.families import check_window, has_real_scores
 from fastkd.recipes import Recipe, Shapes, Stage
 from fastkd.terms import Inputs, LossTerm, kind_of, stage_fields
 
@@ -18,8 +18,7 @@ class DistillModule(nn.Module):
 
     def __init__(self, student: nn.Module, shapes: Shapes, recipe: Recipe, kept_hidden: torch.Tensor | None = None):
         super().__init__()
-        family = find_family(student.config)
-        self.real_scores = family is not None and family.real_scores is not None  # DeBERTa-v2, MPNet
+        self.real_scores = has_real_scores(student.config)  # DeBERTa, MPNet: their attention terms read score maps
         self.student = student
         self.shapes = shapes
         self.fit = nn.Linear(shapes.student_hidden, shapes.teacher_hidden) \

@@ -32,10 +32,10 @@ from fastkd.cache import TeacherCache
 from fastkd.disk import save_model_dir
 from fastkd.distill import DistillModule
 from fastkd.engine import Dist, current_dist
-from fastkd.families import attention_interface, family_of, find_family, sliding_windows
+from fastkd.families import attention_interface, family_of, has_real_scores, sliding_windows
 from fastkd.recipes import Recipe, Shapes, Stage, build_recipe, make_params
 from fastkd.teacher import TEACHER_DTYPES, TeacherRunner, teacher_dtype
-from fastkd.terms import empty_plan, kind_of, stage_fields
+from fastkd.terms import empty_plan, kind_of, reads_score_maps, stage_fields
 
 TEACHER_KINDS = ("pretrained", "finetuned")
 
@@ -78,10 +78,18 @@ def _teachers(teacher) -> dict[str, nn.Module]:
     return dict.fromkeys(TEACHER_KINDS, teacher)
 
 
+def token_level_terms(recipe: Recipe) -> list[str]:
+    """The recipe's kinds that read activations token by token (everything but the logit terms): they need
+    both models to read the same token ids."""
+    return sorted({t.kind for s in recipe.stages for t in s.terms
+                   if [f for f in stage_fields([t], "student", 1) if f != "logits"]
+                   or [f for f in stage_fields([t], "teacher", 1) if f != "logits"]})
+
+
 def _check_vocab(teacher: nn.Module, student: nn.Module, recipe: Recipe) -> None:
     """Token-level losses compare the two models token by token, so both must read the same token ids."""
     v_t, v_s = (getattr(m.config, "vocab_size", None) for m in (teacher, student))
-    token_level = sorted({t.kind for s in recipe.stages for t in s.terms if t.kind not in ("soft_ce", "hard_ce")})
+    token_level = token_level_terms(recipe)
     if token_level and v_t is not None and v_s is not None and v_t != v_s:
         raise ValueError(f"student: its vocabulary has {v_s} tokens and the teacher's {v_t}, so they do not share a "
                          f"tokenizer and the token-level terms {token_level} of {recipe.method} compare different "
@@ -113,12 +121,6 @@ def check_families(teacher_configs: dict, student_config, recipe: Recipe) -> Non
                         f"model, and its real attention scores are not q·kᵀ/√d, while BERT-EMD's attention cost "
                         f"matrices come from the fused Q/K kernels; fastkd will not compute this term from the "
                         f"wrong scores. Use another method (tinybert and minilm read the real scores)")
-
-
-def has_real_scores(model: nn.Module) -> bool:
-    """Whether a model's attention losses read its real score maps (DeBERTa-v2, MPNet) instead of Q and K."""
-    family = find_family(model.config)
-    return family is not None and family.real_scores is not None
 
 
 def window_checks(teacher: nn.Module, student: nn.Module, stage: Stage) -> list[tuple]:
@@ -200,7 +202,7 @@ class Distiller(DistillModule):
         self.stage_index = stage
         self.window_checks = window_checks(self.teachers[self.stage.teacher], self.student, self.stage)
         fields = self.teacher_fields()
-        if self.cache_mode == "memory" and any(f.startswith("scores.") for f in fields):
+        if self.cache_mode == "memory" and reads_score_maps(fields):
             raise ValueError("cache: this stage reads the teacher's real [B, H, L, L] attention scores, which the "
                              "activation cache does not hold; use cache='off'")
         if cache is None and self.cache_mode == "memory" and fields:
@@ -212,7 +214,7 @@ class Distiller(DistillModule):
         """What a stage's losses read from the teacher (field names, see :mod:`fastkd.terms`)."""
         stage = stage or self.stage
         return stage_fields(stage.terms, "teacher", self.shapes.teacher_layers,
-                            real_scores=has_real_scores(self.teachers[stage.teacher]))
+                            real_scores=has_real_scores(self.teachers[stage.teacher].config))
 
     # ------------------------------------------------------------ the forward
 
@@ -260,7 +262,7 @@ class Distiller(DistillModule):
         lines = [f"{who}: {m.config.model_type} runs eager attention (fastkd loads it so: transformers has no SDPA "
                  f"path for it)" for who, m in models if getattr(m.config, "_attn_implementation", None) == "eager"
                  and attention_interface(m.config) == "eager"]
-        sides = [f"the {who} ({m.config.model_type})" for who, m in models if has_real_scores(m)]
+        sides = [f"the {who} ({m.config.model_type})" for who, m in models if has_real_scores(m.config)]
         if sides and any(kind_of(t).uses_scores for s in self.stages for t in s.terms):
             lines.append(f"attention terms: {' and '.join(sides)} attend with more than q·kᵀ/√d (relative-position "
                          f"terms), so those terms read the model's real [B, H, L, L] scores through the reference "

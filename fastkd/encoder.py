@@ -106,9 +106,14 @@ def check_encoder(teacher) -> object:
     layers = encoder_layers(teacher)
     if len(layers) != (1 if family.shared_layer else cfg.num_hidden_layers):
         raise ValueError(f"teacher: has {len(layers)} layer modules but config says {cfg.num_hidden_layers}")
-    for layer in layers:
-        layer_parts(layer, family.layer_params, cfg.num_attention_heads)
+    model_layer_parts(teacher)  # each layer has every part ETD cuts
     return cfg
+
+
+def model_layer_parts(model: nn.Module) -> list[LayerParts]:
+    """Every layer module's parts, by the model's family map."""
+    params, heads = layer_params(model), model.config.num_attention_heads
+    return [layer_parts(layer, params, heads) for layer in encoder_layers(model)]
 
 
 def _positive_int(name: str, value, upper: int, what: str) -> int:

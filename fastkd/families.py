@@ -231,6 +231,12 @@ def find_family(config) -> EncoderFamily | None:
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
 
 
+def has_real_scores(config) -> bool:
+    """Whether a model's attention losses read its real score maps (DeBERTa, MPNet) instead of Q and K."""
+    family = find_family(config)
+    return family is not None and family.real_scores is not None
+
+
 def supported() -> str:
     return ", ".join(sorted(t for f in FAMILIES.values() for t in f.model_types))
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd.encoder import LayerParts, check_encoder, encoder_layers, is_norm, layer_params, layer_parts
+from fastkd.encoder import LayerParts, check_encoder, encoder_layers, is_norm, model_layer_parts
 from fastkd.families import ffn_size
 
 OBJECTIVES = ("auto", "task", "sensitivity")
@@ -47,9 +47,8 @@ def head_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
         return pre_hook
 
     try:
-        for i, layer in enumerate(layers):
-            handles.append(layer_parts(layer, layer_params(model), cfg.num_attention_heads).attn_out
-                           .register_forward_pre_hook(make(i)))
+        for i, parts in enumerate(model_layer_parts(model)):
+            handles.append(parts.attn_out.register_forward_pre_hook(make(i)))
         yield
     finally:
         for h in handles:
@@ -70,9 +69,8 @@ def ffn_gates(model: nn.Module, gates: torch.Tensor) -> Iterator[None]:
         return pre_hook
 
     try:
-        for i, layer in enumerate(layers):
-            handles.append(layer_parts(layer, layer_params(model), cfg.num_attention_heads).ffn_out
-                           .register_forward_pre_hook(make(i)))
+        for i, parts in enumerate(model_layer_parts(model)):
+            handles.append(parts.ffn_out.register_forward_pre_hook(make(i)))
         yield
     finally:
         for h in handles:
@@ -225,7 +223,7 @@ def compute_importance(teacher: nn.Module, data: Iterable[Mapping], *, num_batch
         raise ValueError(f"num_batches: expected a positive int, got {num_batches!r}")
     if data is None:
         raise ValueError("data: strategy 'impt' needs an iterable of batches (dicts of input_ids, attention_mask)")
-    layers = [layer_parts(layer, layer_params(teacher), cfg.num_attention_heads) for layer in encoder_layers(teacher)]
+    layers = model_layer_parts(teacher)
     n, H, D, F = len(layers), cfg.num_attention_heads, cfg.hidden_size, ffn_size(cfg)
     d = D // H
     device = next(teacher.parameters()).device

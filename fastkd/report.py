@@ -160,13 +160,13 @@ def finish_run(tr, t_start: float) -> dict:
     else:
         teacher32 = load_model(t_path, head=False)
     # the latency is measured on a median-length example of the data held out from training, when there is any
-    ref = next(tr.data[k] for k in ("test", "dev", "task", "general") if tr.data.get(k) is not None)
+    name = next(k for k in ("test", "dev", "task", "general") if tr.data.get(k) is not None)
+    ref = tr.data[name]
     result["teacher_params"] = count_params(teacher32)
     result["student_params"] = count_params(student)
     lengths = sorted(ref["length"])
     median_len = int(lengths[len(lengths) // 2])
     row = next(r for r in ref if r["length"] == median_len)
-    name = next(k for k in ("test", "dev", "task", "general") if tr.data.get(k) is not None)
     s_ids = None if tr.student_tokens is None or name not in tr.student_tokens.splits else \
         tr.student_tokens.splits[name][int(row["index"])]["input_ids"]  # the same example, the student's tokens
     result["latency_tokens"] = median_len

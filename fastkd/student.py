@@ -9,7 +9,7 @@ from torch import nn
 
 from fastkd.batching import Batch, LengthBucketSampler, collate
 from fastkd.config import TrainConfig
-from fastkd.distiller import check_families
+from fastkd.distiller import check_families, token_level_terms
 from fastkd.encoder import resized_config
 from fastkd.engine import batches_for_epoch
 from fastkd.recipes import Recipe
@@ -65,15 +65,15 @@ def check_student(cfg: TrainConfig, tconf, recipe: Recipe, teacher_tokenizer):
 
     student_config = tconf if cfg.student is None else AutoConfig.from_pretrained(cfg.student)
     check_families(dict.fromkeys(("pretrained", "finetuned"), tconf), student_config, recipe)
-    return None if cfg.student is None else student_tokenizer(cfg, teacher_tokenizer, recipe)
+    return None if cfg.student is None else student_tokenizer(cfg, student_config, teacher_tokenizer, recipe)
 
 
-def student_tokenizer(cfg: TrainConfig, teacher_tokenizer, recipe: Recipe):
+def student_tokenizer(cfg: TrainConfig, student_config, teacher_tokenizer, recipe: Recipe):
     """A --student's own tokenizer when its vocabulary differs from the teacher's (then the recipe must read
     only logits: each model is fed its own tokenisation of the same text); None when it reads the teacher's."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    vocab = getattr(AutoConfig.from_pretrained(cfg.student), "vocab_size", None)
+    vocab = getattr(student_config, "vocab_size", None)
     try:
         own = AutoTokenizer.from_pretrained(cfg.student)
     except (OSError, ValueError, TypeError):
@@ -81,7 +81,7 @@ def student_tokenizer(cfg: TrainConfig, teacher_tokenizer, recipe: Recipe):
     differs = own is not None and own.get_vocab() != teacher_tokenizer.get_vocab()
     if not differs and (vocab is None or vocab >= len(teacher_tokenizer)):
         return None
-    token_level = sorted({t.kind for st in recipe.stages for t in st.terms if t.kind not in ("soft_ce", "hard_ce")})
+    token_level = token_level_terms(recipe)
     why = "its own tokenizer differs" if differs else f"{vocab} embeddings for {len(teacher_tokenizer)} tokens"
     if own is None or token_level:
         raise ValueError(
@@ -108,8 +108,9 @@ class StudentTokens:
 
     def batch(self, batch: Batch, split: str = "task") -> Batch:
         """The student's batch of the same examples, on the teacher batch's device."""
-        rows = self.splits[split].select(batch.index.tolist())
-        return collate(list(rows), self.pad_id).to(batch.input_ids.device)
+        cols = self.splits[split][batch.index.tolist()]  # one columnar fetch of the batch's rows
+        rows = [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
+        return collate(rows, self.pad_id).to(batch.input_ids.device)
 
 
 def student_view(tokens: StudentTokens | None, data: dict, split: str, pad_id: int) -> tuple:

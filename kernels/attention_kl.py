@@ -64,6 +64,20 @@ class AttentionKLConfig:
     fwd_block_n: int | None = None
     fwd_num_warps: int | None = None
 
+    def fwd_meta(self) -> dict:
+        """The forward's constexpr tiles and launch options."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.fwd_block_n or self.block_n,
+                    num_warps=self.fwd_num_warps or self.num_warps, num_stages=self.num_stages)
+
+    def bwd_meta(self) -> dict:
+        """The dK backward's constexpr tiles and launch options."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+
+# The GPU choice for heads up to 64 wide (default_config's): the launches the static report describes.
+_BERT_HEADS = AttentionKLConfig(num_warps=4, fwd_block_n=32, fwd_num_warps=4)
+
 
 def default_config(d_s: int, d_t: int) -> AttentionKLConfig:
     """Small tiles under the interpreter (speed of the CPU tests); on a GPU, tiles chosen from the static sm_90
@@ -76,8 +90,9 @@ def default_config(d_s: int, d_t: int) -> AttentionKLConfig:
     """
     if interpreting():
         return AttentionKLConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
-    wide = max(padded_dim(d_s), padded_dim(d_t)) > 64
-    return AttentionKLConfig(num_warps=8 if wide else 4, fwd_block_n=32, fwd_num_warps=8 if wide else 4)
+    if max(padded_dim(d_s), padded_dim(d_t)) > 64:
+        return AttentionKLConfig(num_warps=8, fwd_block_n=32, fwd_num_warps=8)
+    return _BERT_HEADS
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -300,10 +315,10 @@ def _attention_kl_bwd_dk(
 # Each space starts from default_config's choice for BERT heads; keyed by length, head dims and the dtypes.
 _KEY = ["L", "D_S", "D_T", "HAS_MASK"]
 _FORWARD = Tunable(_attention_kl_fwd, _KEY, config_space(
-    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    _BERT_HEADS.fwd_meta(),
     BLOCK_M=(64, 128), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(2, 3)))
 _DK_BACKWARD = Tunable(_attention_kl_bwd_dk, _KEY, config_space(
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    _BERT_HEADS.bwd_meta(),
     BLOCK_M=(64, 128), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(2, 3)))
 
 
@@ -343,8 +358,7 @@ class _AttentionKLFunction(torch.autograd.Function):
             lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_M"]),),
             (q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, span, kl_rows, lse_s, lse_t, dq_partial,
              *_common_args(q_s, k_s, q_t, k_t, mask_i8), H, L, d_s, d_t, scale_s, scale_t),
-            dict(BLOCK_M=config.block_m, BLOCK_N=config.fwd_block_n or config.block_n,
-                 num_warps=config.fwd_num_warps or config.num_warps, num_stages=config.num_stages),
+            config.fwd_meta(),
             **consts, WANT_DQ=want_dq, SPLIT_P=q_s.dtype != torch.float32,
         )
         if mask_i8 is None:
@@ -381,8 +395,7 @@ class _AttentionKLFunction(torch.autograd.Function):
                 (q_s, k_s, q_t, k_t, q_s if mask_i8 is None else mask_i8, span, lse_s, lse_t, grad_w, dk,
                  *_common_args(q_s, k_s, q_t, k_t, mask_i8), *_strides4(dk),
                  H, L, d_s, d_t, scale_s, scale_t, 1.0 / math.sqrt(d_s)),
-                dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
-                     num_stages=config.num_stages),
+                config.bwd_meta(),
                 **ctx.consts,
             )
         return dq, dk, None, None, None, None, None

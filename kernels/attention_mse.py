@@ -245,11 +245,14 @@ def _attention_mse_gram_bwd_kernel(
              mask=(rows[:, None] < L) & (cols[None, :] < DX))
 
 
+_GPU_TILE = 64  # the Gram row tile and the direct kernel's tiles on a GPU (the report's; autotuning starts there)
+
+
 def _block_sizes(L: int) -> tuple[int, int, int]:
     """(Gram tile, direct query tile, direct key tile). Small under the interpreter so tests stay fast."""
     if interpreting():
         return 16, 16, 16
-    return 64, 64, 64
+    return _GPU_TILE, _GPU_TILE, _GPU_TILE
 
 
 def _gram_fwd_launch(widths: int) -> dict:
@@ -257,6 +260,9 @@ def _gram_fwd_launch(widths: int) -> dict:
     registers a thread, so one CTA per SM (see LOW_OCCUPANCY_REASONS in bench/kernel_report.py: capped at 128
     registers it spills under Triton 3.6, the GPU image's)."""
     return {"num_warps": 8 if widths > 64 else 4}
+
+
+_GRAM_BWD_LAUNCH = dict(num_warps=4, num_stages=3)
 
 
 def gram_precision(dtype: torch.dtype) -> str:
@@ -274,9 +280,10 @@ def _precision(*xs: torch.Tensor) -> str:
 # its per-tile output buffer is sized by its query tile, and it does work only for ill-conditioned heads.
 _KEY = ["L", "DS", "DT", "HAS_MASK"]
 _GRAM_FORWARD = Tunable(_attention_mse_gram_fwd_kernel, _KEY, config_space(
-    dict(BLOCK_L=64, num_warps=8, num_stages=3), BLOCK_L=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)))
+    dict(BLOCK_L=_GPU_TILE, num_stages=3, **_gram_fwd_launch(64 + 64)),  # BERT heads on both sides
+    BLOCK_L=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)))
 _GRAM_BACKWARD = Tunable(_attention_mse_gram_bwd_kernel, ["L", "DX", "DY", "HAS_MASK"], config_space(
-    dict(BLOCK_L=64, num_warps=4, num_stages=3), BLOCK_L=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)))
+    dict(BLOCK_L=_GPU_TILE, **_GRAM_BWD_LAUNCH), BLOCK_L=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)))
 
 
 class AttentionMSEFunction(torch.autograd.Function):
@@ -350,7 +357,7 @@ class AttentionMSEFunction(torch.autograd.Function):
                 lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_L"])),
                 (x, y, g_same, g_cross, mask_i8, span, coef, out, H, L,
                  *x.stride(), *y.stride(), *mask_i8.stride(), *out.stride(), gram_stride, s_same, s_cross),
-                dict(BLOCK_L=block_l, num_warps=4, num_stages=3),
+                dict(BLOCK_L=block_l, **_GRAM_BWD_LAUNCH),
                 DX=dx, DY=dy, DXP=dxp, DYP=dyp, CROSS_T=cross_t, HAS_MASK=ctx.has_mask,
                 GRAM_PRECISION=gram_precision(x.dtype),
             )

@@ -111,16 +111,20 @@ def _hidden_mse_fwd_kernel(
         tl.store(r_ptr + offs, r.to(DOT_DTYPE), mask=(rows < N)[:, None] & (cols_t < DT)[None, :])
 
 
-def _blocks() -> dict[str, int]:
-    """Tile sizes: H100-sized on the GPU, small under the interpreter so tests stay fast."""
+# The GPU launch the static report describes (and the autotuning space's first entry).
+_GPU_LAUNCH = dict(BLOCK_M=64, BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def _launch() -> dict[str, int]:
+    """Tiles, warps and stages: H100-sized on the GPU, small tiles under the interpreter so tests stay fast."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_T=16, BLOCK_K=16)
-    return dict(BLOCK_M=64, BLOCK_T=64, BLOCK_K=64)
+        return {**_GPU_LAUNCH, "BLOCK_M": 16, "BLOCK_T": 16, "BLOCK_K": 16}
+    return dict(_GPU_LAUNCH)
 
 
 # Autotuning (FASTKD_AUTOTUNE=1 on a GPU): from the default tiles up, never smaller (see `partial` below).
 _FORWARD = Tunable(_hidden_mse_fwd_kernel, ["N", "DS", "DT", "HAS_WEIGHT", "HAS_MASK"], config_space(
-    dict(BLOCK_M=64, BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    _GPU_LAUNCH,
     BLOCK_M=(64, 128), BLOCK_T=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)), reset_to_zero=["out_ptr"])
 
 
@@ -144,7 +148,7 @@ class HiddenMSEFunction(torch.autograd.Function):
         dummy = torch.zeros(1, dtype=torch.float32, device=dev)
         w_arg = w if w is not None else dummy
         b_arg = bb if bb is not None else dummy
-        blk = _blocks()
+        meta = _launch()
         flags = dict(HAS_WEIGHT=w is not None, HAS_BIAS=bb is not None, HAS_MASK=has_mask,
                      DOT_DTYPE=_TL_DTYPE[dot_dtype], UPCAST=upcast_bf16(dot_dtype),
                      # fp32 tiles: exact fp32 products; half tiles: the MMA's default ("tf32" is ignored for them)
@@ -152,7 +156,7 @@ class HiddenMSEFunction(torch.autograd.Function):
         w_strides = tuple(w.stride()) if w is not None else (0, 0, 0)
         b_strides = tuple(bb.stride()) if bb is not None else (0, 0)
         common = (N, L, DS, DT, *hs.stride(), *ht.stride(), *w_strides, *b_strides, *m.stride())
-        num_m, num_t = triton.cdiv(N, blk["BLOCK_M"]), triton.cdiv(DT, blk["BLOCK_T"])
+        num_m, num_t = triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(DT, meta["BLOCK_T"])
         # Sized for the smallest tiles any config uses and zeroed (the autotuner re-zeroes it before each trial),
         # so a tuned launch with larger tiles (fewer programs) leaves the rest at 0 and the sum is unchanged.
         partial = torch.zeros(K, num_m, num_t, dtype=torch.float32, device=dev)
@@ -160,7 +164,7 @@ class HiddenMSEFunction(torch.autograd.Function):
         _FORWARD(
             lambda meta: (K, triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(DT, meta["BLOCK_T"])),
             (hs, ht, w_arg, b_arg, m, partial, r, *common),
-            dict(**blk, num_warps=4, num_stages=3),
+            meta,
             **flags, STORE_R=store_r,
         )
         n_valid = mask.sum(dtype=torch.float32) if has_mask else torch.tensor(float(N), device=dev)

@@ -79,20 +79,23 @@ def test_estimated_speedups_meet_the_targets(report):
 
 
 
-def test_autotune_spaces_start_from_the_default_and_have_no_duplicates():
+def test_autotune_spaces_start_from_the_reports_launches(rows):
     from fastkd.kernels import _common, attention_kl, attention_mse, hidden_mse
 
     space = _common.config_space(dict(BLOCK_M=64, num_warps=4, num_stages=2), BLOCK_M=(64, 128), num_warps=(4, 8))
     assert [(c.kwargs["BLOCK_M"], c.num_warps) for c in space] == [(64, 4), (64, 8), (128, 4), (128, 8)]
-    tunables = [attention_kl._FORWARD, attention_kl._DK_BACKWARD, attention_mse._GRAM_FORWARD,
-                attention_mse._GRAM_BACKWARD, hidden_mse._FORWARD]
-    for t in tunables:
+    tunables = {"_attention_kl_fwd": attention_kl._FORWARD, "_attention_kl_bwd_dk": attention_kl._DK_BACKWARD,
+                "_attention_mse_gram_fwd_kernel": attention_mse._GRAM_FORWARD,
+                "_attention_mse_gram_bwd_kernel": attention_mse._GRAM_BACKWARD,
+                "_hidden_mse_fwd_kernel": hidden_mse._FORWARD}
+    for kernel, t in tunables.items():
         keys = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in t.space]
         assert len(keys) == len(set(keys)) and 2 <= len(keys) <= 24
-    # The defaults the report compiles are the spaces' first entries.
-    first = attention_kl._FORWARD.space[0]
-    cfg = attention_kl.AttentionKLConfig(num_warps=4, fwd_block_n=32, fwd_num_warps=4)
-    assert (first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps) == (cfg.block_m, cfg.fwd_block_n, 4)
+        # The first entry is the launch the report compiled for the BERT-shaped bf16 case.
+        launch = next(r for r in rows if r["kernel"] == kernel and r["dtype"] == "bf16" and r["d"] in (64, 384))
+        first = t.space[0]
+        assert (first.num_warps, first.num_stages) == (launch["num_warps"], launch["num_stages"]), kernel
+        assert all(launch["constexprs"][k] == v for k, v in first.kwargs.items()), kernel
 
 
 def test_autotune_is_off_by_default_and_under_the_interpreter(monkeypatch):
