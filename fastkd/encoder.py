@@ -1,5 +1,5 @@
-"""Where a BERT-family encoder keeps its parts (layers, attention projections, FFN, LayerNorms), and the
-student config derived from a teacher's; shared by ETD and its importance pass."""
+"""The parts of an encoder layer ETD cuts (by its family's layer map, fastkd.families), and the student config
+derived from a teacher's; shared by ETD and its importance pass."""
 
 from __future__ import annotations
 
@@ -9,18 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd.families import FAMILIES, family_of, ffn_size, module_at
+from fastkd.families import FAMILIES, base_model, family_of, ffn_size, module_at
 
 # The families ETD extracts from: those whose family gives a layer map (fastkd.families, layer_params).
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() if f.etd for t in f.model_types)
 
 
-
 # ---------------------------------------------------------------- model structure
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    return getattr(model, "base_model", model)
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -272,10 +272,6 @@ def base_model(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
-def num_layers(model: nn.Module) -> int:
-    return base_model(model).config.num_hidden_layers
-
-
 def num_heads(config) -> int:
     family = find_family(config)
     return getattr(config, family.heads if family else "num_attention_heads")
