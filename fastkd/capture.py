@@ -187,10 +187,11 @@ class ActivationCapture:
         fam = self.family
         for layer_mod, i in self._sites(layers):
             if fam.rotate is not None or fam.real_scores is not None:  # (none of these shares its layer)
-                def keep_args(mod, args, kwargs, i=i):
-                    self._attn_args[i] = inspect.signature(mod.forward).bind(*args, **kwargs)
-
                 attn = module_at(layer_mod, fam.attention)
+
+                def keep_args(_mod, args, kwargs, i=i, signature=inspect.signature(attn.forward)):
+                    self._attn_args[i] = signature.bind(*args, **kwargs)  # the signature is read once, here
+
                 self._handles.append(attn.register_forward_pre_hook(keep_args, with_kwargs=True))
             if fam.fused_qkv:
                 proj = module_at(layer_mod, fam.fused_qkv)
