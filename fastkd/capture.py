@@ -188,9 +188,10 @@ class ActivationCapture:
         for layer_mod, i in self._sites(layers):
             if fam.rotate is not None or fam.real_scores is not None:  # (none of these shares its layer)
                 attn = module_at(layer_mod, fam.attention)
+                signature = inspect.signature(attn.forward)  # read once per hook, not on every forward
 
-                def keep_args(_mod, args, kwargs, i=i, signature=inspect.signature(attn.forward)):
-                    self._attn_args[i] = signature.bind(*args, **kwargs)  # the signature is read once, here
+                def keep_args(_mod, args, kwargs, i=i, signature=signature):
+                    self._attn_args[i] = signature.bind(*args, **kwargs)
 
                 self._handles.append(attn.register_forward_pre_hook(keep_args, with_kwargs=True))
             if fam.fused_qkv:
