@@ -100,20 +100,26 @@ class ActivationCapture:
 
     # -------------------------------------------------------- hooks
 
-    def _layer_of(self, key: int) -> int:
-        """The layer a hooked module's current call computes: its call count in this forward (shared modules
-        run once per layer), else the one layer it belongs to."""
+    def _call_number(self, key: int) -> int:
+        """How many times the hooked module has already run in this forward."""
         i = self._calls.get(key, 0)
         self._calls[key] = i + 1
         return i
 
     def _hook(self, layer: int | None, record):
-        """A forward hook calling record(layer index, output tensor)."""
+        """A forward hook calling record(layer index, output tensor). A shared module (layer None) computes
+        layer i on its i-th call of a forward. A layer's own module records its first call only: a later call in
+        the same forward is not the layer's output on its hidden states (DeBERTa-v3's shared-key attention runs
+        query_proj and key_proj again on the relative embeddings, and so does its real-score function, which
+        capture itself calls from inside this hook)."""
         key = object()
 
         def hook(_mod, _inp, output):
+            call = self._call_number(id(key))
+            if layer is not None and call:
+                return
             t = output[0] if isinstance(output, tuple) else output
-            record(self._layer_of(id(key)) if layer is None else layer, t)
+            record(call if layer is None else layer, t)
 
         return hook
 

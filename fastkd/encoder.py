@@ -54,17 +54,21 @@ def layer_params(model: nn.Module) -> dict[str, str]:
 
 def layer_parts(layer: nn.Module, params: dict[str, str], heads: int = 0) -> LayerParts:
     """The layer's parts by the family's map (the first path of each part; a fused "qkv" or "qkv_interleaved"
-    path serves as query, key and value, an "ffn_in_glu" one as ffn_in; "qv_bias" modules are not parts)."""
+    path serves as query, key and value, an "ffn_in_glu" one as ffn_in; "qv_bias" modules are not parts). A
+    later path of a part already found may be absent: DeBERTa's position projections exist only for the
+    position terms its config enables, and not at all with shared keys (DeBERTa-v3's share_att_key)."""
     found = {}
     for path, part in params.items():
         if part == "qv_bias":
             continue
+        names = (("query", "key", "value") if part in ("qkv", "qkv_interleaved") else ("ffn_in",)
+                 if part == "ffn_in_glu" else (part,))
         try:
             mod = module_at(layer, path)
         except ValueError as e:
+            if all(name in found for name in names):
+                continue
             raise ValueError(f"teacher: unsupported encoder layer {type(layer).__name__}: no {path}") from e
-        names = (("query", "key", "value") if part in ("qkv", "qkv_interleaved") else ("ffn_in",)
-                 if part == "ffn_in_glu" else (part,))
         for name in names:
             found.setdefault(name, mod)
     values = set(params.values())

@@ -84,6 +84,21 @@ FAMILY_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie
                 "megatron-bert", "distilbert", "albert", "deberta", "deberta-v2", "mpnet", "roformer", "modernbert")
 
 
+# DeBERTa-v2/v3's attention variants, as config overrides of tiny_family_config("deberta-v2"): every DeBERTa-v3
+# checkpoint ships "v3" (shared keys: query_proj and key_proj also project the relative embeddings, and there are
+# no pos_* projections); "config-defaults" is DebertaV2Config()'s own (no relative attention); then every
+# combination of shared/separate position keys, the position terms (both, c2p, p2c, none) and log buckets (0:
+# none; 8: distances past 4 are bucketed, which the tests' 13-token batches reach).
+DEBERTA_V2_VARIANTS = {
+    "v3": dict(share_att_key=True, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=32,
+               position_biased_input=False, norm_rel_ebd="layer_norm"),
+    "config-defaults": dict(relative_attention=False, pos_att_type=None),
+    **{f"{'shared' if shared else 'separate'}-{'+'.join(pos) or 'none'}-buckets{b}":
+       dict(relative_attention=True, share_att_key=shared, pos_att_type=pos, position_buckets=b)
+       for shared in (True, False) for pos in (["p2c", "c2p"], ["c2p"], ["p2c"], []) for b in (0, 8)},
+}
+
+
 def tiny_family_config(model_type: str, *, layers: int = 3, hidden: int = 32, heads: int = 4, ffn: int = 64,
                        attn: str | None = None, **over):
     """A tiny random config of ``model_type`` (no dropout), ``attn`` its attention implementation (None: the
