@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -158,6 +159,9 @@ class OutputLock:
 
         if out.exists() and not out.is_dir():
             raise ValueError(f"--output-dir: {out} is a file, not a folder; choose a folder")
+        self.fd = None
+        # The outermost folder this run creates: a run that fails before training removes it (discard).
+        self.created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
         try:  # the lock file is also the check that the folder is writable, before anything is loaded
             out.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -178,6 +182,13 @@ class OutputLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+
+    def discard(self) -> None:
+        """Release, and remove the folders this run created (an error before training: nothing worth keeping, and
+        a folder holding only a dead process's lock would greet the next run)."""
+        self.release()
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
 
 
 def check_output_dir(cfg, log, *, check: bool = True) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import textwrap
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from fastkd.tracking import check_report_to
 CPU_TRAIN_EXAMPLES = 3000  # the CPU default subset (full data on a GPU): ~1.5 min idle, < 10 min on a busy 2-core box
 CPU_DEV_EXAMPLES = 500
 CPU_MAX_EPOCHS = 1
-DESCRIPTION = "fastkd's lean distillation trainer: ``python -m fastkd.train --method tinybert --etd impt``."
+DESCRIPTION = "fastkd's lean distillation trainer, e.g. python -m fastkd.train --method tinybert --etd impt"
 
 # A check returns None when the value is fine, else what was expected.
 Check = Callable[[Any], "str | None"]
@@ -49,12 +50,25 @@ def finite_non_negative(v) -> str | None:
 
 
 def one_of(choices) -> Check:
-    return lambda v: None if v in choices else f"one of {', '.join(choices)}"
+    """A check against fixed choices, or a function giving them (read at each check); its ``options`` serve the
+    "did you mean" hint of a misspelt value."""
+    def options() -> tuple:
+        return tuple(choices() if callable(choices) else choices)
+
+    def check(v) -> str | None:
+        return None if v in options() else f"one of {', '.join(map(str, options()))}"
+
+    check.options = options
+    return check
 
 
-def registered_method(v) -> str | None:
-    """A method in the recipes' registry (read at each check, so a method registered later is accepted)."""
-    return one_of(tuple(REGISTRY))(v)
+def did_you_mean(value, options) -> str:
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+# A method in the recipes' registry (read at each check, so a method registered later is accepted).
+registered_method = one_of(lambda: REGISTRY)
 
 
 def option(default, help: str, *, choices: tuple[str, ...] | None = None, check: Check | None = None,
@@ -97,8 +111,10 @@ class TrainConfig:
     student: str | None = option(None, "a pretrained student instead of one made from the teacher: a local model "
                                  "folder of any supported encoder family, of any width; its own sizes replace "
                                  "--student-layers/-hidden/-heads/-ffn, and it must read the teacher's tokenizer")
-    etd: str = option("none", "student initialisation: extract the teacher's weights by importance (impt) or at "
-                      "random (rand), or none (random initialisation)", choices=("impt", "rand", "none"))
+    etd: str = option("auto", "student initialisation: extract the teacher's weights by importance (impt) or at "
+                      "random (rand), or none (random initialisation); auto: impt wherever the teacher's family "
+                      "and the student's sizes allow ETD, else none (the log says which)",
+                      choices=("auto", "impt", "rand", "none"))
     student_layers: int = option(3, "student depth", check=positive)
     student_hidden: int = option(384, "student width", check=positive)
     student_heads: int = option(12, "student attention heads", check=positive)
@@ -155,7 +171,9 @@ class TrainConfig:
             check = f.metadata.get("check")
             expected = check(getattr(self, f.name)) if check else None
             if expected:
-                raise ValueError(f"--{f.name.replace('_', '-')}: expected {expected}, got {getattr(self, f.name)!r}")
+                value = getattr(self, f.name)
+                hint = did_you_mean(value, check.options()) if hasattr(check, "options") else ""
+                raise ValueError(f"--{f.name.replace('_', '-')}: expected {expected}, got {value!r}{hint}")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -198,7 +216,9 @@ def _add_option(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
         return
     annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     kind = _TYPES[annotation.split(" ")[0]]
-    p.add_argument(flag, dest=f.name, default=default, help=meta["help"], choices=meta["choices"],
+    # Choices are checked by the field's own check (with its "did you mean"), not argparse; --help shows them.
+    metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else None
+    p.add_argument(flag, dest=f.name, default=default, help=meta["help"], metavar=metavar,
                    type=None if kind is str else kind)
 
 

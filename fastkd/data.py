@@ -217,6 +217,7 @@ def _sniff_header(path: Path, delimiter: str, names: tuple[str, ...] = ()) -> tu
     """(has a header line, the first line's fields) from a delimited file: a header names a known column or one
     of ``names`` (the columns the caller asked for)."""
     import csv
+    import itertools
 
     with open(path, encoding="utf-8", newline="") as f:
         first = f.readline()
@@ -225,7 +226,14 @@ def _sniff_header(path: Path, delimiter: str, names: tuple[str, ...] = ()) -> tu
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     fields = next(csv.reader([first], delimiter=delimiter, quoting=quoting))
     known = {c.lower() for c in TEXT_COLUMNS + LABEL_COLUMNS + sum(PAIR_COLUMNS, ()) + tuple(names)}
-    return any(f.strip().lower() in known for f in fields), fields
+    if any(f.strip().lower() in known for f in fields):
+        return True, fields
+    # Columns of unknown names ("id,utterance,y"): a header all the same when a column is numeric in every row
+    # below it but not in the first (reading that line as a record made "id" a text and the ids the texts).
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(itertools.islice(csv.reader(f, delimiter=delimiter, quoting=quoting), 1, 21))
+    numeric = [all(len(r) == len(fields) and _is_number(r[i]) for r in rows) for i in range(len(fields))]
+    return bool(rows) and any(n and not _is_number(f) for n, f in zip(numeric, fields, strict=True)), fields
 
 
 def _check_text_file(path: Path) -> int:
@@ -301,12 +309,31 @@ def _pick_text_column(ds) -> str:
     for name in TEXT_COLUMNS:
         if name in lower:
             return lower[name]
-    for c, feature in ds.features.items():
-        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string") and \
-                c.lower() not in LABEL_COLUMNS:
+    strings = [c for c, feature in ds.features.items() if isinstance(feature, datasets.Value)
+               and feature.dtype in ("string", "large_string") and c.lower() not in LABEL_COLUMNS]
+    sample = ds.select(range(min(len(ds), 100)))
+    for c in strings:  # a CSV's columns are all read as strings: an id or a number column is not the text
+        if not all(_is_number(str(v)) for v in sample[c]):
             return c
+    if strings:
+        return strings[0]
     raise ValueError(f"source: no text column found among {ds.column_names}; expected one named "
                      f"{' or '.join(TEXT_COLUMNS[:2])}, or any string column")
+
+
+def source_columns(source, split: str = "train") -> list[str]:
+    """The columns a table or dataset source holds as written, before load_texts picks and renames them (for
+    the messages that must name them); [] for a task name, a plain-text file or a hub name."""
+    import datasets
+
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return list(pick_split(source, split, "source").column_names)
+    if str(source) in TASKS or is_hub_name(str(source)):
+        return []
+    path, _ = _resolve_source(str(source), split)
+    if is_saved_dataset(path):
+        return list(pick_split(datasets.load_from_disk(str(path)), split, str(path)).column_names)
+    return list(_load_table(path).column_names) if path.suffix.lower() in _TABLE_SUFFIXES else []
 
 
 def _pick_label_column(ds, text_column: str) -> str | None:

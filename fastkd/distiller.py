@@ -34,7 +34,7 @@ from fastkd.distill import DistillModule
 from fastkd.engine import Dist, current_dist
 from fastkd.families import attention_interface, family_of, has_real_scores, sliding_windows
 from fastkd.recipes import Recipe, Shapes, Stage, build_recipe, make_params
-from fastkd.teacher import TEACHER_DTYPES, TeacherRunner, teacher_dtype
+from fastkd.teacher import TEACHER_DTYPES, TeacherRunner, has_task_head, teacher_dtype
 from fastkd.terms import empty_plan, kind_of, reads_score_maps, stage_fields
 
 TEACHER_KINDS = ("pretrained", "finetuned")
@@ -94,6 +94,26 @@ def _check_vocab(teacher: nn.Module, student: nn.Module, recipe: Recipe) -> None
         raise ValueError(f"student: its vocabulary has {v_s} tokens and the teacher's {v_t}, so they do not share a "
                          f"tokenizer and the token-level terms {token_level} of {recipe.method} compare different "
                          f"tokens; use a student with the teacher's tokenizer, or method='kd' (logits only)")
+
+
+def check_task_heads(teachers: dict[str, nn.Module], student: nn.Module, recipe: Recipe,
+                     teacher_names: dict[str, str]) -> None:
+    """A stage whose terms read logits needs that model's sequence-classification head: without one, its
+    output has no logits (a base encoder) or logits of another task (a masked LM's vocabulary)."""
+    for stage in recipe.stages:
+        for who, model in (("teacher", teachers[stage.teacher]), ("student", student)):
+            n = model.config.num_hidden_layers
+            reading = sorted({t.kind for t in stage.terms if "logits" in stage_fields([t], who, n)})
+            if not reading or has_task_head(model):
+                continue
+            name = teacher_names[stage.teacher] if who == "teacher" else "the student"
+            fix = ("fine-tune it on the task first (AutoModelForSequenceClassification.from_pretrained(path, "
+                   "num_labels=...) and a transformers Trainer; `python -m fastkd.train --teacher PATH` does this "
+                   "itself and caches the result), then pass the fine-tuned model"
+                   if who == "teacher" else "load it with AutoModelForSequenceClassification (num_labels=...)")
+            raise ValueError(f"{who}: {name} is a {type(model).__name__}, without a sequence-classification "
+                             f"head, and stage {stage.name} of {recipe.method} reads its logits "
+                             f"({', '.join(reading)}); {fix}")
 
 
 def _qkv_layers(term, side: int, n_layers: int) -> list[int]:
@@ -160,6 +180,8 @@ class Distiller(DistillModule):
             raise ValueError(f"cache: expected 'off' or 'memory', got {cache!r}")
         _check_vocab(teachers["finetuned"], student, recipe)
         check_families({k: t.config for k, t in teachers.items()}, student.config, recipe)
+        teacher_names = teacher_names or {k: f"the {k} teacher" for k in TEACHER_KINDS}
+        check_task_heads(teachers, student, recipe, teacher_names)
         super().__init__(student, shapes, recipe, kept_hidden)
         for t in teachers.values():
             t.eval().requires_grad_(False)
@@ -168,7 +190,7 @@ class Distiller(DistillModule):
         self.recipe = recipe
         self.teacher_dtype = teacher_dtype
         self.cache_mode = cache
-        self.teacher_names = teacher_names or {k: f"the {k} teacher" for k in TEACHER_KINDS}
+        self.teacher_names = teacher_names
         self.stage_index = -1
         self.runner: TeacherRunner | None = None
         self.set_stage(0)

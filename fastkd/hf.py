@@ -29,6 +29,7 @@ integration (TensorBoard, W&B, ...) records them; with more than one stage the t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -37,12 +38,33 @@ import datasets
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
 
 from fastkd.data import DataNotFoundError, pick_split, prepare_dataset
 from fastkd.distiller import Distiller
 
+logger = logging.get_logger(__name__)
 EXTRAS_NAME = "fastkd_distiller.safetensors"
 STAGE_DONE = "fastkd_stage_done.json"
+
+
+def explicit_training_values(args) -> dict[str, float]:
+    """The stage values a user set in TrainingArguments: learning_rate and num_train_epochs where they differ
+    from TrainingArguments' own defaults (a value equal to the default cannot be told from an unset one: it
+    leaves the recipe's value in place)."""
+    if args is None:
+        return {}
+    fields = {f.name: f.default for f in dataclasses.fields(args)}
+    return {k: getattr(args, k) for k in ("learning_rate", "num_train_epochs") if getattr(args, k) != fields[k]}
+
+
+def stage_tag(key: str, stage: str) -> str:
+    """A log key tagged with its stage, after the Trainer's eval_/test_ prefix (which TensorBoard turns into the
+    eval/ and test/ sections): eval_loss -> eval_<stage>/loss, loss_att_mse -> <stage>/loss_att_mse."""
+    for prefix in ("eval_", "test_"):
+        if key.startswith(prefix):
+            return f"{prefix}{stage}/{key[len(prefix):]}"
+    return f"{stage}/{key}"
 
 
 class _AfterStep(TrainerCallback):
@@ -102,9 +124,13 @@ class DistillationTrainer(Trainer):
                              "(teacher_model=)")
         distiller = Distiller(teacher_model, model, method, settings=settings, mode=mode, kept_hidden=kept_hidden,
                               teacher_dtype=teacher_dtype, cache=cache)
+        user_values = explicit_training_values(args)
         if epochs is not None:
             if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
                 raise ValueError(f"epochs: expected a positive int (every stage's epochs), got {epochs!r}")
+            if user_values.get("num_train_epochs", epochs) != epochs:
+                raise ValueError(f"epochs: {epochs} and args.num_train_epochs={args.num_train_epochs} disagree; set "
+                                 f"one of them")
             for s in distiller.stages:
                 s.epochs = epochs
         if eval_dataset is None and isinstance(train_dataset, datasets.DatasetDict):
@@ -132,6 +158,8 @@ class DistillationTrainer(Trainer):
                          processing_class=processing_class, data_collator=data_collator, callbacks=callbacks,
                          **kwargs)
         self.distiller = distiller
+        self.user_values = user_values
+        self._step_offset = 0  # the finished stages' optimizer steps: the run's global step is offset by them
         self.task_dataset = train_dataset
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
@@ -159,10 +187,21 @@ class DistillationTrainer(Trainer):
                 means = self.accelerator.reduce(means, reduction="mean")
             logs.update({f"loss_{k}": v for k, v in zip(names, means.tolist(), strict=True)})
             self._term_sums, self._term_count = {}, 0
-            if len(self.distiller.stages) > 1:
-                # Each stage restarts the Trainer's step count: its own tags keep its curves apart in TensorBoard.
-                logs = {f"{self.distiller.stage.name}/{k}": v for k, v in logs.items()}
-        super().log(logs, start_time)
+        if len(self.distiller.stages) == 1:
+            super().log(logs, start_time)
+            return
+        # Each stage is a train() of its own, which restarts the Trainer's step and epoch. Every record is tagged
+        # with its stage (eval_loss -> eval/<stage>/loss in TensorBoard, epoch -> train/<stage>/epoch) and logged at
+        # the run's global step (the finished stages' steps plus this one's), so the curves of two stages neither
+        # share a tag nor a step.
+        epoch, step = self.state.epoch, self.state.global_step
+        if epoch is not None:
+            logs = {**logs, "epoch": epoch}
+        self.state.epoch, self.state.global_step = None, step + self._step_offset
+        try:
+            super().log({stage_tag(k, self.distiller.stage.name): v for k, v in logs.items()}, start_time)
+        finally:
+            self.state.epoch, self.state.global_step = epoch, step
 
     # ------------------------------------------------------------ the stages
 
@@ -182,7 +221,9 @@ class DistillationTrainer(Trainer):
         unfinished stage (a path: that checkpoint, whose stage is read from its folder)."""
         args, base = self.args, self.args.output_dir
         saved = args.output_dir, args.learning_rate, args.num_train_epochs
+        self._step_offset = 0
         start, ckpt = self._resume_point(resume_from_checkpoint, base)
+        self._one_tensorboard_folder(base)
         result = None
         try:
             for i, stage in enumerate(self.distiller.stages):
@@ -191,17 +232,40 @@ class DistillationTrainer(Trainer):
                 out_dir = self._stage_dir(base, i)
                 self.distiller.set_stage(i)
                 self._set_stage_data(i)
-                args.output_dir, args.learning_rate, args.num_train_epochs = str(out_dir), stage.lr, stage.epochs
+                args.output_dir = str(out_dir)
+                args.learning_rate, args.num_train_epochs = self._stage_values(i, stage)
                 self.optimizer, self.lr_scheduler = None, None
                 self._term_sums, self._term_count = {}, 0  # a stage's last partial logging window stays its own
                 result = super().train(resume_from_checkpoint=ckpt if i == start else None, trial=trial,
                                        ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
                 self.stage_logs[stage.name] = list(self.state.log_history)
+                self._step_offset += self.state.global_step
                 if len(self.distiller.stages) > 1:
                     self._finish_stage(out_dir, i)
         finally:
             args.output_dir, args.learning_rate, args.num_train_epochs = saved
         return result
+
+    def _stage_values(self, i: int, stage) -> tuple[float, float]:
+        """A stage's (learning rate, epochs): a value set in TrainingArguments wins (for every stage), else the
+        recipe's; the log says which, and where each came from."""
+        lr = self.user_values.get("learning_rate", stage.lr)
+        epochs = self.user_values.get("num_train_epochs", stage.epochs)
+        source = {k: "TrainingArguments" if k in self.user_values else f"the {self.distiller.recipe.method} recipe"
+                  for k in ("learning_rate", "num_train_epochs")}
+        logger.warning(f"fastkd: stage {i + 1}/{len(self.distiller.stages)} ({stage.name}): {epochs:g} epoch(s) "
+                       f"({source['num_train_epochs']}), learning rate {lr:g} ({source['learning_rate']})")
+        return lr, epochs
+
+    def _one_tensorboard_folder(self, base: str) -> None:
+        """Every stage's TensorBoard events in one run folder under the run's output_dir (the callback would
+        otherwise keep the first stage's folder for all of them); TENSORBOARD_LOGGING_DIR still wins."""
+        from transformers.integrations import TensorBoardCallback
+        from transformers.integrations.integration_utils import default_logdir
+
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:
+                cb.logging_dir = os.path.join(base, default_logdir())
 
     def _resume_point(self, resume, base: str) -> tuple[int, str | None]:
         """(first stage to run, the checkpoint it resumes from); finished stages' students are loaded."""
@@ -212,8 +276,7 @@ class DistillationTrainer(Trainer):
             parent = Path(resume).resolve().parent
             for i in range(n):
                 if self._stage_dir(base, i).resolve() == parent:
-                    if i:
-                        load_student_weights(self.distiller, self._stage_dir(base, i - 1) / "final")
+                    self._continue_after(base, i)
                     return i, str(resume)
             raise ValueError(f"resume_from_checkpoint: {resume} is not in a stage folder of {base} "
                              f"({[str(self._stage_dir(base, i)) for i in range(n)]})")
@@ -221,13 +284,21 @@ class DistillationTrainer(Trainer):
             stage_dir = self._stage_dir(base, i)
             if n > 1 and (stage_dir / STAGE_DONE).is_file():
                 continue
-            if i:
-                load_student_weights(self.distiller, self._stage_dir(base, i - 1) / "final")
+            self._continue_after(base, i)
             last = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
             if last is None and i == 0:
                 raise ValueError(f"resume_from_checkpoint: no checkpoint in {stage_dir}")
             return i, last
         return n, None  # every stage finished
+
+    def _continue_after(self, base: str, i: int) -> None:
+        """Before resuming stage i: the student as stage i - 1 left it, and the run's global step where it was."""
+        if i == 0:
+            return
+        previous = self._stage_dir(base, i - 1)
+        load_student_weights(self.distiller, previous / "final")
+        marker = previous / STAGE_DONE
+        self._step_offset = json.loads(marker.read_text()).get("global_step", 0) if marker.is_file() else 0
 
     def _finish_stage(self, out_dir: Path, i: int) -> None:
         """The stage's end state (student + extras) and a marker, so a resume starts the next stage from it."""
@@ -237,7 +308,8 @@ class DistillationTrainer(Trainer):
                 self._save(str(out_dir / "final"))
             finally:
                 self._in_checkpoint = False
-            (out_dir / STAGE_DONE).write_text(json.dumps({"stage": i, "name": self.distiller.stages[i].name}))
+            (out_dir / STAGE_DONE).write_text(json.dumps({"stage": i, "name": self.distiller.stages[i].name,
+                                                          "global_step": self._step_offset}))
         self.accelerator.wait_for_everyone()  # other ranks may read final/ on a later resume, never before this
 
     # ------------------------------------------------------------ saving and loading a clean student

@@ -8,7 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastkd.config import CPU_DEV_EXAMPLES, CPU_MAX_EPOCHS, CPU_TRAIN_EXAMPLES, TrainConfig
-from fastkd.data import TASKS, DataNotFoundError, has_splits, is_regression, label_names, load_texts, tokenize
+from fastkd.data import (
+    LABEL_COLUMNS,
+    TASKS,
+    DataNotFoundError,
+    has_splits,
+    is_regression,
+    label_names,
+    load_texts,
+    source_columns,
+    tokenize,
+)
 
 
 @dataclass
@@ -107,8 +117,12 @@ def task_splits(cfg: TrainConfig, log, data=None):
     splits = has_splits(cfg.task if data is None else data)
     train = _load(cfg, cfg.task, "train", data=data)
     if "label" not in train.column_names:
-        raise ValueError(f"--task: {cfg.task} has no labels; task mode needs labelled data "
-                         f"(use --mode general for unlabelled text)")
+        seen = source_columns(cfg.task if data is None else data)
+        raise ValueError(
+            f"--task: found no label column in {cfg.task}"
+            + (f": its columns are {', '.join(seen)}, none named {'/'.join(LABEL_COLUMNS)}. Name the label "
+               f"column with --label-column (and the text column with --text-column)" if seen else "")
+            + "; task mode needs labelled data (use --mode general for unlabelled text)")
     regression = is_regression(train)
     train_names = label_names(train) if cfg.task not in TASKS else None
     dev = test = None

@@ -49,7 +49,7 @@ def student_sizes(cfg: TrainConfig) -> tuple[int, int, int]:
 
     from fastkd.families import num_heads
 
-    if cfg.etd != "none":
+    if cfg.etd not in ("none", "auto"):
         raise ValueError(f"--etd: {cfg.etd} extracts a student from the teacher, and --student gives one; use one")
     if not Path(cfg.student).is_dir():
         raise ValueError(f"--student: expected a local model folder, got {cfg.student}")
@@ -124,6 +124,26 @@ def student_batch(tokens: StudentTokens | None, batch: Batch) -> tuple:
     return s.input_ids, s.attention_mask, s.token_type_ids
 
 
+def etd_strategy(etd: str, teacher: nn.Module, sizes: tuple[int, int, int, int], log=print) -> str:
+    """The student's initialisation for --etd: ``auto`` (the default) is ETD by importance wherever the teacher's
+    family can be cut and every student size fits within the teacher's (a random-init student ends at the
+    majority class on a CPU budget), else random initialisation, saying why."""
+    if etd != "auto":
+        return etd
+    from fastkd.encoder import student_config
+
+    layers, hidden, heads, ffn = sizes
+    try:
+        student_config(teacher, num_layers=layers, hidden_size=hidden, num_heads=heads,
+                       intermediate_size=ffn)
+    except ValueError as e:
+        log(f"student: --etd auto: random initialisation, since ETD cannot make this student ({e})")
+        return "none"
+    log("student: --etd auto: ETD by importance (impt), the default wherever the teacher's family allows it; "
+        "--etd none for random initialisation")
+    return "impt"
+
+
 def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num_batches: int = 64,
                  layers: list[int] | None = None) -> tuple[nn.Module, torch.Tensor | None]:
     """(student, kept teacher hidden dims or None): a pretrained ``--student`` with a fresh task head the
@@ -141,15 +161,17 @@ def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num
         log(f"student: {cfg.student} ({sc.model_type}, {sc.num_hidden_layers} layers x {sc.hidden_size}), its "
             f"task head sized to the teacher's {tc.num_labels} label(s)")
         return student, None
-    if cfg.etd != "none":
+    strategy = etd_strategy(cfg.etd, teacher, (cfg.student_layers, cfg.student_hidden, cfg.student_heads,
+                                                      cfg.student_ffn), log)
+    if strategy != "none":
         from fastkd.etd import extract_student
 
-        log(f"student: extracting with ETD ({cfg.etd}) from the teacher"
-            + (f" (importance over {num_batches} batches)" if cfg.etd == "impt" else "")
+        log(f"student: extracting with ETD ({strategy}) from the teacher"
+            + (f" (importance over {num_batches} batches)" if strategy == "impt" else "")
             + (f", teacher layers {layers} (the recipe's layer mapping)" if layers else ", uniform depth"))
         student, plan = extract_student(teacher, num_layers=cfg.student_layers, hidden_size=cfg.student_hidden,
                                         num_heads=cfg.student_heads, intermediate_size=cfg.student_ffn,
-                                        strategy=cfg.etd, data=data, seed=cfg.seed, num_batches=num_batches,
+                                        strategy=strategy, data=data, seed=cfg.seed, num_batches=num_batches,
                                         layers=layers, return_plan=True)
         return student, plan.hidden
     # --etd none is plain random initialisation: the baseline ETD's savings are measured against.

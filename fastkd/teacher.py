@@ -61,9 +61,11 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path | str:
     return p if p.exists() else str(name_or_path)
 
 
-def has_task_head(config) -> bool:
-    """Does a saved model carry a sequence-classification head?"""
-    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+def has_task_head(config_or_model) -> bool:
+    """Does a model (a live one, or a saved one by its config) carry a sequence-classification head?"""
+    if isinstance(config_or_model, nn.Module):
+        return type(config_or_model).__name__.endswith("ForSequenceClassification")
+    return any(a.endswith("ForSequenceClassification") for a in (config_or_model.architectures or []))
 
 
 def load_model(path, *, head: bool | None = None, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:

@@ -30,13 +30,22 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def error_text(e: Exception, width: int = 100) -> str:
+    """The CLI's error message, broken into lines of at most ``width`` characters (never inside a word or a
+    path), continuation lines indented."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False,
+                                   break_on_hyphens=False) for line in f"fastkd.train: error: {e}".splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         quiet_libraries()
         result = run(cfg)
     except (ValueError, MappingError, FileNotFoundError, NonFiniteLossError, DiskFullError) as e:
-        print(f"fastkd.train: error: {e}", file=sys.stderr)
+        print(error_text(e), file=sys.stderr)
         return 2
     trainer = result.pop("trainer")
     if trainer.dist.main:

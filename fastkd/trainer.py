@@ -376,12 +376,13 @@ class Trainer:
     def finish(self, t_start: float) -> dict:
         return finish_run(self, t_start)
 
-    def close(self) -> None:
-        """Release the output folder (a process that ends releases it anyway)."""
+    def close(self, discard: bool = False) -> None:
+        """Release the output folder (a process that ends releases it anyway); ``discard``: the run failed before
+        training, so the folders it created go too."""
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
         if self.lock is not None:
-            self.lock.release()
+            self.lock.discard() if discard else self.lock.release()
 
 
 def flush_cache(cache, last_ckpt: Path | None) -> None:
@@ -410,7 +411,11 @@ def run(cfg: TrainConfig, log=print, data=None) -> dict:
     t0 = time.time()
     trainer = Trainer(cfg, log, data)
     try:
-        trainer.setup()
+        try:
+            trainer.setup()
+        except BaseException:
+            trainer.close(discard=True)
+            raise
         trainer.train()
         result = trainer.finish(t0)
     finally:

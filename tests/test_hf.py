@@ -144,26 +144,6 @@ def test_tensorboard_gets_the_per_term_losses(tiny, tmp_path):
             "train/prediction/loss_soft_ce"} <= tags
 
 
-def test_distiller_in_a_plain_loop(tiny, tmp_path):
-    """The README's plain-loop example, as written there."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = re.search(r"<!-- distiller-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
-    teacher, student, tok = _pair(tiny)
-    scope = {"teacher": teacher, "student": student, "tokenizer": tok, "train_file": str(tiny["data"] /
-                                                                                          "train.tsv"),
-             "out_dir": str(tmp_path / "student")}
-    exec(compile(code, "README.md", "exec"), scope)
-    assert len(code.strip().splitlines()) <= 22
-    from transformers import AutoModelForSequenceClassification
-
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
-    assert set(reloaded.state_dict()) == set(student.state_dict())
-    assert scope["losses"] and all(math.isfinite(v) for v in scope["losses"])
-
-
 def test_distiller_refuses_what_it_cannot_do(tiny):
     from fastkd import Distiller
 
@@ -207,3 +187,68 @@ def test_distiller_memory_cache_runs_the_teacher_once(tiny):
     second = d({"input_ids": ids, "index": index}).loss  # a batch dict, passed whole
     assert d.runner.calls == 1
     assert torch.allclose(first, second)
+
+
+def test_tensorboard_across_stages_is_one_run_on_one_step_axis(tiny, tmp_path):
+    # Two stages once wrote eval/loss at the same step twice (each stage restarted its count), collided on
+    # train/epoch and train/train_loss, and put every stage's events under stage-1-*/runs/.
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    _hf_run(tiny, out, "tinybert", epochs=2, args={"report_to": "tensorboard", "eval_strategy": "epoch"})
+    folders = {e.parent for e in out.rglob("events.out.tfevents.*")}
+    assert len(folders) == 1 and next(iter(folders)).parent == out / "runs", folders
+    scalars: dict[str, list] = {}
+    for e in sorted(next(iter(folders)).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((ev.step, ev.value) for ev in acc.Scalars(tag))
+    assert not {"eval/loss", "train/epoch", "train/train_loss"} & set(scalars)
+    for stage in ("intermediate", "prediction"):
+        assert {f"eval/{stage}/loss", f"eval/{stage}/runtime", f"train/{stage}/epoch",
+                f"train/{stage}/train_loss"} <= set(scalars), sorted(scalars)
+    # 1 step per epoch here: the intermediate stage at steps 1-2, the prediction stage at 3-4
+    assert [s for s, _ in scalars["eval/intermediate/loss"]] == [1, 2]
+    assert [s for s, _ in scalars["eval/prediction/loss"]] == [3, 4]
+    steps = [s for s, _ in scalars["train/intermediate/loss"] + scalars["train/prediction/loss"]]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_training_arguments_set_by_the_user_win_and_the_log_says_so(tiny, tmp_path, caplog):
+    import logging
+
+    trainer = _build(tiny, tmp_path / "o", "kd", args={"learning_rate": 1e-3, "num_train_epochs": 1})
+    with caplog.at_level(logging.WARNING, logger="fastkd.hf"):
+        trainer.train()
+    assert trainer.state.global_step == 1  # 48 examples, batch 64: one step in one epoch (the recipe: 3)
+    assert "stage 1/1 (kd): 1 epoch(s) (TrainingArguments), learning rate 0.001 (TrainingArguments)" in caplog.text
+    lrs = [r["learning_rate"] for r in trainer.state.log_history if "learning_rate" in r]
+    assert lrs and max(lrs) <= 1e-3 and max(lrs) > 5e-5  # the user's rate, not the recipe's 5e-5
+    # Left at TrainingArguments' defaults, the recipe's values apply, and the log names them.
+    caplog.clear()
+    two = _build(tiny, tmp_path / "t", "tinybert", args={"num_train_epochs": 1})
+    with caplog.at_level(logging.WARNING, logger="fastkd.hf"):
+        two.train()
+    lr = two.distiller.stages[1].lr
+    assert f"stage 2/2 (prediction): 1 epoch(s) (TrainingArguments), learning rate {lr:g} (the tinybert recipe)" \
+        in caplog.text
+    with pytest.raises(ValueError, match=r"epochs: 2 and args.num_train_epochs=1 disagree"):
+        _build(tiny, tmp_path / "x", "kd", args={"num_train_epochs": 1}, epochs=2)
+
+
+def test_a_teacher_without_a_task_head_is_refused_at_construction(tiny, tmp_path):
+    from transformers import AutoModel, TrainingArguments
+
+    from fastkd.data import load_texts
+    from fastkd.hf import DistillationTrainer
+
+    _, student, tok = _pair(tiny)
+    headless = AutoModel.from_pretrained(tiny["teacher"])
+    with pytest.raises(ValueError, match=r"teacher: the finetuned teacher is a BertModel, without a "
+                                         r"sequence-classification head, and stage kd of kd reads its logits "
+                                         r"\(soft_ce\); fine-tune it on the task first .*python -m fastkd.train"):
+        DistillationTrainer(model=student, teacher_model=headless, method="kd",
+                            args=TrainingArguments(str(tmp_path / "o"), report_to="none", use_cpu=True),
+                            train_dataset=load_texts(str(tiny["data"] / "train.tsv")), processing_class=tok)
