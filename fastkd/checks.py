@@ -97,6 +97,8 @@ def check_transport(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_name
     check_float(b_name, b, 2, "[P, N]")
     check_same_device(cost=cost, **{a_name: a, b_name: b})
     P, M, N = cost.shape
+    if 0 in cost.shape:  # the reference's max() over an empty dim and the kernel's empty launch disagreed
+        raise ValueError(f"cost: expected a non-empty batch of transport problems [P, M, N], got {tuple(cost.shape)}")
     if tuple(a.shape) != (P, M):
         raise ValueError(f"{a_name}: expected shape [P, M] = [{P}, {M}], got {tuple(a.shape)}")
     if tuple(b.shape) != (P, N):
@@ -126,6 +128,19 @@ def check_finite(mask: torch.Tensor | None = None, *, batch_dim: int = 0, seq_di
         if not finite:
             where = " at valid (unmasked) positions" if mask is not None and seq_dim is not None else ""
             raise ValueError(f"{name}: expected finite values{where}, found NaN or inf")
+
+
+def check_directions(**tensors: torch.Tensor) -> None:
+    """Every vector along the last dim has a direction (a non-zero norm): a loss on normalised vectors (Patient KD)
+    has none to compare at the zero vector, where F.normalize's eps would give a loss of 1 and a gradient of
+    order 1/eps. A data-dependent check (one device-to-host sync), so off with the other value checks."""
+    if not _value_checks:
+        return
+    flags = torch.stack([(x != 0).any(dim=-1).all() for x in tensors.values()]).tolist()
+    for name, ok in zip(tensors, flags, strict=True):
+        if not ok:
+            raise ValueError(f"{name}: expected vectors with a direction; found the zero vector, which Patient KD's "
+                             f"normalised loss cannot compare (h/‖h‖ is undefined there)")
 
 
 def check_sinkhorn_args(eps, iters) -> None:

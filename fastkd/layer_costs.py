@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from fastkd.checks import check_float, check_mask, check_same_device
+from fastkd.checks import check_finite, check_float, check_mask, check_same_device
 
 __all__ = ["layer_costs", "hidden_costs", "attention_costs"]
 
@@ -131,6 +131,11 @@ def layer_costs(h_s: torch.Tensor | None = None, h_t: torch.Tensor | None = None
         raise ValueError(f"q_s: expected batch and length {shapes[0]} (those of h_s), got {shapes[1]}")
     check_same_device(h_s=h_s, h_t=h_t, weight=weight, bias=bias, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, mask=mask)
     mask = check_mask(mask, *shapes[0])
+    # NaN/inf at a valid position of either side, as hidden_mse and attention_mse refuse it (it once came out as
+    # NaN costs); h [K, B, L, d] and q/k [K, B, H, L, d] put the batch at dim 1 and the tokens at 2 and 3.
+    check_finite(mask, batch_dim=1, seq_dim=2, h_s=h_s, h_t=h_t)
+    check_finite(mask, batch_dim=1, seq_dim=3, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
+    check_finite(weight=weight, bias=bias)
     if h_s is not None:
         hidden = hidden_costs(h_s, h_t, weight, bias, mask)
     if q_s is not None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from fastkd import reference as ref
 from fastkd.checks import (
+    check_directions,
     check_finite,
     check_float,
     check_histograms,
@@ -287,7 +288,9 @@ def hidden_mse(h_s, h_t, weight=None, bias=None, mask=None) -> torch.Tensor:
 
 def pkd_mse(h_s, h_t) -> torch.Tensor:
     """Patient KD's loss: mean over the batch of ‖h_s/‖h_s‖₂ − h_t/‖h_t‖₂‖²; h: [B, d] ([CLS] vectors) or
-    [K, B, d] (summed over the K layer pairs, as PKD does). Student and teacher widths must match."""
+    [K, B, d] (summed over the K layer pairs, as PKD does). Student and teacher widths must match. A zero vector
+    has no direction: refused with a ValueError (with value checks off, F.normalize's eps rule applies: it is
+    compared as the zero vector, a loss term of 1)."""
     check_float("h_s", h_s, (2, 3), "[B, d] or [K, B, d]")
     check_float("h_t", h_t, (2, 3), "[B, d] or [K, B, d]")
     check_same_device(h_s=h_s, h_t=h_t)
@@ -296,6 +299,7 @@ def pkd_mse(h_s, h_t) -> torch.Tensor:
     if 0 in h_s.shape:
         raise ValueError(f"h_s: expected a non-empty batch and width, got {tuple(h_s.shape)}")
     check_finite(h_s=h_s, h_t=h_t)
+    check_directions(h_s=h_s, h_t=h_t)
     return ref.pkd_mse(h_s, *_teacher(h_t))
 
 

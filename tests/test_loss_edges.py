@@ -135,3 +135,49 @@ def test_float64_inputs_are_computed_in_float64_on_both_paths(backend, gen):
         assert fn(*q).dtype == torch.float64
     h = _r(2, 5, 8, gen=gen, dtype=torch.float64)
     assert losses.hidden_mse(h, h * 0.5).dtype == torch.float64
+
+
+@pytest.mark.parametrize("P, M, N", [(0, 3, 4), (2, 0, 4), (2, 3, 0)])
+def test_sinkhorn_refuses_an_empty_problem_the_same_on_both_paths(backend, gen, P, M, N):
+    # The torch path raised RuntimeError/IndexError from inside the reference; the Triton path returned an
+    # empty plan for P = 0 and a ValueError for M = 0.
+    cost = torch.rand(P, M, N, generator=gen).to(DEVICE)
+    a, b = torch.full((P, M), 1.0 / max(M, 1)).to(DEVICE), torch.full((P, N), 1.0 / max(N, 1)).to(DEVICE)
+    with pytest.raises(ValueError, match=rf"cost: expected a non-empty batch of transport problems \[P, M, N\], got "
+                                         rf"\({P}, {M}, {N}\)"):
+        losses.sinkhorn(cost, a, b)
+    with pytest.raises(ValueError, match="cost: expected a non-empty batch"):
+        losses.emd_loss(cost, a, b)
+
+
+@pytest.mark.parametrize("where", ["h_s", "h_t", "q_t", "k_s"])
+def test_layer_costs_refuse_nan_at_a_valid_position(gen, where):
+    # A NaN teacher hidden state came out as NaN costs with no word, where hidden_mse refuses the same input.
+    x = {"h_s": _r(2, 3, 5, 8, gen=gen), "h_t": _r(4, 3, 5, 8, gen=gen), "q_s": _r(2, 3, 2, 5, 4, gen=gen),
+         "k_s": _r(2, 3, 2, 5, 4, gen=gen), "q_t": _r(4, 3, 2, 5, 4, gen=gen), "k_t": _r(4, 3, 2, 5, 4, gen=gen)}
+    mask = torch.ones(3, 5, dtype=torch.bool, device=DEVICE)
+    mask[2, 3:] = False
+    pad = x[where].clone()
+    pad[(0, 2, 4) if where.startswith("h") else (0, 2, 1, 4)] = float("nan")  # a padded position: ignored
+    hidden, attention = losses.layer_costs(**{**x, where: pad}, mask=mask)
+    assert torch.isfinite(hidden).all() and torch.isfinite(attention).all()
+    bad = x[where].clone()
+    bad[(1, 0, 2) if where.startswith("h") else (1, 0, 1, 2)] = float("nan")
+    with pytest.raises(ValueError, match=rf"{where}: expected finite values at valid \(unmasked\) positions"):
+        losses.layer_costs(**{**x, where: bad}, mask=mask)
+
+
+@pytest.mark.parametrize("side", ["h_s", "h_t"])
+def test_pkd_mse_refuses_a_zero_vector(backend, gen, side):
+    # A zero student [CLS] returned 0.9999999 (F.normalize's eps) with a gradient of order 1e12, and no word.
+    h = {"h_s": _r(3, 8, gen=gen), "h_t": _r(3, 8, gen=gen)}
+    h[side][1] = 0.0
+    with pytest.raises(ValueError, match=rf"{side}: expected vectors with a direction; found the zero vector"):
+        losses.pkd_mse(**h)
+    from fastkd.checks import value_checks
+
+    with value_checks(False):  # the documented eps rule with the checks off: the zero vector's term is 1
+        loss = losses.pkd_mse(**h)
+    unit = {k: torch.nn.functional.normalize(v.double(), dim=-1) for k, v in h.items()}
+    others = (unit["h_s"] - unit["h_t"]).square().sum(-1)[[0, 2]].sum()
+    assert abs(float(loss) * 3 - float(others) - 1.0) < 1e-5
