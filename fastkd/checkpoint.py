@@ -108,6 +108,16 @@ def save_checkpoint(out_dir: Path, state: dict, keep: int, last_good: Path | Non
     return path
 
 
+def remove_run_checkpoints(out_dir: Path) -> int:
+    """Remove a finished run's mid-run checkpoints (they only serve --resume); returns the bytes freed."""
+    folder = out_dir / "checkpoints"
+    if not folder.is_dir():
+        return 0
+    freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(folder)
+    return freed
+
+
 def _verified_load(path: Path) -> dict:
     """A checkpoint whose bytes match its recorded sha256, loaded; raises ValueError saying what is wrong."""
     digest = _digest_file(path)
@@ -206,6 +216,9 @@ def check_output_dir(cfg, log, *, check: bool = True) -> Path:
         log(f"resume: {out} holds no run yet (killed before its first checkpoint?); starting it")
         cfg.resume = False
     if cfg.resume:
+        if (out / "result.json").is_file() and not _checkpoints(out):
+            raise ValueError(f"--resume: {out} holds a finished run (result.json), whose mid-run checkpoints were "
+                             f"removed when it finished; nothing to resume (--keep-run-checkpoints keeps them)")
         if not run_file.is_file():
             raise ValueError(f"--resume: {out} holds files but no run to resume (no {RUN_FILE}); choose the "
                              f"run's own --output-dir")

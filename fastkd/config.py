@@ -153,7 +153,10 @@ class TrainConfig:
     finetune_seed: int | None = option(None, "seed of the teacher's fine-tune (default: --seed)", check=non_negative)
     save_every: int = option(0, "checkpoint every N optimizer steps (0: only at each epoch's end)",
                              check=non_negative)
-    keep_checkpoints: int = option(2, "checkpoints kept on disk (the newest)", check=positive)
+    keep_checkpoints: int = option(2, "checkpoints kept on disk during the run (the newest)", check=positive)
+    keep_run_checkpoints: bool = option(False, "keep the mid-run checkpoints after the run finishes (by default "
+                                        "they are removed once the student is saved; a killed run keeps them for "
+                                        "--resume)")
     resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
     seed: int = option(0, "seed of data order, dropout and ETD-Rand", check=non_negative)
     log_every: int = option(10, "optimizer steps between metrics.jsonl lines", check=positive)

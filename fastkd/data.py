@@ -6,9 +6,11 @@ Tasks are read with the ``datasets`` library; layout per task: ``<data_dir>/<tas
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,20 @@ def offline() -> bool:
                                                                           "FASTKD_OFFLINE"))
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection, asked once per process: on a
+    machine without network, datasets' own retries took 80 s before an error that named no local path."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def task_file(task: str, split: str) -> Path:
     """Path of a task split in the data directory; raises DataNotFoundError naming every path tried."""
     spec = TASKS.get(task)
@@ -96,9 +112,12 @@ def load_task(task: str, split: str):
         raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}")
     try:
         path = task_file(task, split)
-    except DataNotFoundError:
+    except DataNotFoundError as e:
         if offline():
             raise
+        if not hub_reachable():
+            raise DataNotFoundError(f"{e} (The hub is not reachable from this machine, so nothing was downloaded.)"
+                                    ) from None
         hub_split = dict(spec.hub_splits)[split]
         try:
             ds = datasets.load_dataset(*spec.hub, split=hub_split)
@@ -548,6 +567,10 @@ def load_hub(name: str):
             f"data: {name!r} is not a local file or folder, and as a hub dataset it can't be fetched: the hub is "
             f"switched off here (HF_DATASETS_OFFLINE=1 or HF_HUB_OFFLINE=1). Unset HF_DATASETS_OFFLINE / "
             f"HF_HUB_OFFLINE to download it, or pass a local file or folder ({LAYOUT_HELP})")
+    if not hub_reachable():
+        raise DataNotFoundError(f"data: {name!r} is not a local file or folder, and as a hub dataset it can't be "
+                                f"fetched: the hub is not reachable from this machine. Pass a local file or folder "
+                                f"({LAYOUT_HELP})")
     try:
         return datasets.load_dataset(name)
     except Exception as e:  # noqa: BLE001 - no network, no such dataset, a config to choose, ...

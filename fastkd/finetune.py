@@ -74,9 +74,10 @@ def _verified(folder: Path, log) -> bool:
 
 def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, max_length: int,
                      cfg: FinetuneConfig, data_fingerprint: str, device, root: Path | None = None,
-                     log=print) -> Path:
+                     log=print, progress: bool = False) -> Path:
     """Fine-tune ``teacher_path`` (an encoder, any head) on ``train_ds`` (tokenised, with labels) and return
-    the folder of the cached fine-tuned ``*ForSequenceClassification`` model (reused when the key matches)."""
+    the folder of the cached fine-tuned ``*ForSequenceClassification`` model (reused when the key matches).
+    ``progress``: the distillation stages' progress bar, for a fine-tune that may take minutes."""
 
     key = finetune_key(teacher_path, data_fingerprint, label_names, max_length, cfg)
     folder = (root or cache_root()) / "teachers" / key
@@ -98,7 +99,8 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     total = max(1, cfg.epochs * len(sampler))
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     fit = Fit(model, params, opt, warmup_linear(opt, total, cfg.warmup), torch.amp.GradScaler("cuda", enabled=False),
-              device, amp=amp, max_grad_norm=cfg.max_grad_norm, name="fine-tune", where="teacher fine-tuning")
+              device, amp=amp, max_grad_norm=cfg.max_grad_norm, name="teacher fine-tune", where="teacher fine-tuning",
+              progress=progress)
     t0 = time.time()
 
     def forward(batch, host):
@@ -144,4 +146,4 @@ def finetune_for_run(path, tokenizer, data: dict, label_names, cfg, *, device, o
                      list(train_ds["text_pair"]) if "text_pair" in train_ds.column_names else None)
     return finetune_teacher(path, tokenizer, train_ds, data.get("dev"), label_names, max_length=cfg.max_length, cfg=ft,
                             data_fingerprint=fp, device=device, root=Path(cfg.cache_dir) if cfg.cache_dir else None,
-                            log=log)
+                            log=log, progress=cfg.progress)

@@ -38,6 +38,7 @@ from fastkd.engine import (
     Throughput,
     adamw,
     autocast_dtype,
+    batches_for_epoch,
     evaluate,
     fit_stage,
     init_distributed,
@@ -283,6 +284,7 @@ class Trainer:
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.state.epoch, self.state.stage_step, resume_sampler = ckpt["epoch"], ckpt["stage_step"], ckpt["sampler"]
             set_rng_state(ckpt["rng"])
+            refill_lost_cache(cache, self.module, sampler, data, self.pad_id, self.device, ckpt, self.log)
         self.log(f"stage {si + 1}/{len(self.recipe.stages)} {stage.name}: {stage.epochs} epoch(s) x "
                  f"{steps_per_epoch(sampler, cfg.grad_accum)} steps, {len(data)} examples ({stage.data} data, "
                  f"{stage.teacher} teacher)")
@@ -377,12 +379,29 @@ class Trainer:
         return finish_run(self, t_start)
 
     def close(self, discard: bool = False) -> None:
-        """Release the output folder (a process that ends releases it anyway); ``discard``: the run failed before
-        training, so the folders it created go too."""
+        """Release the output folder; ``discard``: a failure before training, so the folders it made go too."""
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
         if self.lock is not None:
             self.lock.discard() if discard else self.lock.release()
+
+
+def refill_lost_cache(cache, module, sampler, data, pad_id: int, device: torch.device, ckpt: dict, log) -> None:
+    """A resumed stage's in-memory activation cache died with the killed process. The uninterrupted run filled
+    it during the stage's first epoch, batch by batch, and read it back in later epochs; a resumed run that ran
+    the teacher live on a later epoch's batches (other batch mates, other padding) got other last bits (37
+    tensors 1 ulp off at the end). So the cache is refilled as the first epoch filled it: the teacher over that
+    epoch's batches, in order, as far as the killed run got through them. A disk cache survives: nothing to do."""
+    if cache is None or getattr(cache, "mode", None) == "disk":
+        return
+    n = len(sampler) if ckpt["epoch"] > 0 else (ckpt["sampler"] or {}).get("batches_done", 0)
+    if not n:
+        return
+    sampler.set_epoch(0)
+    for _, batch in zip(range(n), batches_for_epoch(sampler, data, pad_id), strict=False):
+        module.teacher_outputs(batch.to(device), batch)
+    log(f"resume: refilled the in-memory teacher cache over the stage's first {n} batches of epoch 1, as the "
+        f"killed run had filled it")
 
 
 def flush_cache(cache, last_ckpt: Path | None) -> None:

@@ -204,6 +204,48 @@ def test_memory_cache_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
+def test_memory_cache_resume_refills_as_the_first_epoch_did(tiny, tmp_path, monkeypatch):
+    """The last bits of a live teacher forward depend on its batch (batch mates, padding, the GEMM's shapes): on
+    some machines the resume above ended 1 ulp away (37 tensors), because the resumed run ran the teacher live on
+    epoch 2's batches where the uninterrupted run read what epoch 1's batches had cached. Made visible on every
+    machine by a teacher whose outputs depend on their batch's shape: the resume refills the lost cache over
+    epoch 1's batches, so it still ends bit-identical."""
+    import contextlib
+
+    from fastkd import checkpoint
+    from fastkd.capture import capture_fields as real_fields
+
+    @contextlib.contextmanager
+    def batch_dependent(model, fields):
+        with real_fields(model, fields) as read:
+            yield lambda out: {k: v * (1 + 1e-3 * (v.numel() % 97)) for k, v in read(out).items()}
+
+    monkeypatch.setattr("fastkd.teacher.capture_fields", batch_dependent)
+    argv = args_for(tiny, tmp_path / "ref", "tinybert", "--cache", "memory", "--epochs", "2", "--save-every", "4",
+                    "--set", "tinybert.pred_epochs=1")
+    train.run(train.parse_config(argv), log=lambda *_: None)
+    crashed = tmp_path / "crashed"
+    argv_c = [str(crashed) if a == str(tmp_path / "ref") else a for a in argv]
+    real = checkpoint.save_checkpoint
+
+    def save_then_die(out, state, *args):
+        path = real(out, state, *args)
+        if state["global_step"] == 8:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr("fastkd.trainer.save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(train.parse_config(argv_c), log=lambda *_: None)
+    monkeypatch.setattr("fastkd.trainer.save_checkpoint", real)
+    lines: list[str] = []
+    train.run(train.parse_config(argv_c + ["--resume"]), log=lambda m: lines.append(str(m)))
+    a, b = _student(tmp_path / "ref"), _student(crashed)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert "resume: refilled the in-memory teacher cache over the stage's first 6 batches of epoch 1" in \
+        "\n".join(lines)
+
+
 def test_disk_cache_runs_repeat_bit_identically(tiny, tmp_path):
     """--cache disk gave different students on two identical runs: the first saw the live fp32 teacher, the
     second the cached fp16 values."""

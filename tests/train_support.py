@@ -33,7 +33,8 @@ def args_for(tiny, out: Path, method: str, *extra: str) -> list[str]:
             "--dev", str(tiny["data"] / "dev.tsv"), "--test", str(tiny["data"] / "test.tsv"), "--output-dir",
             str(out), "--student-layers", "2", "--student-hidden", "32", "--student-heads", "4", "--student-ffn",
             "64", "--batch-size", "8", "--epochs", "1", "--log-every", "1", "--latency-runs", "2", "--no-progress",
-            "--cache", "off", "--max-length", "24", "--etd", "none", *extra]  # random init unless a test asks
+            "--cache", "off", "--max-length", "24", "--etd", "none", "--keep-run-checkpoints", *extra]
+    # random init unless a test asks; the checkpoints kept, which the resume and fault tests read after a run
 
 
 def run_cli(argv: list[str]) -> dict:
