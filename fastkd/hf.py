@@ -13,17 +13,19 @@ student alone with ``save_pretrained`` (and the tokenizer); a checkpoint adds ``
 (the projection and layer weights), which a resume restores.
 
 **Stages.** ``trainer.train()`` runs every stage of the method in sequence, each with a fresh optimizer and
-schedule as in ``fastkd.train``. A stage's epochs and learning rate are the recipe's (the paper's; set them with
-``settings={"tinybert.inter_epochs": 2}``, or ``epochs=`` for every stage, like ``--epochs``); the other
-``TrainingArguments`` (batch size, weight decay, warm-up, clipping, precision, logging, saving, ``max_steps`` per
-stage) apply to every stage. With more than one stage each writes its checkpoints under
-``<output_dir>/stage-<n>-<name>/``; ``train(resume_from_checkpoint=True)`` skips the finished stages and resumes
-the interrupted one from its last checkpoint.
+schedule as in ``fastkd.train``. A ``learning_rate`` or ``num_train_epochs`` the user set in ``TrainingArguments``
+(a value other than its default) applies to every stage; otherwise a stage takes the recipe's (the paper's; set
+them with ``settings={"tinybert.inter_epochs": 2}``, or ``epochs=`` for every stage, like ``--epochs``); each
+stage logs which values it uses and where they came from. The other ``TrainingArguments`` (batch size, weight
+decay, warm-up, clipping, precision, logging, saving, ``max_steps`` per stage) apply to every stage. With more than
+one stage each writes its checkpoints under ``<output_dir>/stage-<n>-<name>/``;
+``train(resume_from_checkpoint=True)`` skips the finished stages and resumes the interrupted one from its last
+checkpoint.
 
 Per-term losses (``loss_att_mse``, ``loss_soft_ce``, ...) go through ``Trainer.log``, so every ``report_to``
-integration (TensorBoard, W&B, ...) records them; with more than one stage the training logs are tagged by stage
-(``intermediate/loss_att_mse``, ``prediction/loss``), since each stage restarts the step count.
-``trainer.stage_logs`` keeps every stage's ``log_history``.
+integration (TensorBoard, W&B, ...) records them. With more than one stage every record is tagged by stage
+(``intermediate/loss_att_mse``, ``eval_prediction/loss``) and logged at the run's global step, and TensorBoard
+writes one run folder for all stages. ``trainer.stage_logs`` keeps every stage's ``log_history``.
 """
 
 from __future__ import annotations

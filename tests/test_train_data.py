@@ -94,7 +94,9 @@ def test_text_and_label_columns_of_data_files(tiny, tmp_path):
     argv = args_for(tiny, tmp_path / "run", "kd")
     for split, flag in (("train", "--task"), ("dev", "--dev"), ("test", "--test")):
         argv[argv.index(flag) + 1] = files[split]
-    with pytest.raises(ValueError, match="has no labels"):  # "sentiment" is not a label name fastkd tries
+    # "sentiment" is not a label name fastkd tries: the error names the columns it saw and the flag
+    with pytest.raises(ValueError, match=r"found no label column in .*: its columns are review, sentiment, .*"
+                                         r"--label-column"):
         run_cli(argv)
     res = run_cli(argv[:argv.index("--output-dir") + 1] + [str(tmp_path / "run2")]
                   + argv[argv.index("--output-dir") + 2:] + ["--label-column", "sentiment"])
