@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fastkd.families import EncoderFamily, as_heads, base_model, family_of, layer_module, module_at
-from fastkd.terms import parse_field
+from fastkd.terms import BUILTIN_SEQ_DIMS, captured_field, parse_field
 
 
 @dataclass
@@ -33,10 +33,11 @@ class Captured:
     k: dict[int, torch.Tensor] = field(default_factory=dict)
     v: dict[int, torch.Tensor] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # real [B, H, L, L] scores (DeBERTa, MPNet)
+    fields: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # kind-declared fields by layer
 
     def clear(self) -> None:
         self.embeddings = None
-        for d in (self.hidden, self.q, self.k, self.v, self.scores):
+        for d in (self.hidden, self.q, self.k, self.v, self.scores, self.fields):
             d.clear()
 
 
@@ -65,9 +66,11 @@ class ActivationCapture:
         qkv: str | dict[int, str] = "",
         embeddings: bool = False,
         scores: Iterable[int] = (),
+        layer_fields: dict[str, Iterable[int]] | None = None,
     ):
         """``scores``: layers whose real attention scores to record, for a family whose scores Q and K alone do
-        not give (:attr:`fastkd.families.EncoderFamily.real_scores`)."""
+        not give (:attr:`fastkd.families.EncoderFamily.real_scores`). ``layer_fields``: {name: layers} of the
+        fields loss kinds declare (:class:`fastkd.terms.CapturedField`: a module's output inside each layer)."""
         self.family = family_of(model)
         check_capturable(model, self.family)
         self.model, self.base = model, base_model(model)
@@ -90,6 +93,8 @@ class ActivationCapture:
             raise ValueError(f"scores: a {cfg.model_type} model's scores are q·kᵀ/√d of its Q and K; capture those")
         for i in self.score_layers:  # the real scores are computed from the layer's Q and K
             qkv_of[i] = "".join(sorted(set(qkv_of.get(i, "")) | {"q", "k"}))
+        self.layer_fields = {name: sorted({int(i) % n for i in layers})
+                             for name, layers in (layer_fields or {}).items()}
         self.n = n
         self.out = Captured()
         self._kept_qk: dict[tuple[str, int], torch.Tensor] = {}  # Q/K held only for a layer's real scores
@@ -187,6 +192,11 @@ class ActivationCapture:
         for mod, i in self._sites(sorted(wanted_hidden) if not self.family.shared_layer else hidden_layers):
             self._handles.append(mod.register_forward_hook(self._hook(i, record_hidden)))
         self._hook_qkv(sorted(qkv_of))
+        for name, layers in self.layer_fields.items():
+            path = captured_field(name).path_for(self.family.name)
+            store = self.out.fields.setdefault(name, {})
+            for mod, i in self._sites(layers):
+                self._handles.append(module_at(mod, path).register_forward_hook(self._hook(i, store.__setitem__)))
         return self
 
     def _hook_qkv(self, layers: list[int]) -> None:
@@ -241,12 +251,16 @@ def capture_fields(model: nn.Module, fields: list[str]):
         if c in ("q", "k", "v"):
             qkv[i] = qkv.get(i, "") + c
     scores = [i for c, i in parsed if c == "scores"]
-    layers = sorted(set(hidden) | set(qkv) | set(scores))
+    declared: dict[str, list[int]] = {}
+    for c, i in parsed:
+        if c not in BUILTIN_SEQ_DIMS:
+            declared.setdefault(c, []).append(i)
+    layers = sorted(set(hidden) | set(qkv) | set(scores) | {i for ls in declared.values() for i in ls})
     if not (layers or "emb" in fields):  # logits only (method kd): no hooks, so any model with a head works
         yield lambda output: {"logits": output.logits} if "logits" in fields else {}
         return
     with ActivationCapture(model, layers, hidden=hidden, qkv=qkv, embeddings="emb" in fields,
-                           scores=scores) as cap:
+                           scores=scores, layer_fields=declared) as cap:
         def read(output) -> dict[str, torch.Tensor]:
             out = {}
             if "emb" in fields:
@@ -258,6 +272,9 @@ def capture_fields(model: nn.Module, fields: list[str]):
                     out[f"{c}.{i}"] = getattr(cap.out, c)[i]
             for i in scores:
                 out[f"scores.{i}"] = cap.out.scores[i]
+            for c, ls in declared.items():
+                for i in ls:
+                    out[f"{c}.{i}"] = cap.out.fields[c][i]
             if "logits" in fields:
                 out["logits"] = output.logits
             return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastkd.data import LABEL_COLUMNS, TASKS, TEXT_COLUMNS
-from fastkd.recipes import REGISTRY, load_config_file, parse_set, setting_prefix
+from fastkd.recipes import load_config_file, method_entry, methods, parse_set, setting_prefix
 from fastkd.tracking import check_report_to
 
 CPU_TRAIN_EXAMPLES = 3000  # the CPU default subset (full data on a GPU): ~1.5 min idle, < 10 min on a busy 2-core box
@@ -68,7 +68,7 @@ def did_you_mean(value, options) -> str:
 
 
 # A method in the recipes' registry (read at each check, so a method registered later is accepted).
-registered_method = one_of(lambda: REGISTRY)
+registered_method = one_of(methods)
 
 
 def option(default, help: str, *, choices: tuple[str, ...] | None = None, check: Check | None = None,
@@ -84,7 +84,7 @@ def option(default, help: str, *, choices: tuple[str, ...] | None = None, check:
 
 @dataclass
 class TrainConfig:
-    method: str = option("tinybert", f"one of {', '.join(REGISTRY)}", check=registered_method)
+    method: str = option("tinybert", "a registered method (each with its settings below)", check=registered_method)
     mode: str = option("task", "task: distil on a labelled task (the student gets a classifier head); general: "
                        "task-agnostic distillation on unlabelled text (a general student, to fine-tune later)",
                        choices=("task", "general"))
@@ -194,12 +194,12 @@ def recipe_settings_help() -> str:
     """Every method's recipe settings with their defaults, for --help (what --set and --config accept)."""
     lines = ["recipe settings (--set METHOD.FIELD=VALUE or --config; defaults follow each paper):"]
     seen: set[type] = set()
-    for method, entry in REGISTRY.items():
-        cls = entry.params
+    for method in methods():
+        cls = method_entry(method).params
         if cls in seen:
             continue
         seen.add(cls)
-        names = [m for m, e in REGISTRY.items() if e.params is cls]
+        names = [m for m in methods() if method_entry(m).params is cls]
         prefix = setting_prefix(method)
         defaults = cls()
         fields = ", ".join(f"{f.name}={getattr(defaults, f.name)}" for f in dataclasses.fields(cls))

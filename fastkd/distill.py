@@ -30,12 +30,10 @@ class DistillModule(nn.Module):
                 self.fit.weight.zero_()
                 self.fit.weight[kept_hidden.long(), torch.arange(shapes.student_hidden)] = 1.0
                 self.fit.bias.zero_()
-        n_s, n_t = shapes.student_layers, shapes.teacher_layers
-        self.register_buffer("emd_w_s", torch.full((n_s,), 1.0 / n_s))
-        self.register_buffer("emd_w_t", torch.full((n_t,), 1.0 / n_t))
-        self.emd_last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.emd_eps = getattr(recipe.params, "sinkhorn_eps", None)
-        self.emd_iters = getattr(recipe.params, "sinkhorn_iters", None)
+        # Each stateful kind's state (BERT-EMD's layer weights), made by the kind's own factory, once per name.
+        factories = {kind_of(t).state[0]: kind_of(t).state[1] for s in recipe.stages for t in s.terms
+                     if kind_of(t).state is not None}
+        self.states = nn.ModuleDict({name: make(shapes, recipe.params) for name, make in factories.items()})
         self.terms: list[LossTerm] = []
         self.student_fields: list[str] = []
         self.window_checks: list[tuple] = []  # (config, layers, what): score terms on sliding-window layers

@@ -135,7 +135,7 @@ def check_families(teacher_configs: dict, student_config, recipe: Recipe) -> Non
                 continue
             family = family_of(cfg, who)
             for term in stage.terms:
-                if term.kind == "emd_att" and family.real_scores is not None:
+                if kind_of(term).qk_scores_only and family.real_scores is not None:
                     raise ValueError(
                         f"{term.kind} (stage {stage.name} of {recipe.method}): the {who} is a {cfg.model_type} "
                         f"model, and its real attention scores are not q·kᵀ/√d, while BERT-EMD's attention cost "

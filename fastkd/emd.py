@@ -15,10 +15,26 @@ matrix) the previous weights are kept instead of dividing 0 by 0. Pure tensor op
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from fastkd.checks import check_float, check_same_device
 
-__all__ = ["update_layer_weights"]
+__all__ = ["EMDState", "update_layer_weights"]
+
+
+class EMDState(nn.Module):
+    """BERT-EMD's state across steps, shared by its attention and hidden kinds: the layer weights (buffers, so
+    they move, checkpoint and resume with the loss module), the last step's plans and costs for the update, and
+    the recipe's Sinkhorn settings."""
+
+    def __init__(self, shapes, params):
+        super().__init__()
+        n_s, n_t = shapes.student_layers, shapes.teacher_layers
+        self.register_buffer("w_s", torch.full((n_s,), 1.0 / n_s))
+        self.register_buffer("w_t", torch.full((n_t,), 1.0 / n_t))
+        self.last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.eps = getattr(params, "sinkhorn_eps", None)
+        self.iters = getattr(params, "sinkhorn_iters", None)
 
 
 def _side(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

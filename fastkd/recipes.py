@@ -21,11 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastkd.terms import KINDS, LossTerm
-
-# Loss-term kinds: the registry in fastkd.terms (what each captures and computes).
-TERM_KINDS = tuple(KINDS)
-LATENT_KINDS = frozenset(k for k, v in KINDS.items() if v.latent)
+from fastkd.terms import LossTerm, kind_of
 
 
 @dataclass
@@ -39,12 +35,12 @@ class Stage:
 
     @property
     def needs_labels(self) -> bool:
-        return any(KINDS[t.kind].needs_labels for t in self.terms)
+        return any(kind_of(t).needs_labels for t in self.terms)
 
     @property
     def trains_head(self) -> bool:
         """Does this stage train the classifier (so dev accuracy means something)?"""
-        return any(KINDS[t.kind].trains_head for t in self.terms)
+        return any(kind_of(t).trains_head for t in self.terms)
 
 
 @dataclass
@@ -167,31 +163,49 @@ class ERNIETinyParams:
     layer_map: str | None = None
 
 
+def every_latent_stage(stages: list[Stage]) -> list[Stage]:
+    """The default of --mode general: every stage that kept a task-agnostic term."""
+    return stages
+
+
 @dataclass(frozen=True)
 class Method:
-    """One distillation method: its settings (paper defaults), the prefixes --set accepts for them, and the
-    builder of its stages for given model shapes."""
+    """One distillation method: its settings (paper defaults), the prefixes --set accepts for them, the builder
+    of its stages for given model shapes, and which of its stages --mode general runs (``general``: from the
+    stages reduced to their task-agnostic terms, on the general corpus with the pretrained teacher)."""
 
     name: str
     params: type
     prefixes: tuple[str, ...]
     build: Callable[[Any, Shapes], list[Stage]]
+    general: Callable[[list[Stage]], list[Stage]] = every_latent_stage
 
 
 REGISTRY: dict[str, Method] = {}
 
 
-def register_method(name: str, params: type, prefixes: tuple[str, ...] | None = None):
+def register_method(name: str, params: type, prefixes: tuple[str, ...] | None = None,
+                    general: Callable[[list[Stage]], list[Stage]] = every_latent_stage):
     """Decorator: ``@register_method("pkd-skip", PKDParams, ("pkd", "pkd-skip", "pkd_skip"))`` registers the
     decorated ``build(params, shapes) -> stages`` as a method. ``prefixes``: what --set accepts for its settings
-    (default: the name); the first is the one --help shows."""
+    (default: the name); the first is the one --help shows. ``general``: its --mode general stages (see
+    :class:`Method`)."""
     def deco(build):
         if name in REGISTRY:
             raise ValueError(f"method: {name!r} is registered twice")
-        REGISTRY[name] = Method(name, params, prefixes or (name,), build)
+        REGISTRY[name] = Method(name, params, prefixes or (name,), build, general)
         return build
 
     return deco
+
+
+def methods() -> tuple[str, ...]:
+    """The registered methods' names, read at each call (a method registered later is included)."""
+    return tuple(REGISTRY)
+
+
+def method_entry(name: str) -> Method:
+    return REGISTRY[check_method(name)]
 
 
 @dataclass(frozen=True)
@@ -212,7 +226,7 @@ class MappingError(ValueError):
 
 def check_method(method: str) -> str:
     if method not in REGISTRY:
-        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+        raise ValueError(f"method: expected one of {', '.join(methods())}, got {method!r}")
     return method
 
 
@@ -488,7 +502,12 @@ def _bert_emd(p: BertEMDParams, shapes: Shapes) -> list[Stage]:
                           LossTerm("hard_ce", p.ce_weight)], p.epochs, p.lr)]
 
 
-@register_method("ernie-tiny", ERNIETinyParams, ("ernie-tiny", "ernie_tiny", "ernie"))
+def _first_stage(stages: list[Stage]) -> list[Stage]:
+    """ERNIE-Tiny's stages 1-3 collapse to one general stage without a fine-tuned teacher."""
+    return stages[:1]
+
+
+@register_method("ernie-tiny", ERNIETinyParams, ("ernie-tiny", "ernie_tiny", "ernie"), general=_first_stage)
 def _ernie_tiny(p: ERNIETinyParams, shapes: Shapes) -> list[Stage]:
     latent = _latent_terms(p, shapes, "ernie-tiny")
     return [Stage("general", latent, p.general_epochs, p.lr, teacher="pretrained", data="general"),
@@ -499,22 +518,28 @@ def _ernie_tiny(p: ERNIETinyParams, shapes: Shapes) -> list[Stage]:
                   p.specific_epochs, p.lr, teacher="finetuned", data="task")]
 
 
-METHODS = tuple(REGISTRY)
-PARAMS: dict[str, type] = {name: m.params for name, m in REGISTRY.items()}  # read-only view for callers
-
-
 def _general_stages(method: str, stages: list[Stage]) -> list[Stage]:
-    """--mode general: only the task-agnostic (latent-loss) stages, on the general corpus with the pretrained
-    teacher; ERNIE-Tiny's stages 1-3 collapse to one general stage without a fine-tuned teacher."""
+    """--mode general: the stages reduced to their task-agnostic (latent) terms, on the general corpus with the
+    pretrained teacher, then the method's own choice among them (its registration's ``general``)."""
     general = []
     for s in stages:
-        terms = [t for t in s.terms if t.kind in LATENT_KINDS]
+        terms = [t for t in s.terms if kind_of(t).latent]
         if terms:
             general.append(dataclasses.replace(s, terms=terms, teacher="pretrained", data="general"))
     if not general:
+        usable = [m for m in methods() if _has_latent_terms(m)]
         raise ValueError(f"mode: {method} has no task-agnostic (intermediate-layer) loss, so it can't run "
-                         f"with --mode general; use tinybert, minilm, minilmv2, bert-emd or ernie-tiny")
-    return general[:1] if method == "ernie-tiny" else general
+                         f"with --mode general; use one of {', '.join(usable)}")
+    return REGISTRY[method].general(general)
+
+
+def _has_latent_terms(method: str) -> bool:
+    shapes = Shapes(4, 2, 8, 8, 2, 2)  # any valid pair: the question is which kinds the method uses
+    try:
+        stages = REGISTRY[method].build(make_params(method), shapes)
+    except ValueError:
+        return False
+    return any(kind_of(t).latent for s in stages for t in s.terms)
 
 
 def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task") -> Recipe:

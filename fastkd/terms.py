@@ -9,8 +9,11 @@ one registration here.
 Activation fields are named ``emb``, ``hidden.{i}`` [B, L, D], ``q.{i}`` / ``k.{i}`` / ``v.{i}`` [B, H, L, d],
 ``scores.{i}`` [B, H, L, L] (a model's real attention scores, for families whose scores Q and K alone do not
 give: see :mod:`fastkd.families`) and ``logits`` [B, C] (the activation cache stores them under the same names,
-except ``scores``, which it does not cache); :func:`field` builds a name, :func:`seq_dim` tells its token
-dimension.
+except ``scores``, which it does not cache); :func:`field_name` builds a name, :func:`seq_dim` tells its token
+dimension. A kind that reads another activation declares it in its own registration (``fields``: a
+:class:`CapturedField`, the output of a module inside each layer), and capture, the cache and the plan pick it up
+from there. A kind that keeps state across steps declares a factory for it (``state``); the loss module holds
+one instance per state name (BERT-EMD's two kinds share their layer weights).
 """
 
 from __future__ import annotations
@@ -23,11 +26,25 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import losses
-from fastkd.emd import update_layer_weights
+from fastkd.emd import EMDState, update_layer_weights
 
 # ---------------------------------------------------------------- activation fields
 
-SEQ_DIMS = {"emb": 1, "hidden": 1, "q": 2, "k": 2, "v": 2, "scores": 2, "logits": None}
+BUILTIN_SEQ_DIMS = {"emb": 1, "hidden": 1, "q": 2, "k": 2, "v": 2, "scores": 2, "logits": None}
+
+
+@dataclass(frozen=True)
+class CapturedField:
+    """An activation beyond the built-in ones: the output of the module at ``path`` inside each encoder layer
+    (``paths`` per family name where it differs), recorded as ``<name>.<layer>`` with its tokens at ``seq_dim``."""
+
+    name: str
+    path: str
+    seq_dim: int = 1
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def path_for(self, family: str) -> str:
+        return self.paths.get(family, self.path)
 
 
 def field_name(kind: str, layer: int | None = None) -> str:
@@ -48,14 +65,15 @@ def reads_score_maps(fields: list[str]) -> bool:
 
 def seq_dim(name: str) -> int | None:
     """The token dimension of a field (None for per-example fields such as logits)."""
-    return SEQ_DIMS[name.split(".")[0]]
+    kind = name.split(".")[0]
+    return BUILTIN_SEQ_DIMS[kind] if kind in BUILTIN_SEQ_DIMS else captured_field(kind).seq_dim
 
 
 def empty_plan() -> dict[str, Any]:
     """What one side records: embeddings (bool), hidden layers, {layer: "qkv" letters}, all layers' hidden states
-    or Q/K (for EMD), logits (bool)."""
+    or Q/K (for EMD), logits (bool), and {captured field name: layers} for the fields kinds declare."""
     return {"embeddings": False, "hidden": set(), "qkv": {}, "scores": set(), "all_hidden": False, "all_qk": False,
-            "logits": False}
+            "logits": False, "layers": {}}
 
 
 def plan_fields(plan: dict, n_layers: int, real_scores: bool = False) -> list[str]:
@@ -75,6 +93,7 @@ def plan_fields(plan: dict, n_layers: int, real_scores: bool = False) -> list[st
     names += [field_name(c, i) for i in sorted(qkv) for c in sorted(qkv[i])]
     if real_scores:
         names += [field_name("scores", i) for i in sorted(plan["scores"])]
+    names += [field_name(kind, i) for kind in sorted(plan["layers"]) for i in sorted(plan["layers"][kind])]
     if plan["logits"]:
         names.append(field_name("logits"))
     return names
@@ -94,7 +113,7 @@ class LossTerm:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"kind: expected one of {tuple(KINDS)}, got {self.kind!r}")
+            raise ValueError(f"kind: expected one of {kinds()}, got {self.kind!r}")
 
 
 @dataclass
@@ -120,29 +139,55 @@ class TermKind:
     needs_labels: bool = False
     trains_head: bool = False  # dev accuracy means something after a stage with it
     uses_scores: bool = False  # computes attention scores q·kᵀ/√d from Q and K (not only relations of them)
+    # Reads attention only through q·kᵀ of both sides (BERT-EMD's cost matrices, from the fused Q/K kernels), so a
+    # family whose real scores are not q·kᵀ/√d (DeBERTa, MPNet) cannot give it: refused before training.
+    qk_scores_only: bool = False
     after_step: Callable[[Any, Any], None] | None = None  # (module, dist), once per step per distinct hook
     record: Callable[[Any], dict] | None = None  # module -> extra fields of each logged metrics line
+    fields: tuple[CapturedField, ...] = ()  # activations it reads beyond the built-in ones
+    # (name, factory(shapes, recipe params) -> nn.Module): state kept across steps, one per name in the loss module
+    state: tuple[str, Callable[[Any, Any], Any]] | None = None
 
 
 KINDS: dict[str, TermKind] = {}
+FIELDS: dict[str, CapturedField] = {}  # filled by register_kind from each kind's ``fields``
 
 
 def register_kind(kind: TermKind) -> TermKind:
+    """Adds a loss kind, and the activation fields it declares, to the registry."""
     if kind.name in KINDS:
         raise ValueError(f"kind: {kind.name!r} is registered twice")
+    for f in kind.fields:
+        known = FIELDS.get(f.name)
+        if f.name in BUILTIN_SEQ_DIMS or (known is not None and known != f):
+            raise ValueError(f"fields: {f.name!r} is already a captured field, with another definition")
     KINDS[kind.name] = kind
+    FIELDS.update({f.name: f for f in kind.fields})
     return kind
 
 
-def kind_of(term: LossTerm) -> TermKind:
-    return KINDS[term.kind]
+def kinds() -> tuple[str, ...]:
+    """The registered kinds' names, read at each call (a kind registered later is included)."""
+    return tuple(KINDS)
+
+
+def kind_of(term: LossTerm | str) -> TermKind:
+    return KINDS[term if isinstance(term, str) else term.kind]
+
+
+def captured_field(name: str) -> CapturedField:
+    """A kind-declared activation field (not a built-in one) by name."""
+    if name not in FIELDS:
+        raise ValueError(f"field: {name!r} is neither built in ({', '.join(BUILTIN_SEQ_DIMS)}) nor declared by a "
+                         f"registered loss kind")
+    return FIELDS[name]
 
 
 def capture_plan(terms: list[LossTerm], side: str) -> dict[str, Any]:
     """What one side ("student" or "teacher") must record for ``terms`` (see :func:`empty_plan`)."""
     plan = empty_plan()
     for t in terms:
-        KINDS[t.kind].capture(t, 0 if side == "student" else 1, plan)
+        kind_of(t).capture(t, 0 if side == "student" else 1, plan)
     return plan
 
 
@@ -177,6 +222,14 @@ def _reads_hidden(term: LossTerm, side: int, plan: dict) -> None:
 def _reads(key: str):
     def capture(term: LossTerm, side: int, plan: dict) -> None:
         plan[key] = True
+
+    return capture
+
+
+def reads_layers(name: str):
+    """The capture of a kind that reads a declared field (:class:`CapturedField`) at each pair's layer."""
+    def capture(term: LossTerm, side: int, plan: dict) -> None:
+        plan["layers"].setdefault(name, set()).update(p[side] for p in term.pairs)
 
     return capture
 
@@ -253,7 +306,7 @@ def _emd(side: str):
     plan between the layer weights; the plan and costs are kept for the after-step weight update."""
 
     def compute(x: Inputs, term: LossTerm) -> torch.Tensor:
-        m = x.module
+        m, state = x.module, x.module.states["emd"]
         n_s, n_t = m.shapes.student_layers, m.shapes.teacher_layers
         if side == "att":
             q_s = torch.stack([x.s[field_name("q", i)] for i in range(n_s)])
@@ -267,9 +320,9 @@ def _emd(side: str):
             h_t = torch.stack([x.t[field_name("hidden", j)] for j in range(n_t)]).to(h_s.dtype)
             cost = losses.layer_costs(h_s=h_s, h_t=h_t, weight=w, bias=b, mask=x.mask)[0]
         cost = cost.float()  # [M, N]
-        loss, plan = losses.emd_loss(cost[None], m.emd_w_s[None].float(), m.emd_w_t[None].float(),
-                                     eps=m.emd_eps, iters=m.emd_iters)
-        m.emd_last[term.kind] = (plan[0].detach(), cost.detach())
+        loss, plan = losses.emd_loss(cost[None], state.w_s[None].float(), state.w_t[None].float(),
+                                     eps=state.eps, iters=state.iters)
+        state.last[term.kind] = (plan[0].detach(), cost.detach())
         return loss[0]
 
     return compute
@@ -279,21 +332,23 @@ def _emd(side: str):
 def update_emd_weights(module, dist) -> None:
     """After an optimizer step: cost attention on the attention and hidden EMD problems, averaged (over ranks
     too, so every rank keeps the same weights)."""
-    if not module.emd_last:
+    state = module.states["emd"]
+    if not state.last:
         return
     new_s, new_t = [], []
-    for plan, cost in module.emd_last.values():
+    for plan, cost in state.last.values():
         pc = dist.all_mean(torch.stack([plan, cost]))
-        ws, wt = update_layer_weights(pc[0], pc[1], module.emd_w_s, module.emd_w_t)
+        ws, wt = update_layer_weights(pc[0], pc[1], state.w_s, state.w_t)
         new_s.append(ws)
         new_t.append(wt)
-    module.emd_w_s.copy_(torch.stack(new_s).mean(0))
-    module.emd_w_t.copy_(torch.stack(new_t).mean(0))
-    module.emd_last.clear()
+    state.w_s.copy_(torch.stack(new_s).mean(0))
+    state.w_t.copy_(torch.stack(new_t).mean(0))
+    state.last.clear()
 
 
 def _emd_record(module) -> dict:
-    return {"emd_w_s": module.emd_w_s.tolist(), "emd_w_t": module.emd_w_t.tolist()}
+    state = module.states["emd"]
+    return {"emd_w_s": state.w_s.tolist(), "emd_w_t": state.w_t.tolist()}
 
 
 def _soft_ce(x: Inputs, term: LossTerm) -> torch.Tensor:
@@ -334,9 +389,10 @@ for _kind in (
     TermKind("pkd", "Patient-KD normalised [CLS] MSE over `pairs` (a narrower student's [CLS] goes through W)",
              _reads_hidden, _pkd),
     TermKind("emd_att", "BERT-EMD many-to-many attention-score EMD", _reads("all_qk"), _emd("att"),
-             after_step=update_emd_weights, record=_emd_record, uses_scores=True),
+             after_step=update_emd_weights, record=_emd_record, uses_scores=True, qk_scores_only=True,
+             state=("emd", EMDState)),
     TermKind("emd_hidden", "BERT-EMD many-to-many hidden-state EMD", _reads("all_hidden"), _emd("hidden"),
-             after_step=update_emd_weights, record=_emd_record),
+             after_step=update_emd_weights, record=_emd_record, state=("emd", EMDState)),
     TermKind("soft_ce", "prediction-layer soft_cross_entropy(s/T, t/T), × T² when `times_t2` (MSE for a "
              "one-output regression head)",
              _reads("logits"), _soft_ce, latent=False, trains_head=True),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastkd import Distiller
-from fastkd.recipes import REGISTRY
+from fastkd.recipes import methods
 from tests.helpers import FAMILY_TYPES, tiny_family_model
 
 REFUSED = {("deberta", "bert-emd"), ("deberta-v2", "bert-emd"), ("mpnet", "bert-emd")}
@@ -46,7 +46,7 @@ def test_every_method_steps_or_is_refused(model_type):
     cfg = CFG.get(model_type, {})
     teacher = tiny_family_model(model_type, seed=0, layers=4, peaked=False, **cfg)
     student = tiny_family_model(model_type, seed=1, layers=2, peaked=False, **cfg).train()
-    for method in REGISTRY:
+    for method in methods():
         if (model_type, method) in REFUSED:
             with pytest.raises(ValueError, match=f"is a {model_type} model, and"):
                 Distiller(teacher, student, method, settings=SETTINGS.get(method))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastkd.recipes import METHODS
+from fastkd.recipes import methods
 from tests.train_support import args_for, read_metrics, run_cli
 
 STUDENT = dict(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64)  # args_for's student
@@ -53,7 +53,7 @@ def _terms(records: list[dict], prefix: str = "") -> list[dict]:
             if any(k.startswith(prefix + "loss_") for k in r)]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", methods())
 def test_trainer_matches_fastkd_train(tiny, tmp_path, method):
     """Same student init, same (whole-data) batches, same optimizer settings: every stage's per-term losses at
     every step equal fastkd.train's to fp32 tolerance; the saved student reloads with no extra keys."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from fastkd.recipes import (
-    METHODS,
     MappingError,
     Shapes,
     build_recipe,
     load_config_file,
     make_params,
+    methods,
     parse_set,
     uniform_pairs,
 )
@@ -153,7 +153,7 @@ def test_config_file_json_and_yaml(tmp_path):
         load_config_file(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", methods())
 def test_every_method_builds_and_validates(method):
     shapes = SAME_WIDTH if method.startswith("pkd") else BASE
     r = build_recipe(method, shapes)

@@ -185,7 +185,7 @@ def test_config_file_and_set_override(tiny, tmp_path):
 def test_cli_help_explains_every_option_and_lists_recipe_settings():
     import dataclasses
 
-    from fastkd.recipes import PARAMS
+    from fastkd.recipes import method_entry, methods
 
     parser = train.build_parser()
     undocumented = [a.option_strings for a in parser._actions if not (a.help or "").strip()]
@@ -195,7 +195,7 @@ def test_cli_help_explains_every_option_and_lists_recipe_settings():
     for f in dataclasses.fields(train.TrainConfig):
         if f.name != "overrides":
             assert f.metadata.get("help"), f.name
-    for method, cls in PARAMS.items():
+    for method, cls in ((m, method_entry(m).params) for m in methods()):
         assert method in text
         for f in dataclasses.fields(cls):
             assert f"{f.name}={getattr(cls(), f.name)}" in text, (method, f.name)
