@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastkd.families import EncoderFamily, as_heads, base_model, family_of, layer_module, module_at
+from fastkd.families import as_heads, base_model, family_of, layer_module, module_at
 from fastkd.terms import BUILTIN_SEQ_DIMS, captured_field, parse_field
 
 
@@ -39,14 +39,6 @@ class Captured:
         self.embeddings = None
         for d in (self.hidden, self.q, self.k, self.v, self.scores, self.fields):
             d.clear()
-
-
-def check_capturable(model: nn.Module, family: EncoderFamily) -> None:
-    cfg = base_model(model).config
-    if family.shared_layer and (getattr(cfg, "num_hidden_groups", 1) != 1 or getattr(cfg, "inner_group_num", 1) != 1):
-        raise ValueError(f"model: ALBERT with num_hidden_groups={cfg.num_hidden_groups} and inner_group_num="
-                         f"{cfg.inner_group_num}: fastkd captures the one shared layer of the released ALBERTs "
-                         f"(1 and 1)")
 
 
 class ActivationCapture:
@@ -72,7 +64,7 @@ class ActivationCapture:
         not give (:attr:`fastkd.families.EncoderFamily.real_scores`). ``layer_fields``: {name: layers} of the
         fields loss kinds declare (:class:`fastkd.terms.CapturedField`: a module's output inside each layer)."""
         self.family = family_of(model)
-        check_capturable(model, self.family)
+        self.family.check_layout(base_model(model).config, "model")
         self.model, self.base = model, base_model(model)
         cfg = self.base.config
         n = cfg.num_hidden_layers

@@ -99,9 +99,7 @@ def check_encoder(teacher) -> object:
                          f"family)")
     if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
         raise ValueError(f"teacher: expected absolute position embeddings, got {cfg.position_embedding_type!r}")
-    if family.shared_layer and (getattr(cfg, "num_hidden_groups", 1), getattr(cfg, "inner_group_num", 1)) != (1, 1):
-        raise ValueError(f"teacher: ETD cuts the one shared layer of an ALBERT with num_hidden_groups=1 and "
-                         f"inner_group_num=1; this one has {cfg.num_hidden_groups} and {cfg.inner_group_num}")
+    family.check_layout(cfg, "teacher")
     layers = encoder_layers(teacher)
     if len(layers) != (1 if family.shared_layer else cfg.num_hidden_layers):
         raise ValueError(f"teacher: has {len(layers)} layer modules but config says {cfg.num_hidden_layers}")
@@ -152,27 +150,22 @@ def student_config(teacher, *, num_layers: int, hidden_size: int, num_heads: int
 def resized_config(cfg_t, *, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int):
     """A copy of a teacher's config (same class and family, same vocab, positions, activation, attention
     implementation) with the four sizes replaced, through the family's own attribute names; an embedding size
-    tied to the hidden size shrinks with it, and per-layer attention types (ModernBERT's) follow the new depth
-    by the config's own rule."""
+    tied to the hidden size shrinks with it, and so on: each family's own ``resize`` (fastkd.families)."""
     family = family_of(cfg_t, "teacher")
     sizes = (num_layers, hidden_size, num_heads, intermediate_size)
     current = (cfg_t.num_hidden_layers, cfg_t.hidden_size, getattr(cfg_t, family.heads), getattr(cfg_t, family.ffn))
     if not family.resizable and sizes != current:
         raise ValueError(f"student: a {cfg_t.model_type} config cannot be resized by fastkd (its bottleneck sizes "
                          f"are tied to the hidden size); pass a pretrained student with --student DIR")
-    emb_t = getattr(cfg_t, "embedding_size", None)
     cfg = copy.deepcopy(cfg_t)
+    if getattr(cfg_t, "embedding_size", None) == cfg_t.hidden_size:  # tied to the hidden size (no projection)
+        cfg.embedding_size = hidden_size
     cfg.num_hidden_layers = num_layers
     cfg.hidden_size = hidden_size
     setattr(cfg, family.heads, num_heads)
     setattr(cfg, family.ffn, intermediate_size)
-    if emb_t is not None and emb_t == cfg_t.hidden_size:
-        cfg.embedding_size = hidden_size  # tied to the hidden size (no projection), so it shrinks with it
-    if getattr(cfg_t, "pooler_hidden_size", None) == cfg_t.hidden_size:  # DeBERTa's pooler, likewise
-        cfg.pooler_hidden_size = hidden_size
-    every = getattr(cfg_t, "global_attn_every_n_layers", None)
-    if getattr(cfg_t, "layer_types", None) is not None and every:
-        cfg.layer_types = ["full_attention" if i % every == 0 else "sliding_attention" for i in range(num_layers)]
+    if family.resize is not None:  # what else follows the sizes in this family (fastkd.families)
+        family.resize(cfg_t, cfg)
     return cfg
 
 

