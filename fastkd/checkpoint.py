@@ -3,7 +3,6 @@ rotation, and ``metrics.jsonl`` (cut back to the checkpoint on resume)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -19,11 +18,6 @@ from fastkd.disk import writing
 from fastkd.engine import NonFiniteLossError
 
 RUN_FILE = "run.json"
-# Config fields that must match for --resume to continue a run (the rest, e.g. --save-every, may change).
-IDENTITY = ("method", "mode", "task", "text_column", "label_column", "text_pair_column", "teacher", "student", "etd",
-            "student_layers", "student_hidden", "student_heads", "student_ffn", "batch_size", "grad_accum", "seed",
-            "epochs", "max_train_examples", "overrides", "finetune_epochs", "finetune_examples", "finetune_seed",
-            "max_length")
 
 
 def rng_state() -> dict:
@@ -152,10 +146,6 @@ def load_newest_intact(out_dir: Path, log) -> tuple[Path | None, dict | None]:
     return None, None
 
 
-def run_identity(cfg) -> dict:
-    return {k: getattr(cfg, k) for k in IDENTITY}
-
-
 LOCK_FILE = ".lock"
 
 
@@ -201,21 +191,20 @@ class OutputLock:
             shutil.rmtree(self.created, ignore_errors=True)
 
 
-def check_output_dir(cfg, log, *, check: bool = True) -> Path:
-    """The run's folder: a new or empty one, or with --resume the same run's (its identity settings unchanged).
-    Sets ``cfg.output_dir`` when unset; a --resume of a folder holding no run yet starts it. ``check=False``
-    (ranks other than 0, which only read the folder rank 0 checked) only names it."""
-    if cfg.output_dir is None:
-        cfg.output_dir = str(Path("runs") / f"{cfg.method}-{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out = Path(cfg.output_dir)
-    if not check:
-        return out
+def default_output_dir(method: str, task: str) -> Path:
+    """``runs/<method>-<task>-<time>``, for a run given no --output-dir."""
+    return Path("runs") / f"{method}-{Path(task).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_output_dir(out: Path, resume: bool, identity: dict, log) -> tuple[Path, bool]:
+    """(the run's folder, whether to resume): a new or empty folder, or with --resume the same run's (its
+    ``identity`` unchanged); a --resume of a folder holding no run yet starts it."""
     run_file = out / RUN_FILE
     holds_files = out.exists() and any(p.name != LOCK_FILE for p in out.iterdir())
-    if cfg.resume and not run_file.is_file() and not holds_files:
+    if resume and not run_file.is_file() and not holds_files:
         log(f"resume: {out} holds no run yet (killed before its first checkpoint?); starting it")
-        cfg.resume = False
-    if cfg.resume:
+        return out, False
+    if resume:
         if (out / "result.json").is_file() and not _checkpoints(out):
             raise ValueError(f"--resume: {out} holds a finished run (result.json), whose mid-run checkpoints were "
                              f"removed when it finished; nothing to resume (--keep-run-checkpoints keeps them)")
@@ -223,7 +212,7 @@ def check_output_dir(cfg, log, *, check: bool = True) -> Path:
             raise ValueError(f"--resume: {out} holds files but no run to resume (no {RUN_FILE}); choose the "
                              f"run's own --output-dir")
         saved = _read_run_file(run_file)["identity"]
-        mine = json.loads(json.dumps(run_identity(cfg)))
+        mine = json.loads(json.dumps(identity))
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
             raise ValueError(f"--resume: {out} holds a different run; settings differ: "
@@ -235,7 +224,7 @@ def check_output_dir(cfg, log, *, check: bool = True) -> Path:
             what = f"another run (method {saved['identity'].get('method')}, started {saved.get('started')})"
         raise ValueError(f"--output-dir: {out} already holds {what}; pass --resume to continue it or choose "
                          f"an empty/new --output-dir")
-    return out
+    return out, resume
 
 
 def _read_run_file(path: Path) -> dict:
@@ -248,11 +237,12 @@ def _read_run_file(path: Path) -> dict:
     return saved
 
 
-def write_run_file(out: Path, cfg, recipe_text: str) -> None:
+def write_run_file(out: Path, identity: dict, options: dict, recipe_text: str) -> None:
+    """``run.json``: the run's identity (checked by --resume), every option, when it started and its recipe."""
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(
-        {"identity": run_identity(cfg), "config": dataclasses.asdict(cfg), "started": time.strftime("%c"),
-         "recipe": recipe_text}, indent=1, default=str))
+        {"identity": identity, "config": options, "started": time.strftime("%c"), "recipe": recipe_text}, indent=1,
+        default=str))
 
 
 class MetricsLog:

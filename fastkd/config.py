@@ -18,11 +18,9 @@ from typing import Any
 
 from fastkd.data import LABEL_COLUMNS, TASKS, TEXT_COLUMNS
 from fastkd.recipes import load_config_file, method_entry, methods, parse_set, setting_prefix
+from fastkd.rundata import CPU_DEV_EXAMPLES, CPU_TRAIN_EXAMPLES
 from fastkd.tracking import check_report_to
 
-CPU_TRAIN_EXAMPLES = 3000  # the CPU default subset (full data on a GPU): ~1.5 min idle, < 10 min on a busy 2-core box
-CPU_DEV_EXAMPLES = 500
-CPU_MAX_EPOCHS = 1
 DESCRIPTION = "fastkd's lean distillation trainer, e.g. python -m fastkd.train --method tinybert --etd impt"
 
 # A check returns None when the value is fine, else what was expected.
@@ -62,6 +60,16 @@ def one_of(choices) -> Check:
     return check
 
 
+def identity_fields(config_cls: type | None = None) -> tuple[str, ...]:
+    """The options marked ``identity=True``: what a --resume may not change."""
+    return tuple(f.name for f in dataclasses.fields(config_cls or TrainConfig) if f.metadata.get("identity"))
+
+
+def run_identity(cfg) -> dict:
+    """The run's identity: its identity options' values, as run.json records them."""
+    return {name: getattr(cfg, name) for name in identity_fields(type(cfg))}
+
+
 def did_you_mean(value, options) -> str:
     close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
     return f" (did you mean {close[0]}?)" if close else ""
@@ -72,11 +80,12 @@ registered_method = one_of(methods)
 
 
 def option(default, help: str, *, choices: tuple[str, ...] | None = None, check: Check | None = None,
-           flag: str | None = None, cli: bool = True):
-    """A TrainConfig field with its CLI help, its choices (argparse enforces them too) or its check, and its flag
-    (default ``--<name>``; a bool defaulting to True gets ``--no-<name>``)."""
+           flag: str | None = None, cli: bool = True, identity: bool = False):
+    """A TrainConfig field with its CLI help, its choices or its check, and its flag (default ``--<name>``; a
+    bool defaulting to True gets ``--no-<name>``). ``identity``: part of the run's identity, which a --resume may
+    not change (the data, the models, the schedule: what the checkpoints were made with)."""
     meta = {"help": help, "choices": choices, "check": check or (one_of(choices) if choices else None),
-            "flag": flag, "cli": cli}
+            "flag": flag, "cli": cli, "identity": identity}
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=meta)
     return field(default=default, metadata=meta)
@@ -84,12 +93,13 @@ def option(default, help: str, *, choices: tuple[str, ...] | None = None, check:
 
 @dataclass
 class TrainConfig:
-    method: str = option("tinybert", "a registered method (each with its settings below)", check=registered_method)
+    method: str = option("tinybert", "a registered method (each with its settings below)", check=registered_method,
+                         identity=True)
     mode: str = option("task", "task: distil on a labelled task (the student gets a classifier head); general: "
                        "task-agnostic distillation on unlabelled text (a general student, to fine-tune later)",
-                       choices=("task", "general"))
+                       choices=("task", "general"), identity=True)
     task: str = option("sst2", f"task name ({', '.join(TASKS)}; read from FASTKD_DATA_DIR, else the hub) or a "
-                       "labelled .tsv/.csv/.json(l) file with text (or sentence-pair) and label columns")
+                       "labelled .tsv/.csv/.json(l) file with text (or sentence-pair) and label columns", identity=True)
     dev: str | None = option(None, "dev data for evaluation and best-checkpoint selection: task name or file "
                              "(default: the task's own dev split, a task name's or a folder's dev file; else a fixed "
                              "held-out slice of train, as for AG News)")
@@ -98,37 +108,40 @@ class TrainConfig:
     general_corpus: str | None = option(None, "unlabelled text: a task name or a file (default: --task in general "
                                         "mode, agnews for ERNIE-Tiny's general stages)")
     text_column: str | None = option(None, "the text column of data files whose header names it otherwise "
-                                     f"(default: the first of {', '.join(TEXT_COLUMNS)}, else the first text column)")
+                                     f"(default: the first of {', '.join(TEXT_COLUMNS)}, else the first text column)",
+                                     identity=True)
     label_column: str | None = option(None, "the label column of data files whose header names it otherwise "
-                                      f"(default: the first of {', '.join(LABEL_COLUMNS)})")
+                                      f"(default: the first of {', '.join(LABEL_COLUMNS)})", identity=True)
     text_pair_column: str | None = option(None, "the second text of sentence-pair data files (default: found by "
                                           "name: sentence1/sentence2, question1/question2, premise/hypothesis, "
-                                          "question/sentence, text_a/text_b)")
+                                          "question/sentence, text_a/text_b)", identity=True)
     teacher: str | None = option(None, "local model folder, with or without a task head (default: the packaged "
-                                 "MiniLM); a teacher without a head is fine-tuned first and cached")
+                                 "MiniLM); a teacher without a head is fine-tuned first and cached", identity=True)
     output_dir: str | None = option(None, "where the run writes checkpoints, metrics.jsonl, loss.png and the "
                                     "student (default: runs/<method>-<task>-<time>)")
     student: str | None = option(None, "a pretrained student instead of one made from the teacher: a local model "
                                  "folder of any supported encoder family, of any width; its own sizes replace "
-                                 "--student-layers/-hidden/-heads/-ffn, and it must read the teacher's tokenizer")
+                                 "--student-layers/-hidden/-heads/-ffn, and it must read the teacher's tokenizer",
+                                 identity=True)
     etd: str = option("auto", "student initialisation: extract the teacher's weights by importance (impt) or at "
                       "random (rand), or none (random initialisation); auto: impt wherever the teacher's family "
                       "and the student's sizes allow ETD, else none (the log says which)",
-                      choices=("auto", "impt", "rand", "none"))
-    student_layers: int = option(3, "student depth", check=positive)
-    student_hidden: int = option(384, "student width", check=positive)
-    student_heads: int = option(12, "student attention heads", check=positive)
-    student_ffn: int = option(1536, "student FFN width", check=positive)
-    batch_size: int = option(32, "examples per micro-batch", check=positive)
-    grad_accum: int = option(1, "micro-batches per optimizer step", check=positive)
+                      choices=("auto", "impt", "rand", "none"), identity=True)
+    student_layers: int = option(3, "student depth", check=positive, identity=True)
+    student_hidden: int = option(384, "student width", check=positive, identity=True)
+    student_heads: int = option(12, "student attention heads", check=positive, identity=True)
+    student_ffn: int = option(1536, "student FFN width", check=positive, identity=True)
+    batch_size: int = option(32, "examples per micro-batch", check=positive, identity=True)
+    grad_accum: int = option(1, "micro-batches per optimizer step", check=positive, identity=True)
     max_length: int = option(128, "tokens per example at most (batches are padded to their longest example only)",
-                             check=positive)
+                             check=positive, identity=True)
     warmup: float = option(0.1, "fraction of each stage's steps spent in linear warm-up", check=fraction)
     weight_decay: float = option(0.01, "AdamW weight decay", check=finite_non_negative)
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)", check=finite_non_negative)
-    epochs: int | None = option(None, "epochs of every stage (default: each recipe's own; 1 on a CPU)", check=positive)
+    epochs: int | None = option(None, "epochs of every stage (default: each recipe's own; 1 on a CPU)", check=positive,
+                                identity=True)
     max_train_examples: int | None = option(None, "training examples, a seeded subset (0: all; default: all on a "
-                                            f"GPU, {CPU_TRAIN_EXAMPLES} on a CPU)", check=count_or_all)
+                                            f"GPU, {CPU_TRAIN_EXAMPLES} on a CPU)", check=count_or_all, identity=True)
     max_dev_examples: int | None = option(None, f"dev examples (0: all; default: all on a GPU, {CPU_DEV_EXAMPLES} "
                                           "on a CPU)", check=count_or_all)
     teacher_dtype: str = option("auto", "precision of the frozen teacher (auto: fp16 on CUDA, fp32 on a CPU)",
@@ -142,15 +155,16 @@ class TrainConfig:
     cache_dir: str | None = option(None, "fastkd's cache: the disk cache's shards (activations/) and the fine-tuned "
                                    "teachers (teachers/) (default: $FASTKD_CACHE_DIR, else ~/.cache/fastkd)")
     finetune_epochs: int | None = option(None, "epochs of the teacher's fine-tune, when it has no task head "
-                                         "(default: 3 on a GPU, 1 on a CPU)", check=positive)
+                                         "(default: 3 on a GPU, 1 on a CPU)", check=positive, identity=True)
     # None = the student's training data (the CPU subset on a CPU), 0 = all of the task's training data, N = a
     # seeded N-example subset. The fine-tune is cached, so a stronger teacher costs once per (teacher, data,
     # settings).
     finetune_examples: int | None = option(None, "teacher fine-tune data: 0 = all training examples (default: the "
-                                           "student's data)", check=count_or_all)
+                                           "student's data)", check=count_or_all, identity=True)
     # Fixing it lets runs with different --seed share one cached teacher, so a seed sweep measures the student's
     # variance, not the teacher's.
-    finetune_seed: int | None = option(None, "seed of the teacher's fine-tune (default: --seed)", check=non_negative)
+    finetune_seed: int | None = option(None, "seed of the teacher's fine-tune (default: --seed)", check=non_negative,
+                                       identity=True)
     save_every: int = option(0, "checkpoint every N optimizer steps (0: only at each epoch's end)",
                              check=non_negative)
     keep_checkpoints: int = option(2, "checkpoints kept on disk during the run (the newest)", check=positive)
@@ -158,7 +172,7 @@ class TrainConfig:
                                         "they are removed once the student is saved; a killed run keeps them for "
                                         "--resume)")
     resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
-    seed: int = option(0, "seed of data order, dropout and ETD-Rand", check=non_negative)
+    seed: int = option(0, "seed of data order, dropout and ETD-Rand", check=non_negative, identity=True)
     log_every: int = option(10, "optimizer steps between metrics.jsonl lines", check=positive)
     report_to: str = option("none", "also send the metrics to tensorboard (<output-dir>/tensorboard), wandb, or "
                             "several (comma-separated), through their own libraries", check=check_report_to)
@@ -166,7 +180,7 @@ class TrainConfig:
                                "student alternating (the median pair ratio and its 10-90%% spread are reported)",
                                check=positive)
     progress: bool = option(True, "no progress bar", flag="--no-progress")
-    overrides: dict[str, Any] = option({}, "recipe overrides (from --set and --config)", cli=False)
+    overrides: dict[str, Any] = option({}, "recipe overrides (from --set and --config)", cli=False, identity=True)
 
     def __post_init__(self):
         # Checked here, not only by the CLI, so a config built in code is held to the same rules.

@@ -166,13 +166,13 @@ class Distiller(DistillModule):
 
     def __init__(self, teacher, student: nn.Module, method: str | Recipe = "kd", *, settings: dict | None = None,
                  mode: str = "task", kept_hidden: torch.Tensor | None = None, teacher_dtype: str = "auto",
-                 cache: str = "off", teacher_names: dict[str, str] | None = None):
+                 cache: str = "off", teacher_names: dict[str, str] | None = None, epochs: int | None = None):
         teachers = _teachers(teacher)
         shapes = model_shapes(teachers["finetuned"], student)
         if isinstance(method, Recipe):
             recipe = method
         else:
-            recipe = build_recipe(method, shapes, make_params(method, settings), mode=mode)
+            recipe = build_recipe(method, shapes, make_params(method, settings), mode=mode, epochs=epochs)
         if teacher_dtype != "auto" and teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype: expected 'auto' or one of {tuple(TEACHER_DTYPES)}, got "
                              f"{teacher_dtype!r}")

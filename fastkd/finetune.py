@@ -40,9 +40,9 @@ class FinetuneConfig:
 
 
 
-def finetune_key(teacher_path, data: str, label_names, max_length: int, cfg: FinetuneConfig) -> str:
+def finetune_key(teacher_path, data: str, label_names, max_length: int, ft: FinetuneConfig) -> str:
     parts = {"teacher": model_digest(teacher_path), "data": data, "labels": list(label_names),
-             "max_length": max_length, "settings": asdict(cfg)}
+             "max_length": max_length, "settings": asdict(ft)}
     return sha256_json(parts)[:24]
 
 
@@ -73,33 +73,33 @@ def _verified(folder: Path, log) -> bool:
 
 
 def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, max_length: int,
-                     cfg: FinetuneConfig, data_fingerprint: str, device, root: Path | None = None,
+                     ft: FinetuneConfig, data_fingerprint: str, device, root: Path | None = None,
                      log=print, progress: bool = False) -> Path:
     """Fine-tune ``teacher_path`` (an encoder, any head) on ``train_ds`` (tokenised, with labels) and return
     the folder of the cached fine-tuned ``*ForSequenceClassification`` model (reused when the key matches).
     ``progress``: the distillation stages' progress bar, for a fine-tune that may take minutes."""
 
-    key = finetune_key(teacher_path, data_fingerprint, label_names, max_length, cfg)
+    key = finetune_key(teacher_path, data_fingerprint, label_names, max_length, ft)
     folder = (root or cache_root()) / "teachers" / key
     if _verified(folder, log):
         return folder
     log(f"teacher: {teacher_path} has no {len(label_names)}-label task head; fine-tuning it first "
-        f"({cfg.epochs} epoch(s), {len(train_ds)} examples, lr {cfg.lr:g}); cached at {folder}")
-    torch.manual_seed(cfg.seed)
+        f"({ft.epochs} epoch(s), {len(train_ds)} examples, lr {ft.lr:g}); cached at {folder}")
+    torch.manual_seed(ft.seed)
     num_labels = len(label_names)
     model = load_model(teacher_path, head=True, num_labels=num_labels, id2label=dict(enumerate(label_names)),
                        label2id={n: i for i, n in enumerate(label_names)},
                        problem_type="regression" if num_labels == 1 else "single_label_classification")
     model.to(device).train()
-    if cfg.freeze_word_embeddings:
+    if ft.freeze_word_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, cfg.lr, cfg.weight_decay, fused=device.type == "cuda", decay_vectors=True)
-    sampler = LengthBucketSampler(train_ds["length"], cfg.batch_size, seed=cfg.seed, shuffle=True)
-    total = max(1, cfg.epochs * len(sampler))
+    opt = adamw(params, ft.lr, ft.weight_decay, fused=device.type == "cuda", decay_vectors=True)
+    sampler = LengthBucketSampler(train_ds["length"], ft.batch_size, seed=ft.seed, shuffle=True)
+    total = max(1, ft.epochs * len(sampler))
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    fit = Fit(model, params, opt, warmup_linear(opt, total, cfg.warmup), torch.amp.GradScaler("cuda", enabled=False),
-              device, amp=amp, max_grad_norm=cfg.max_grad_norm, name="teacher fine-tune", where="teacher fine-tuning",
+    fit = Fit(model, params, opt, warmup_linear(opt, total, ft.warmup), torch.amp.GradScaler("cuda", enabled=False),
+              device, amp=amp, max_grad_norm=ft.max_grad_norm, name="teacher fine-tune", where="teacher fine-tuning",
               progress=progress)
     t0 = time.time()
 
@@ -115,7 +115,7 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
         if state.global_step % 50 == 0:
             log(f"  fine-tune step {state.global_step}/{total} loss {values['ce']:.4f} ({time.time() - t0:.0f}s)")
 
-    fit_stage(fit, StepState(), sampler, train_ds, tokenizer.pad_token_id, cfg.epochs, forward, on_step=on_step)
+    fit_stage(fit, StepState(), sampler, train_ds, tokenizer.pad_token_id, ft.epochs, forward, on_step=on_step)
     model.eval()
     dev = evaluate(model, dev_ds, 64, device, tokenizer.pad_token_id) if dev_ds is not None else {}
     dev_acc = dev.get("acc", dev.get("pearson"))  # accuracy, or a regression's Pearson
@@ -126,7 +126,7 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     model.to("cpu").save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / META_FILE).write_text(json.dumps(
-        {"key": key, "teacher": str(teacher_path), "labels": list(label_names), "settings": asdict(cfg),
+        {"key": key, "teacher": str(teacher_path), "labels": list(label_names), "settings": asdict(ft),
          "dev_acc": dev_acc, "examples": len(train_ds), "weights_digest": model_digest(tmp)}, indent=1))
     if folder.exists():  # another process finished first; keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,15 +135,20 @@ def finetune_teacher(teacher_path, tokenizer, train_ds, dev_ds, label_names, *, 
     return folder
 
 
-def finetune_for_run(path, tokenizer, data: dict, label_names, cfg, *, device, on_cpu: bool, seed: int, log) -> Path:
+def run_finetune_settings(epochs: int | None, batch_size: int, seed: int, on_cpu: bool) -> FinetuneConfig:
+    """The fine-tune of a run's head-less teacher: --finetune-epochs (default 3; on a CPU one epoch at a higher
+    lr, with the word embeddings frozen, since their AdamW update dominates there)."""
+    return FinetuneConfig(epochs=epochs or (1 if on_cpu else 3), seed=seed, lr=1e-4 if on_cpu else 5e-5,
+                          batch_size=batch_size, freeze_word_embeddings=on_cpu)
+
+
+def finetune_for_run(path, tokenizer, data: dict, label_names, ft: FinetuneConfig, *, max_length: int, device,
+                     cache_dir: str | None, log, progress: bool) -> Path:
     """The trainer's fine-tune of a head-less teacher on its run's data (``data["finetune"]`` when
-    --finetune-examples chose it, else the students' training data), with the run's settings."""
-    # CPU profile: one epoch at a higher lr, word embeddings frozen (their AdamW update dominates).
-    ft = FinetuneConfig(epochs=cfg.finetune_epochs or (1 if on_cpu else 3), seed=seed, lr=1e-4 if on_cpu else 5e-5,
-                        batch_size=cfg.batch_size, freeze_word_embeddings=on_cpu)
+    --finetune-examples chose it, else the students' training data)."""
     train_ds = data.get("finetune", data["task"])
     fp = data_digest(list(train_ds["text"]), list(train_ds["label"]),
                      list(train_ds["text_pair"]) if "text_pair" in train_ds.column_names else None)
-    return finetune_teacher(path, tokenizer, train_ds, data.get("dev"), label_names, max_length=cfg.max_length, cfg=ft,
-                            data_fingerprint=fp, device=device, root=Path(cfg.cache_dir) if cfg.cache_dir else None,
-                            log=log, progress=cfg.progress)
+    return finetune_teacher(path, tokenizer, train_ds, data.get("dev"), label_names, max_length=max_length, ft=ft,
+                            data_fingerprint=fp, device=device, root=Path(cache_dir) if cache_dir else None,
+                            log=log, progress=progress)

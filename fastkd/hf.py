@@ -124,8 +124,6 @@ class DistillationTrainer(Trainer):
         if model is None or teacher_model is None:
             raise ValueError("model, teacher_model: DistillationTrainer needs the student (model=) and the teacher "
                              "(teacher_model=)")
-        distiller = Distiller(teacher_model, model, method, settings=settings, mode=mode, kept_hidden=kept_hidden,
-                              teacher_dtype=teacher_dtype, cache=cache)
         user_values = explicit_training_values(args)
         if epochs is not None:
             if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -133,8 +131,8 @@ class DistillationTrainer(Trainer):
             if user_values.get("num_train_epochs", epochs) != epochs:
                 raise ValueError(f"epochs: {epochs} and args.num_train_epochs={args.num_train_epochs} disagree; set "
                                  f"one of them")
-            for s in distiller.stages:
-                s.epochs = epochs
+        distiller = Distiller(teacher_model, model, method, settings=settings, mode=mode, kept_hidden=kept_hidden,
+                              teacher_dtype=teacher_dtype, cache=cache, epochs=epochs)
         if eval_dataset is None and isinstance(train_dataset, datasets.DatasetDict):
             with contextlib.suppress(DataNotFoundError):
                 eval_dataset = pick_split(train_dataset, "dev", "train_dataset")

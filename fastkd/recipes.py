@@ -542,9 +542,11 @@ def _has_latent_terms(method: str) -> bool:
     return any(kind_of(t).latent for s in stages for t in s.terms)
 
 
-def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task") -> Recipe:
+def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task", epochs: int | None = None,
+                 max_epochs: int | None = None) -> Recipe:
     """The method's stages for these model shapes. ``mode='general'`` keeps only the task-agnostic
-    (latent-loss) stages, on the general corpus with the pretrained teacher."""
+    (latent-loss) stages, on the general corpus with the pretrained teacher. ``epochs``: every stage's (else
+    the recipe's own), ``max_epochs``: a cap on the recipe's own (the trainer's CPU profile)."""
     check_method(method)
     if mode not in ("task", "general"):
         raise ValueError(f"mode: expected 'task' or 'general', got {mode!r}")
@@ -555,6 +557,7 @@ def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task"
         stages = _general_stages(method, stages)
     for s in stages:
         s.terms = [t for t in s.terms if t.weight != 0.0]  # a zero weight switches a term off
+        s.epochs = epochs if epochs is not None else min(s.epochs, max_epochs if max_epochs is not None else s.epochs)
         if not s.terms:
             raise ValueError(f"{method}: every loss weight of stage {s.name!r} is 0; nothing to train")
     return Recipe(method, stages, p)

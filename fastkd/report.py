@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,61 +144,89 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def finish_run(tr, t_start: float) -> dict:
+@dataclass
+class RunSummary:
+    """What the end of a run reads: the trained student and where it goes, the teacher it is compared with, the
+    data splits, the counters and records of the run, and the options that shape the report."""
+
+    out_dir: Path
+    student: nn.Module
+    main: bool  # only rank 0 writes best/ and the student, so only it reads them
+    best: dict | None
+    device: torch.device
+    tokenizer: Any  # saved with the student (its own, for a student with another tokenizer)
+    teacher_path: Path
+    data: dict
+    pad_id: int
+    student_tokens: Any  # fastkd.student.StudentTokens, or None
+    teacher_forwards: int
+    cache_stats: list[dict]
+    global_step: int
+    mode: str
+    latency_runs: int
+    keep_checkpoints: bool
+    cache_dir: str | None
+    metrics: Any  # fastkd.checkpoint.MetricsLog
+    log: Callable[[str], None]
+
+
+def finish_run(run: RunSummary, t_start: float) -> dict:
     """Save the student (the best dev checkpoint when there is one) and its tokenizer, evaluate teacher and
     student on the test split, time both on the CPU, write result.json, the final metrics line and loss.png."""
-    cfg = tr.cfg
-    student = tr.module.student
-    final_dir = tr.out_dir / "student"
-    result: dict = {"output_dir": str(tr.out_dir), "student_dir": str(final_dir)}
-    if not tr.dist.main:
+    student = run.student
+    final_dir = run.out_dir / "student"
+    result: dict = {"output_dir": str(run.out_dir), "student_dir": str(final_dir)}
+    if not run.main:
         # Only rank 0 writes best/ and the student, so only it reads them: another rank loading best/ here raced
         # rank 0's last write of it (a missing model.safetensors or a half-written config.json).
         return result
-    if tr.best is not None and (tr.out_dir / "best").is_dir():
-        student = type(student).from_pretrained(tr.out_dir / "best", dtype=torch.float32).to(tr.device)
-        key = next(k for k in tr.best if k.startswith("dev_"))
-        tr.log(f"student: best dev checkpoint (stage {tr.best['stage']}, epoch {tr.best['epoch'] + 1}, "
-               f"{key.replace('_', ' ')} {tr.best[key]:.4f})")
-    save_model_dir(final_dir, student, tr.student_tok or tr.tokenizer,
-                   kept=f"best/ and the checkpoints in {tr.out_dir} are kept")
-    t_path = tr.teacher_paths["finetuned" if "finetuned" in tr.teachers else "pretrained"]
-    if cfg.mode == "task" and tr.data.get("test") is not None:
-        teacher32 = load_model(t_path, head=True).to(tr.device)
+    if run.best is not None and (run.out_dir / "best").is_dir():
+        student = type(student).from_pretrained(run.out_dir / "best", dtype=torch.float32).to(run.device)
+        key = next(k for k in run.best if k.startswith("dev_"))
+        run.log(f"student: best dev checkpoint (stage {run.best['stage']}, epoch {run.best['epoch'] + 1}, "
+                f"{key.replace('_', ' ')} {run.best[key]:.4f})")
+    save_model_dir(final_dir, student, run.tokenizer, kept=f"best/ and the checkpoints in {run.out_dir} are kept")
+    if run.mode == "task" and run.data.get("test") is not None:
+        teacher32 = load_model(run.teacher_path, head=True).to(run.device)
         for who, model in (("teacher", teacher32), ("student", student)):
-            split, pad = (tr.data["test"], tr.pad_id) if who == "teacher" else student_view(
-                tr.student_tokens, tr.data, "test", tr.pad_id)
-            metrics = evaluate(model, split, 64, tr.device, pad)
+            split, pad = (run.data["test"], run.pad_id) if who == "teacher" else student_view(
+                run.student_tokens, run.data, "test", run.pad_id)
+            metrics = evaluate(model, split, 64, run.device, pad)
             result.update({f"{who}_test_{k}": v for k, v in metrics.items()})
-        result["test_examples"] = len(tr.data["test"])
+        result["test_examples"] = len(run.data["test"])
     else:
-        teacher32 = load_model(t_path, head=False)
-    # the latency is measured on a median-length example of the data held out from training, when there is any
-    name = next(k for k in ("test", "dev", "task", "general") if tr.data.get(k) is not None)
-    ref = tr.data[name]
-    result["teacher_params"] = count_params(teacher32)
-    result["student_params"] = count_params(student)
+        teacher32 = load_model(run.teacher_path, head=False)
+    result.update(_latency(run, teacher32, student))
+    result["teacher_forwards"] = run.teacher_forwards
+    result["cache"] = run.cache_stats
+    result["wall_s"] = time.time() - t_start
+    result["best"] = run.best
+    (run.out_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    run.metrics.write({"step": run.global_step, "event": "final", **{k: v for k, v in result.items()
+                                                                    if k != "cache"}})
+    plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
+    if not run.keep_checkpoints:
+        freed = remove_run_checkpoints(run.out_dir)
+        if freed:
+            run.log(f"checkpoints: removed the mid-run checkpoints ({freed / 2**20:.0f} MiB; the run finished, so "
+                    f"nothing is left to resume; --keep-run-checkpoints keeps them). Kept in {run.out_dir}: "
+                    f"student/, best/, metrics.jsonl, loss.png, result.json; the fine-tuned teacher and the "
+                    f"activation cache stay in {cache_root() if run.cache_dir is None else run.cache_dir}")
+    return result
+
+
+def _latency(run: RunSummary, teacher32: nn.Module, student: nn.Module) -> dict:
+    """Sizes and the paired CPU latency, on a median-length example of the data held out from training when
+    there is any."""
+    name = next(k for k in ("test", "dev", "task", "general") if run.data.get(k) is not None)
+    ref = run.data[name]
     lengths = sorted(ref["length"])
     median_len = int(lengths[len(lengths) // 2])
     row = next(r for r in ref if r["length"] == median_len)
-    s_ids = None if tr.student_tokens is None or name not in tr.student_tokens.splits else \
-        tr.student_tokens.splits[name][int(row["index"])]["input_ids"]  # the same example, the student's tokens
-    result["latency_tokens"] = median_len
-    result.update(speedup_summary(*paired_latency_ms(teacher32, student, row["input_ids"], cfg.latency_runs,
-                                                     student_ids=s_ids)))
-    result["teacher_forwards"] = tr.teacher_calls
-    result["cache"] = tr.cache_stats
-    result["wall_s"] = time.time() - t_start
-    result["best"] = tr.best
-    (tr.out_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
-    tr.metrics.write({"step": tr.state.global_step, "event": "final", **{k: v for k, v in result.items()
-                                                                        if k != "cache"}})
-    plot_losses(tr.out_dir / "metrics.jsonl", tr.out_dir / "loss.png")
-    if not cfg.keep_run_checkpoints:
-        freed = remove_run_checkpoints(tr.out_dir)
-        if freed:
-            tr.log(f"checkpoints: removed the mid-run checkpoints ({freed / 2**20:.0f} MiB; the run finished, so "
-                   f"nothing is left to resume; --keep-run-checkpoints keeps them). Kept in {tr.out_dir}: student/, "
-                   f"best/, metrics.jsonl, loss.png, result.json; the fine-tuned teacher and the activation cache "
-                   f"stay in {cache_root() if cfg.cache_dir is None else cfg.cache_dir}")
-    return result
+    tokens = run.student_tokens
+    s_ids = None if tokens is None or name not in tokens.splits else \
+        tokens.splits[name][int(row["index"])]["input_ids"]  # the same example, the student's tokens
+    return {"teacher_params": count_params(teacher32), "student_params": count_params(student),
+            "latency_tokens": median_len,
+            **speedup_summary(*paired_latency_ms(teacher32, student, row["input_ids"], run.latency_runs,
+                                                 student_ids=s_ids))}

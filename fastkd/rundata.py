@@ -7,7 +7,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastkd.config import CPU_DEV_EXAMPLES, CPU_MAX_EPOCHS, CPU_TRAIN_EXAMPLES, TrainConfig
 from fastkd.data import (
     LABEL_COLUMNS,
     TASKS,
@@ -19,6 +18,33 @@ from fastkd.data import (
     source_columns,
     tokenize,
 )
+
+# The CPU default profile (full data on a GPU): ~1.5 min idle, < 10 min on a busy 2-core box.
+CPU_TRAIN_EXAMPLES = 3000
+CPU_DEV_EXAMPLES = 500
+CPU_MAX_EPOCHS = 1
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What a run reads and how much of it; the trainer builds it once from its options (--task, --dev, --test,
+    --general-corpus, the column names, --max-length and the subset sizes)."""
+
+    task: str
+    mode: str = "task"
+    dev: str | None = None
+    test: str | None = None
+    general_corpus: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    text_pair_column: str | None = None
+    max_length: int = 128
+    max_train_examples: int | None = None  # None: the CPU default subset (all on a GPU); 0: all
+    max_dev_examples: int | None = None
+    finetune_examples: int | None = None  # the teacher fine-tune's own subset (None: the students' data)
+    epochs_given: bool = False  # --epochs was set: the CPU profile's epoch cap is not in force
+    seed: int = 0
+    finetune_seed: int = 0
 
 
 @dataclass
@@ -34,35 +60,35 @@ def subset(ds, n: int | None, seed: int):
     return ds.shuffle(seed=seed).select(range(n))
 
 
-def cpu_profile(cfg: TrainConfig, on_cpu: bool) -> tuple[int | None, int | None, str]:
+def cpu_profile(d: DataSettings, on_cpu: bool) -> tuple[int | None, int | None, str]:
     """(train examples, dev examples, note): None = all; on a CPU the defaults are subsets."""
     # None: the CPU default subset (all data on a GPU); 0: all data, on any device.
-    n_train = (cfg.max_train_examples or None) if cfg.max_train_examples is not None else (
+    n_train = (d.max_train_examples or None) if d.max_train_examples is not None else (
         CPU_TRAIN_EXAMPLES if on_cpu else None)
-    n_dev = (cfg.max_dev_examples or None) if cfg.max_dev_examples is not None else (
+    n_dev = (d.max_dev_examples or None) if d.max_dev_examples is not None else (
         CPU_DEV_EXAMPLES if on_cpu else None)
     parts = []
-    if on_cpu and cfg.max_train_examples is None:
+    if on_cpu and d.max_train_examples is None:
         parts.append(f"a {n_train}-example training subset per data source")
-    if on_cpu and cfg.max_dev_examples is None:
+    if on_cpu and d.max_dev_examples is None:
         parts.append(f"a {n_dev}-example dev subset")
-    if on_cpu and cfg.epochs is None:
+    if on_cpu and not d.epochs_given:
         parts.append(f"at most {CPU_MAX_EPOCHS} epoch(s) per stage")
     note = ("CPU default profile (this machine has no GPU): " + ", ".join(parts)
             + "; a GPU run uses the full data and the papers' epochs") if parts else ""
     return n_train, n_dev, note
 
 
-def _load(cfg: TrainConfig, source, split: str, *, general: bool = False, names: list[str] | None = None,
+def _load(d: DataSettings, source, split: str, *, general: bool = False, names: list[str] | None = None,
           data=None):
     """``source``'s split; --text-column / --label-column / --text-pair-column name a data file's columns (a
     general corpus is read as single texts without labels, so it is asked for the text column only). ``names``:
     the training data's label names, so a dev/test file maps its labels to the same ids. ``data``: the
     Dataset/DatasetDict given in code for --task (``run(cfg, data=...)``), read in its place."""
-    if data is not None and source == cfg.task:
+    if data is not None and source == d.task:
         source = data
-    return load_texts(source, split, text_column=cfg.text_column, label_column=None if general else cfg.label_column,
-                      text_pair_column=None if general else cfg.text_pair_column,
+    return load_texts(source, split, text_column=d.text_column, label_column=None if general else d.label_column,
+                      text_pair_column=None if general else d.text_pair_column,
                       label_names=None if isinstance(source, str) and source in TASKS else names)
 
 
@@ -109,83 +135,81 @@ def _check_class_ids(splits: dict, names: list[str], n_labels: int) -> None:
                 raise ValueError(f"data: {split_name} labels span {lo}..{hi}, expected 0..{n_labels - 1} ({names})")
 
 
-def task_splits(cfg: TrainConfig, log, data=None):
+def task_splits(d: DataSettings, log, data=None):
     """Train, dev and test data: --dev/--test when given, else the task's own splits (a task name's, a folder's
     <split> files, a DatasetDict's); with no dev split a fixed slice of train is held out for model selection,
     so the test split stays unseen. ``data``: a Dataset/DatasetDict given in code in place of --task. Returns
     (train, dev, test, label names)."""
-    splits = has_splits(cfg.task if data is None else data)
-    train = _load(cfg, cfg.task, "train", data=data)
+    splits = has_splits(d.task if data is None else data)
+    train = _load(d, d.task, "train", data=data)
     if "label" not in train.column_names:
-        seen = source_columns(cfg.task if data is None else data)
+        seen = source_columns(d.task if data is None else data)
         raise ValueError(
-            f"--task: found no label column in {cfg.task}"
+            f"--task: found no label column in {d.task}"
             + (f": its columns are {', '.join(seen)}, none named {'/'.join(LABEL_COLUMNS)}. Name the label "
                f"column with --label-column (and the text column with --text-column)" if seen else "")
             + "; task mode needs labelled data (use --mode general for unlabelled text)")
     regression = is_regression(train)
-    train_names = label_names(train) if cfg.task not in TASKS else None
+    train_names = label_names(train) if d.task not in TASKS else None
     dev = test = None
-    if cfg.dev:
-        dev = _load(cfg, cfg.dev, "dev", names=train_names)
+    if d.dev:
+        dev = _load(d, d.dev, "dev", names=train_names)
     elif splits:
         with contextlib.suppress(DataNotFoundError):  # AG News ships train/test only
-            dev = _load(cfg, cfg.task, "dev", names=train_names, data=data)
+            dev = _load(d, d.task, "dev", names=train_names, data=data)
     if dev is None and len(train) >= 2:
         held = train.train_test_split(test_size=max(1, min(1000, len(train) // 10)), seed=0)
         train, dev = held["train"], held["test"]
-        log(f"data: no dev split for {cfg.task} (pass --dev to name one); holding out {len(dev)} train examples as "
+        log(f"data: no dev split for {d.task} (pass --dev to name one); holding out {len(dev)} train examples as "
             f"dev")
-    if cfg.test:
-        test = _load(cfg, cfg.test, "test", names=train_names)
-    elif cfg.task in TASKS:
-        test = _load(cfg, cfg.task, "test")  # a named task's test split must exist
+    if d.test:
+        test = _load(d, d.test, "test", names=train_names)
+    elif d.task in TASKS:
+        test = _load(d, d.task, "test")  # a named task's test split must exist
     elif splits:
         try:
-            test = _load(cfg, cfg.task, "test", names=train_names, data=data)
+            test = _load(d, d.task, "test", names=train_names, data=data)
         except DataNotFoundError:
-            log(f"data: no test split in {cfg.task} (pass --test to name one); the report gives no test accuracy")
+            log(f"data: no test split in {d.task} (pass --test to name one); the report gives no test accuracy")
     if regression:
-        log(f"data: {cfg.task}'s labels are real numbers: a regression task (one output; MSE prediction losses; "
+        log(f"data: {d.task}'s labels are real numbers: a regression task (one output; MSE prediction losses; "
             f"evaluated by Pearson and Spearman)")
-        dev, test = _as_regression("dev", cfg.dev or cfg.task, dev), _as_regression("test", cfg.test or cfg.task, test)
+        dev, test = _as_regression("dev", d.dev or d.task, dev), _as_regression("test", d.test or d.task, test)
         return train, dev, test, list(REGRESSION_LABELS)
-    names = list(TASKS[cfg.task].labels) if cfg.task in TASKS else label_names(train)
+    names = list(TASKS[d.task].labels) if d.task in TASKS else label_names(train)
     n_labels = len(names) if names else int(max(train["label"])) + 1
     names = names or [str(i) for i in range(n_labels)]
-    _check_labels(train, {"dev": (cfg.dev or cfg.task, dev), "test": (cfg.test or cfg.task, test)}, names, cfg.task)
+    _check_labels(train, {"dev": (d.dev or d.task, dev), "test": (d.test or d.task, test)}, names, d.task)
     _check_class_ids({"train": train, "dev": dev, "test": test}, names, n_labels)
     return train, dev, test, names
 
 
-def load_run_data(cfg: TrainConfig, tokenizer, *, on_cpu: bool, needs_general: bool, finetunes: bool,
-                  finetune_seed: int, log, task_data=None) -> RunData:
+def load_run_data(d: DataSettings, tokenizer, *, on_cpu: bool, needs_general: bool, finetunes: bool,
+                  log, task_data=None) -> RunData:
     """Every split the recipe's stages read, tokenised (``finetunes``: the teacher has no head, so
     --finetune-examples selects its fine-tune data; ``task_data``: a Dataset/DatasetDict in place of --task)."""
-    n_train, n_dev, note = cpu_profile(cfg, on_cpu)
+    n_train, n_dev, note = cpu_profile(d, on_cpu)
     out = RunData(subset_note=note)
     if note:
         log(note)
-    if on_cpu and cfg.teacher_dtype == "auto":
-        log("teacher: fp32 on the CPU (half-precision matmuls are slow on CPUs); fp16 on CUDA")
     data = out.splits
-    if cfg.mode == "task":
-        train, dev, test, out.label_names = task_splits(cfg, log, task_data)
-        if cfg.finetune_examples is not None and finetunes:  # only a fine-tune reads it
-            data["finetune"] = tokenize(subset(train, cfg.finetune_examples or None, finetune_seed), tokenizer,
-                                        cfg.max_length)
+    if d.mode == "task":
+        train, dev, test, out.label_names = task_splits(d, log, task_data)
+        if d.finetune_examples is not None and finetunes:  # only a fine-tune reads it
+            data["finetune"] = tokenize(subset(train, d.finetune_examples or None, d.finetune_seed), tokenizer,
+                                        d.max_length)
             log(f"teacher fine-tune data: {len(data['finetune'])} training examples "
-                f"(--finetune-examples {cfg.finetune_examples})")
-        train = subset(train, n_train, cfg.seed)
-        dev = subset(dev, n_dev, cfg.seed) if dev is not None else None
-        data["task"] = tokenize(train, tokenizer, cfg.max_length)
-        data["dev"] = tokenize(dev, tokenizer, cfg.max_length) if dev is not None else None
-        data["test"] = tokenize(test, tokenizer, cfg.max_length) if test is not None else None
-    if needs_general or cfg.mode == "general":
+                f"(--finetune-examples {d.finetune_examples})")
+        train = subset(train, n_train, d.seed)
+        dev = subset(dev, n_dev, d.seed) if dev is not None else None
+        data["task"] = tokenize(train, tokenizer, d.max_length)
+        data["dev"] = tokenize(dev, tokenizer, d.max_length) if dev is not None else None
+        data["test"] = tokenize(test, tokenizer, d.max_length) if test is not None else None
+    if needs_general or d.mode == "general":
         # --mode general distils on --general-corpus (default: the --task's training texts, labels dropped);
         # ERNIE-Tiny's general stages in task mode default to AG News.
-        corpus = cfg.general_corpus or (cfg.task if cfg.mode == "general" else "agnews")
-        gen = subset(_load(cfg, corpus, "train", general=True, data=task_data), n_train, cfg.seed + 1)
+        corpus = d.general_corpus or (d.task if d.mode == "general" else "agnews")
+        gen = subset(_load(d, corpus, "train", general=True, data=task_data), n_train, d.seed + 1)
         gen = gen.remove_columns([c for c in gen.column_names if c != "text"])
-        data["general"] = tokenize(gen, tokenizer, cfg.max_length)
+        data["general"] = tokenize(gen, tokenizer, d.max_length)
     return out

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fastkd.batching import Batch, LengthBucketSampler, collate
-from fastkd.config import TrainConfig
 from fastkd.distiller import check_families, token_level_terms
 from fastkd.encoder import resized_config
 from fastkd.engine import batches_for_epoch
 from fastkd.recipes import Recipe
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """The run's student: a pretrained one (``path``, --student) or one made from the teacher (``etd``: auto,
+    impt, rand or none) with these sizes; ``seed`` seeds its initialisation and ETD-Rand."""
+
+    path: str | None = None
+    etd: str = "auto"
+    layers: int = 3
+    hidden: int = 384
+    heads: int = 12
+    ffn: int = 1536
+    seed: int = 0
 
 
 def etd_batches(dataset, batch_size: int, pad_token_id: int, seed: int):
@@ -41,41 +55,41 @@ def mapped_teacher_layers(recipe: Recipe, n_s: int, n_t: int) -> list[int] | Non
     return None
 
 
-def student_sizes(cfg: TrainConfig) -> tuple[int, int, int]:
+def student_sizes(st: StudentSettings) -> tuple[int, int, int]:
     """(layers, hidden, heads) of the run's student: a --student's own config, else --student-*."""
-    if cfg.student is None:
-        return cfg.student_layers, cfg.student_hidden, cfg.student_heads
+    if st.path is None:
+        return st.layers, st.hidden, st.heads
     from transformers import AutoConfig
 
     from fastkd.families import num_heads
 
-    if cfg.etd not in ("none", "auto"):
-        raise ValueError(f"--etd: {cfg.etd} extracts a student from the teacher, and --student gives one; use one")
-    if not Path(cfg.student).is_dir():
-        raise ValueError(f"--student: expected a local model folder, got {cfg.student}")
-    sc = AutoConfig.from_pretrained(cfg.student)
+    if st.etd not in ("none", "auto"):
+        raise ValueError(f"--etd: {st.etd} extracts a student from the teacher, and --student gives one; use one")
+    if not Path(st.path).is_dir():
+        raise ValueError(f"--student: expected a local model folder, got {st.path}")
+    sc = AutoConfig.from_pretrained(st.path)
     return sc.num_hidden_layers, sc.hidden_size, num_heads(sc)
 
 
-def check_student(cfg: TrainConfig, tconf, recipe: Recipe, teacher_tokenizer):
+def check_student(st: StudentSettings, tconf, recipe: Recipe, teacher_tokenizer):
     """Before anything loads or trains: what the recipe reads must exist in both models' families (a student
     made from the teacher is of its class). Returns a --student's own tokenizer when it reads another
     vocabulary than the teacher's, which only logit KD can train across (None otherwise)."""
     from transformers import AutoConfig
 
-    student_config = tconf if cfg.student is None else AutoConfig.from_pretrained(cfg.student)
+    student_config = tconf if st.path is None else AutoConfig.from_pretrained(st.path)
     check_families(dict.fromkeys(("pretrained", "finetuned"), tconf), student_config, recipe)
-    return None if cfg.student is None else student_tokenizer(cfg, student_config, teacher_tokenizer, recipe)
+    return None if st.path is None else student_tokenizer(st.path, student_config, teacher_tokenizer, recipe)
 
 
-def student_tokenizer(cfg: TrainConfig, student_config, teacher_tokenizer, recipe: Recipe):
+def student_tokenizer(path: str, student_config, teacher_tokenizer, recipe: Recipe):
     """A --student's own tokenizer when its vocabulary differs from the teacher's (then the recipe must read
     only logits: each model is fed its own tokenisation of the same text); None when it reads the teacher's."""
     from transformers import AutoTokenizer
 
     vocab = getattr(student_config, "vocab_size", None)
     try:
-        own = AutoTokenizer.from_pretrained(cfg.student)
+        own = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         own = None  # a folder with weights only: it is taken to use the teacher's tokenizer
     differs = own is not None and own.get_vocab() != teacher_tokenizer.get_vocab()
@@ -85,7 +99,7 @@ def student_tokenizer(cfg: TrainConfig, student_config, teacher_tokenizer, recip
     why = "its own tokenizer differs" if differs else f"{vocab} embeddings for {len(teacher_tokenizer)} tokens"
     if own is None or token_level:
         raise ValueError(
-            f"--student: {cfg.student} reads a different vocabulary from the teacher's tokenizer ({why}), so the "
+            f"--student: {path} reads a different vocabulary from the teacher's tokenizer ({why}), so the "
             f"token-level terms {token_level} of {recipe.method} would compare different tokens"
             + (" and it has no tokenizer of its own to read the text with" if own is None else "")
             + ". Use a student with the teacher's tokenizer, or --method kd (logits on the shared labels: each "
@@ -144,39 +158,38 @@ def etd_strategy(etd: str, teacher: nn.Module, sizes: tuple[int, int, int, int],
     return "impt"
 
 
-def make_student(teacher: nn.Module, cfg: TrainConfig, data=None, log=print, num_batches: int = 64,
+def make_student(teacher: nn.Module, st: StudentSettings, data=None, log=print, num_batches: int = 64,
                  layers: list[int] | None = None) -> tuple[nn.Module, torch.Tensor | None]:
     """(student, kept teacher hidden dims or None): a pretrained ``--student`` with a fresh task head the
     teacher's size, ETD extraction (``--etd impt|rand``, fastkd.etd) or, with ``--etd none``, the teacher's class
     randomly initialised."""
-    torch.manual_seed(cfg.seed)
-    if cfg.student is not None:
+    torch.manual_seed(st.seed)
+    if st.path is not None:
         from fastkd.teacher import load_model
 
         tc = teacher.config
-        student = load_model(cfg.student, head=True, num_labels=tc.num_labels, id2label=tc.id2label,
+        student = load_model(st.path, head=True, num_labels=tc.num_labels, id2label=tc.id2label,
                              label2id=tc.label2id, problem_type=getattr(tc, "problem_type", None),
                              ignore_mismatched_sizes=True)
         sc = student.config
-        log(f"student: {cfg.student} ({sc.model_type}, {sc.num_hidden_layers} layers x {sc.hidden_size}), its "
+        log(f"student: {st.path} ({sc.model_type}, {sc.num_hidden_layers} layers x {sc.hidden_size}), its "
             f"task head sized to the teacher's {tc.num_labels} label(s)")
         return student, None
-    strategy = etd_strategy(cfg.etd, teacher, (cfg.student_layers, cfg.student_hidden, cfg.student_heads,
-                                                      cfg.student_ffn), log)
+    strategy = etd_strategy(st.etd, teacher, (st.layers, st.hidden, st.heads, st.ffn), log)
     if strategy != "none":
         from fastkd.etd import extract_student
 
         log(f"student: extracting with ETD ({strategy}) from the teacher"
             + (f" (importance over {num_batches} batches)" if strategy == "impt" else "")
             + (f", teacher layers {layers} (the recipe's layer mapping)" if layers else ", uniform depth"))
-        student, plan = extract_student(teacher, num_layers=cfg.student_layers, hidden_size=cfg.student_hidden,
-                                        num_heads=cfg.student_heads, intermediate_size=cfg.student_ffn,
-                                        strategy=strategy, data=data, seed=cfg.seed, num_batches=num_batches,
+        student, plan = extract_student(teacher, num_layers=st.layers, hidden_size=st.hidden, num_heads=st.heads,
+                                        intermediate_size=st.ffn, strategy=strategy, data=data, seed=st.seed,
+                                        num_batches=num_batches,
                                         layers=layers, return_plan=True)
         return student, plan.hidden
     # --etd none is plain random initialisation: the baseline ETD's savings are measured against.
     # (PKD's "first k teacher layers" init is what --etd rand gives at the teacher's own width.)
     log("student: --etd none: random initialisation")
-    config = resized_config(teacher.config, num_layers=cfg.student_layers, hidden_size=cfg.student_hidden,
-                            num_heads=cfg.student_heads, intermediate_size=cfg.student_ffn)
+    config = resized_config(teacher.config, num_layers=st.layers, hidden_size=st.hidden, num_heads=st.heads,
+                            intermediate_size=st.ffn)
     return type(teacher)(config), None

@@ -10,6 +10,7 @@ ends with the same weights as an uninterrupted run); DDP under ``torchrun``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -22,13 +23,13 @@ from fastkd.checkpoint import (
     MetricsLog,
     OutputLock,
     check_output_dir,
+    default_output_dir,
     load_newest_intact,
-    run_identity,
     save_checkpoint,
     set_rng_state,
     write_run_file,
 )
-from fastkd.config import CPU_MAX_EPOCHS, TrainConfig
+from fastkd.config import TrainConfig, run_identity
 from fastkd.digest import fingerprint_dataset, fingerprint_tokenizer, model_digest
 from fastkd.disk import DiskFullError, save_model_dir
 from fastkd.distiller import Distiller
@@ -48,11 +49,12 @@ from fastkd.engine import (
     warmup_linear,
 )
 from fastkd.families import num_heads
-from fastkd.finetune import finetune_for_run
+from fastkd.finetune import finetune_for_run, run_finetune_settings
 from fastkd.recipes import Shapes, Stage, build_recipe, describe, make_params
-from fastkd.report import finish_run
-from fastkd.rundata import load_run_data
+from fastkd.report import RunSummary, finish_run
+from fastkd.rundata import CPU_MAX_EPOCHS, DataSettings, load_run_data
 from fastkd.student import (
+    StudentSettings,
     StudentTokens,
     check_student,
     etd_batches,
@@ -86,11 +88,12 @@ def _task_head(kind: str, mode: str) -> bool:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=None, data=None):
-        """``data``: a Dataset or DatasetDict in place of ``cfg.task`` (which becomes its fingerprint)."""
-        if data is not None:
-            cfg.task = dataset_label(data)
-        self.cfg = cfg
+        """``data``: a Dataset or DatasetDict in place of ``cfg.task`` (the run's --task is then its fingerprint:
+        a new config, the caller's is left as it was)."""
+        self.cfg = cfg if data is None else dataclasses.replace(cfg, task=dataset_label(data))
+        cfg = self.cfg
         self.task_data = data
+        self.data_settings, self.student_settings = data_settings(cfg), student_settings(cfg)
         self.dist = init_distributed()
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
         self.on_cpu = self.device.type == "cpu"
@@ -114,9 +117,11 @@ class Trainer:
         from transformers import AutoConfig, AutoTokenizer
 
         cfg = self.cfg
+        out = Path(self.dist.broadcast(str(cfg.output_dir or default_output_dir(cfg.method, cfg.task))))
+        self.out_dir, self.resume = out, cfg.resume
         if self.dist.main:  # rank 0 locks and checks the folder, then writes it
-            self.lock = OutputLock(check_output_dir(cfg, self.log, check=False))
-        self.out_dir = check_output_dir(cfg, self.log, check=self.dist.main)
+            self.lock = OutputLock(out)
+            self.out_dir, self.resume = check_output_dir(out, cfg.resume, run_identity(cfg), self.log)
         check_installed(cfg.report_to)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.dist.main,
                                   trackers=open_trackers(cfg.report_to, self.out_dir, run_identity(cfg)))
@@ -128,29 +133,30 @@ class Trainer:
         if positions is not None and cfg.max_length > positions:
             raise ValueError(f"--max-length: expected at most {positions} (the teacher's position embeddings), "
                              f"got {cfg.max_length}")
-        (n_s, d_s, h_s), h_t = student_sizes(cfg), num_heads(tconf)
+        (n_s, d_s, h_s), h_t = student_sizes(self.student_settings), num_heads(tconf)
         self.shapes = Shapes(tconf.num_hidden_layers, n_s, tconf.hidden_size, d_s, h_t, h_s)
-        self.recipe = build_recipe(cfg.method, self.shapes, make_params(cfg.method, cfg.overrides), mode=cfg.mode)
-        cap = CPU_MAX_EPOCHS if self.on_cpu else None  # --epochs, else the recipe's, capped on a CPU
-        for s in self.recipe.stages:
-            s.epochs = cfg.epochs if cfg.epochs is not None else min(s.epochs, cap or s.epochs)
+        # --epochs, else the recipe's, capped on a CPU
+        self.recipe = build_recipe(cfg.method, self.shapes, make_params(cfg.method, cfg.overrides), mode=cfg.mode,
+                                   epochs=cfg.epochs, max_epochs=CPU_MAX_EPOCHS if self.on_cpu else None)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         check_tokenizer(self.tokenizer, tconf, path)
-        self.student_tok = check_student(cfg, tconf, self.recipe, self.tokenizer)  # None: the teacher's
+        # None: the student reads the teacher's tokenizer
+        self.student_tok = check_student(self.student_settings, tconf, self.recipe, self.tokenizer)
         # Fingerprint it before any call: a fast tokenizer's serialised state records the last truncation
         # settings, which differ when datasets serves a tokenised split from its cache (no call at all).
         self.tokenizer_fp = fingerprint_tokenizer(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        run_data = load_run_data(cfg, self.tokenizer, on_cpu=self.on_cpu, finetune_seed=self.finetune_seed,
+        if self.on_cpu and cfg.teacher_dtype == "auto":
+            self.log("teacher: fp32 on the CPU (half-precision matmuls are slow on CPUs); fp16 on CUDA")
+        run_data = load_run_data(self.data_settings, self.tokenizer, on_cpu=self.on_cpu,
                                  needs_general=any(s.data == "general" for s in self.recipe.stages),
-                                 finetunes=not has_task_head(tconf), log=self.log,
-                                 task_data=self.task_data)
+                                 finetunes=not has_task_head(tconf), log=self.log, task_data=self.task_data)
         self.data, self.label_names, self.subset_note = run_data.splits, run_data.label_names, run_data.subset_note
         self.student_tokens = self.student_tok and StudentTokens(self.student_tok, self.data, cfg.max_length)
         self._load_teachers(path, tconf)
         self._make_student()
-        if self.dist.main and not cfg.resume:
-            write_run_file(self.out_dir, cfg, describe(self.recipe))
+        if self.dist.main and not self.resume:
+            write_run_file(self.out_dir, run_identity(cfg), dataclasses.asdict(cfg), describe(self.recipe))
         self.log("\n".join(filter(None, (describe(self.recipe), kernel_precision_note(self.amp, self.device,
                                                                                        self.module)))))
 
@@ -158,16 +164,14 @@ class Trainer:
     def global_step(self) -> int:
         return self.state.global_step
 
-    @property
-    def finetune_seed(self) -> int:
-        return self.cfg.seed if self.cfg.finetune_seed is None else self.cfg.finetune_seed
-
     def _finetuned_path(self, path: Path) -> Path:
         """The teacher fine-tuned on the task (cached; rank 0 trains it, the others read its path)."""
-        finetuned = path
+        finetuned, c = path, self.cfg
         if self.dist.main:
-            finetuned = finetune_for_run(path, self.tokenizer, self.data, self.label_names, self.cfg,
-                                         device=self.device, on_cpu=self.on_cpu, seed=self.finetune_seed, log=self.log)
+            ft = run_finetune_settings(c.finetune_epochs, c.batch_size, self.data_settings.finetune_seed, self.on_cpu)
+            finetuned = finetune_for_run(path, self.tokenizer, self.data, self.label_names, ft,
+                                         max_length=c.max_length, device=self.device, cache_dir=c.cache_dir,
+                                         log=self.log, progress=c.progress)
         return Path(self.dist.broadcast(str(finetuned)))
 
     def _load_teachers(self, path: Path, tconf) -> None:
@@ -193,7 +197,8 @@ class Trainer:
         batches = etd_batches(self.data["task"] if cfg.mode == "task" else self.data["general"], cfg.batch_size,
                               self.pad_id, cfg.seed)
         student, kept_hidden = make_student(
-            src32.to(self.device), cfg, data=batches, log=self.log, num_batches=16 if self.on_cpu else 64,
+            src32.to(self.device), self.student_settings, data=batches, log=self.log,
+            num_batches=16 if self.on_cpu else 64,
             layers=mapped_teacher_layers(self.recipe, self.shapes.student_layers, self.shapes.teacher_layers))
         del src32  # the fp32 copy ETD read is freed before the Distiller moves to the device
         names = {k: f"the {k} teacher ({self.teacher_paths[k]})" for k in self.teachers}
@@ -231,7 +236,7 @@ class Trainer:
     # ------------------------------------------------------------ training
 
     def _resume(self) -> dict | None:
-        if not self.cfg.resume:
+        if not self.resume:
             return None
         path, ckpt = load_newest_intact(self.out_dir, self.log)
         if path is None:
@@ -288,37 +293,9 @@ class Trainer:
         self.log(f"stage {si + 1}/{len(self.recipe.stages)} {stage.name}: {stage.epochs} epoch(s) x "
                  f"{steps_per_epoch(sampler, cfg.grad_accum)} steps, {len(data)} examples ({stage.data} data, "
                  f"{stage.teacher} teacher)")
-        throughput = Throughput()
-
-        def forward(batch, host):
-            # The teacher runs outside DDP's forward (its cache look-up reads the host copy of the batch).
-            teacher = self.module.teacher_outputs(batch, host)
-            out = self.model(*student_batch(self.student_tokens, batch), batch.labels, teacher_outputs=teacher)
-            return out.loss, out.terms
-
-        def on_step(state: StepState, terms: dict[str, float]) -> None:
-            self.module.after_step(self.dist)
-            if state.global_step % cfg.log_every == 0 or state.stage_step == total:
-                self.metrics.write({"step": state.global_step, "stage": stage.name, "epoch": state.epoch,
-                                    "loss": sum(terms.values()), **{f"loss_{k}": v for k, v in terms.items()},
-                                    "lr": fit.sched.get_last_lr()[0],
-                                    "samples_per_s": throughput.rate(state.samples, self.dist.world_size),
-                                    **self.module.record()})
-                state.samples = 0
-            if cfg.save_every and state.global_step % cfg.save_every == 0:
-                self._save(self._ckpt_state(si, fit, sampler, consumed=state.consumed), "step")
-
-        def on_epoch_end(state: StepState) -> None:
-            if cache is not None and cfg.cache == "disk":
-                # Ranks see different examples each epoch: share what each stored through the disk shards.
-                flush_cache(cache, self.last_ckpt)
-                self.dist.barrier()
-                cache.refresh()
-            self._end_epoch(si, stage, fit)
-            throughput.rate(0, 1)
-
-        fit_stage(fit, self.state, sampler, data, self.pad_id, stage.epochs, forward, on_step=on_step,
-                  on_epoch_end=on_epoch_end, resume_sampler=resume_sampler,
+        loop = StageLoop(self, si, fit, sampler, cache, total)
+        fit_stage(fit, self.state, sampler, data, self.pad_id, stage.epochs, loop.forward, on_step=loop.on_step,
+                  on_epoch_end=loop.on_epoch_end, resume_sampler=resume_sampler,
                   num_workers=2 if self.device.type == "cuda" else 0)
         self._close_stage(stage, cache, runner)
 
@@ -376,7 +353,16 @@ class Trainer:
         self._save(st, "epoch")
 
     def finish(self, t_start: float) -> dict:
-        return finish_run(self, t_start)
+        c = self.cfg
+        return finish_run(RunSummary(
+            out_dir=self.out_dir, student=self.module.student, main=self.dist.main, best=self.best,
+            device=self.device, tokenizer=self.student_tok or self.tokenizer,
+            teacher_path=self.teacher_paths["finetuned" if "finetuned" in self.teachers else "pretrained"],
+            data=self.data, pad_id=self.pad_id,
+            student_tokens=self.student_tokens, teacher_forwards=self.teacher_calls, cache_stats=self.cache_stats,
+            global_step=self.state.global_step, mode=c.mode, latency_runs=c.latency_runs,
+            keep_checkpoints=c.keep_run_checkpoints, cache_dir=c.cache_dir, metrics=self.metrics, log=self.log),
+            t_start)
 
     def close(self, discard: bool = False) -> None:
         """Release the output folder; ``discard``: a failure before training, so the folders it made go too."""
@@ -384,6 +370,61 @@ class Trainer:
             self.metrics.close()
         if self.lock is not None:
             self.lock.discard() if discard else self.lock.release()
+
+
+class StageLoop:
+    """What one stage's step loop calls back (fastkd.engine.fit_stage): the forward (teacher outside DDP, then
+    the student's losses), what follows each optimizer step (the kinds' after-step hooks, the metrics line, a
+    step checkpoint) and each epoch (the disk cache's shards shared, dev evaluation, the epoch checkpoint)."""
+
+    def __init__(self, tr: Trainer, si: int, fit: Fit, sampler: LengthBucketSampler, cache, total: int):
+        self.tr, self.si, self.fit, self.sampler, self.cache, self.total = tr, si, fit, sampler, cache, total
+        self.stage = tr.recipe.stages[si]
+        self.throughput = Throughput()
+
+    def forward(self, batch, host):
+        tr = self.tr
+        # The teacher runs outside DDP's forward (its cache look-up reads the host copy of the batch).
+        teacher = tr.module.teacher_outputs(batch, host)
+        out = tr.model(*student_batch(tr.student_tokens, batch), batch.labels, teacher_outputs=teacher)
+        return out.loss, out.terms
+
+    def on_step(self, state: StepState, terms: dict[str, float]) -> None:
+        tr, cfg = self.tr, self.tr.cfg
+        tr.module.after_step(tr.dist)
+        if state.global_step % cfg.log_every == 0 or state.stage_step == self.total:
+            tr.metrics.write({"step": state.global_step, "stage": self.stage.name, "epoch": state.epoch,
+                              "loss": sum(terms.values()), **{f"loss_{k}": v for k, v in terms.items()},
+                              "lr": self.fit.sched.get_last_lr()[0],
+                              "samples_per_s": self.throughput.rate(state.samples, tr.dist.world_size),
+                              **tr.module.record()})
+            state.samples = 0
+        if cfg.save_every and state.global_step % cfg.save_every == 0:
+            tr._save(tr._ckpt_state(self.si, self.fit, self.sampler, consumed=state.consumed), "step")
+
+    def on_epoch_end(self, state: StepState) -> None:
+        tr = self.tr
+        if self.cache is not None and tr.cfg.cache == "disk":
+            # Ranks see different examples each epoch: share what each stored through the disk shards.
+            flush_cache(self.cache, tr.last_ckpt)
+            tr.dist.barrier()
+            self.cache.refresh()
+        tr._end_epoch(self.si, self.stage, self.fit)
+        self.throughput.rate(0, 1)
+
+
+def data_settings(cfg: TrainConfig) -> DataSettings:
+    """What the run reads, from its options."""
+    return DataSettings(cfg.task, cfg.mode, cfg.dev, cfg.test, cfg.general_corpus, cfg.text_column, cfg.label_column,
+                        cfg.text_pair_column, cfg.max_length, cfg.max_train_examples, cfg.max_dev_examples,
+                        cfg.finetune_examples, cfg.epochs is not None, cfg.seed,
+                        cfg.seed if cfg.finetune_seed is None else cfg.finetune_seed)
+
+
+def student_settings(cfg: TrainConfig) -> StudentSettings:
+    """The run's student, from its options."""
+    return StudentSettings(cfg.student, cfg.etd, cfg.student_layers, cfg.student_hidden, cfg.student_heads,
+                           cfg.student_ffn, cfg.seed)
 
 
 def refill_lost_cache(cache, module, sampler, data, pad_id: int, device: torch.device, ckpt: dict, log) -> None:
