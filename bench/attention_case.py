@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.harness import HAS_CUDA
-from fastkd import reference as ref
+from fastkd.losses import reference as ref
 
 B, H, D = 32, 12, 64
 DTYPE = torch.bfloat16

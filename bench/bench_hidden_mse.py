@@ -17,7 +17,7 @@ import torch
 
 from bench.harness import HAS_CUDA
 from bench.roofline import eager_hidden_mse_autocast
-from fastkd import reference as ref
+from fastkd.losses import reference as ref
 
 B, K, D_S, D_T = 32, 5, 384, 768
 LENGTHS = [128, 512]

@@ -2,7 +2,7 @@
 
 Implementations (param ``impl``):
 * ``triton``: fastkd.kernels.sinkhorn, all P problems in one launch (GPU only; the interpreter is no timing).
-* ``torch_batched``: fastkd.reference.sinkhorn over all P at once (float64, eager PyTorch).
+* ``torch_batched``: fastkd.losses.reference.sinkhorn over all P at once (float64, eager PyTorch).
 * ``torch_loop``: the reference called once per problem, as a per-problem port would.
 * ``scipy_exact``: scipy.optimize.linprog (HiGHS) per problem, the CPU exact solver (BERT-EMD uses pyemd).
 Looping implementations time ``min(P, LOOP_SAMPLE)`` problems and scale linearly to P (``params.timed_problems``
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.harness import HAS_CUDA
-from fastkd import reference as ref
+from fastkd.losses import reference as ref
 
 SHAPES = [(4, 12), (6, 12), (12, 24)]
 PROBLEMS = [1, 64, 1024]
@@ -90,7 +90,7 @@ def test_sinkhorn(measure, impl, P, M, N):
 def test_layer_costs(measure, impl, B, L):
     """TinyBERT-4 student (4 layers, 312 wide, 12 heads of 26) vs the MiniLM teacher (6 layers, 384, 12 × 32):
     both M×N cost matrices, forward + backward (what a BERT-EMD step pays before the transport)."""
-    from fastkd.layer_costs import layer_costs
+    from fastkd.losses.emd_costs import layer_costs
 
     device = "cuda" if HAS_CUDA else "cpu"
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32

@@ -24,8 +24,8 @@ B, L = (32, 128) if HAS_CUDA else (8, 32)
 def teacher_batch():
     from transformers import AutoModel
 
-    from fastkd.batching import collate
-    from fastkd.teacher import default_teacher_path
+    from fastkd.models.teacher import default_teacher_path
+    from fastkd.training.batching import collate
 
     device = "cuda" if HAS_CUDA else "cpu"
     dtype = torch.float16 if HAS_CUDA else torch.float32
@@ -42,8 +42,8 @@ def teacher_batch():
 
 @pytest.mark.parametrize("source", ["live", "memory", "disk", "device"])
 def test_teacher_activations(measure, teacher_batch, tmp_path, source):
-    from fastkd.cache import TeacherCache
-    from fastkd.device_cache import DeviceCache
+    from fastkd.cache.device import DeviceCache
+    from fastkd.cache.store import TeacherCache
     from fastkd.train import TeacherRunner
 
     model, host, batch = teacher_batch

@@ -28,7 +28,7 @@ CASES = [("eager", "fp32", "off")] + [(backend, teacher, "auto") for backend in 
 def teacher_dir(tmp_path_factory):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fastkd.teacher import default_teacher_path
+    from fastkd.models.teacher import default_teacher_path
 
     path = tmp_path_factory.mktemp("bench-teacher")
     torch.manual_seed(0)
@@ -58,8 +58,9 @@ def test_trainer_step_tinybert(measure, teacher_dir, tmp_path, monkeypatch, back
                     "timing on a CPU)")
     if not HAS_CUDA and amp_flag == "off":
         pytest.skip("CPU: AMP is off by default there, so this case is the eager fp32 live case")
-    from fastkd import config, engine, trainer
-    from fastkd.batching import LengthBucketSampler
+    from fastkd import config
+    from fastkd.training import engine, trainer
+    from fastkd.training.batching import LengthBucketSampler
 
     monkeypatch.setenv("FASTKD_BACKEND", "torch" if backend == "eager" else "triton")
     batch, length = (32, 126) if HAS_CUDA else (8, 30)  # + [CLS], [SEP]

@@ -7,7 +7,7 @@ max_length 64, batches of similar lengths: sorted within windows of 16 batches, 
 to their longest), the same batches in the same order, the same seed, AdamW with linear warm-up then a constant
 learning rate. Three initialisations:
 
-* ``impt``: ``fastkd.etd.extract_student(strategy="impt")`` with the label-free sensitivity objective on
+* ``impt``: ``fastkd.student.etd.extract_student(strategy="impt")`` with the label-free sensitivity objective on
   ``--importance-batches`` batches of sentences that are *not* in the training stream;
 * ``rand``: ``strategy="rand"`` (seeded);
 * ``random``: the student config's random initialisation.
@@ -41,11 +41,11 @@ from pathlib import Path
 import torch
 
 from fastkd import losses
-from fastkd.capture import ActivationCapture
 from fastkd.data import load_task
 from fastkd.device import device_name
-from fastkd.etd import compute_importance, extract_student, student_config, text_batches, uniform_layers
-from fastkd.teacher import load_encoder
+from fastkd.models.capture import ActivationCapture
+from fastkd.models.teacher import load_encoder
+from fastkd.student.etd import compute_importance, extract_student, student_config, text_batches, uniform_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 # Like the tests: read the real data in place beside the checkout, never the hub.

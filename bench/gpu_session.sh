@@ -56,7 +56,7 @@ cat "$OUT/env.txt"
 python3 - <<'EOF' || exit 1
 import datasets, pytest_benchmark  # noqa: F401  (the trainer's data; the bench harness)
 import fastkd.kernels.attention_kl, fastkd.train  # noqa: F401
-from fastkd.teacher import default_teacher_path
+from fastkd.models.teacher import default_teacher_path
 print("gpu_session: imports ok; teacher at", default_teacher_path())
 EOF
 

@@ -289,7 +289,7 @@ def run_case(case: Case) -> None:
     import torch
 
     from fastkd import losses
-    from fastkd.checks import value_checks
+    from fastkd.losses.checks import value_checks
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
     os.environ["FASTKD_BACKEND"] = "triton"
@@ -419,7 +419,7 @@ def targets_markdown(rows: list[dict]) -> str:
 def roofline_markdown(estimates: list[dict]) -> str:
     lines = ["", "## Roofline estimates: fused vs eager, one training step (forward + backward), bf16, B = 32",
              "", "ESTIMATES, not measurements (bench/roofline.py says how they are made; bench/gpu_session.sh "
-             "measures the same cases). Attention: H = 12, d = 64, eager = fastkd.reference (fp32 L×L maps). "
+             "measures the same cases). Attention: H = 12, d = 64, eager = fastkd.losses.reference (fp32 L×L maps). "
              "hidden_mse: K = 3 layers, 384 → 768, eager = autocast (bf16 GEMM, fp32 MSE). Masked: prefix masks "
              "of lengths L/8…L.", "",
              "| loss | L | mask | fused HBM MB | fused tensor GFLOP | fused exp (M) | fused bound per kernel | "

@@ -36,7 +36,7 @@ python - <<'EOF'
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from fastkd.teacher import default_teacher_path
+from fastkd.models.teacher import default_teacher_path
 
 src = default_teacher_path()
 AutoModel.from_pretrained(src, dtype=torch.float16).save_pretrained(".teacher")

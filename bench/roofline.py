@@ -4,7 +4,7 @@ Eager: the PyTorch code runs forward and backward on ``meta`` tensors under a di
 aten kernel it would launch: the bytes it reads and writes (each eager op is its own kernel, so its inputs come
 from and its outputs go to HBM), its matmul FLOPs (torch's FlopCounter formulas), its elementwise FP32 work
 (one op per output element) and its exponentials (exp, softmax, log-softmax and their backwards). Views are not
-kernels and count nothing. The attention losses' eager path is ``fastkd.reference`` (what bench/ times as
+kernels and count nothing. The attention losses' eager path is ``fastkd.losses.reference`` (what bench/ times as
 "eager": fp32 maps from bf16 inputs, so its matmuls run at the FP32 rate); hidden_mse's is what autocast makes
 of ``F.linear`` + an MSE (bf16 GEMM, fp32 loss), the comparison the issue asks for.
 
@@ -203,7 +203,7 @@ def _bound(k: dict, bandwidth: float) -> str:
 
 def estimate(loss: str, B: int, L: int, d: int, spans: list[int], rows_by_kernel: dict, H: int = 12) -> dict:
     """Fused and eager estimates of one training step (forward + backward) of ``loss``, bf16 inputs."""
-    from fastkd import reference as ref
+    from fastkd.losses import reference as ref
 
     bf16 = torch.bfloat16
     mask = torch.arange(L)[None, :] < torch.tensor(spans)[:, None]
@@ -222,7 +222,7 @@ def estimate(loss: str, B: int, L: int, d: int, spans: list[int], rows_by_kernel
                                                                                      requires_grad=True),
                   torch.empty(shape, dtype=bf16), torch.empty(shape, dtype=bf16), mask]
         eager = eager_counts(getattr(ref, loss), inputs)
-        eager_name = "fastkd.reference (fp32 [B, H, L, L] maps)"
+        eager_name = "fastkd.losses.reference (fp32 [B, H, L, L] maps)"
     out = {"loss": loss, "B": B, "L": L, "d": d, "H": H, "masked": min(spans) < L, "eager_path": eager_name,
            "fused_bytes": sum(k["bytes"] for k in fused["kernels"]),
            "fused_tensor_flops": sum(k.get("tensor_flops", 0) for k in fused["kernels"]),

@@ -28,7 +28,7 @@ def _register_source_kernels() -> None:
 _register_source_kernels()
 
 from fastkd import losses  # noqa: E402
-from fastkd.capture import ActivationCapture, Captured, capture  # noqa: E402
+from fastkd.models.capture import ActivationCapture, Captured, capture  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["losses", "ActivationCapture", "Captured", "capture", "Distiller", "__version__"]
@@ -37,7 +37,7 @@ __all__ = ["losses", "ActivationCapture", "Captured", "capture", "Distiller", "_
 def __getattr__(name: str):
     # Imported on first use: fastkd.Distiller pulls in transformers, which `import fastkd.losses` does not need.
     if name == "Distiller":
-        from fastkd.distiller import Distiller
+        from fastkd.distill.distiller import Distiller
 
         return Distiller
     raise AttributeError(f"module 'fastkd' has no attribute {name!r}")

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastkd.data import LABEL_COLUMNS, TASKS, TEXT_COLUMNS
+from fastkd.models.teacher import TEACHER_DTYPE_CHOICES
 from fastkd.recipes import load_config_file, method_entry, methods, parse_set, setting_prefix
-from fastkd.rundata import CPU_DEV_EXAMPLES, CPU_TRAIN_EXAMPLES
-from fastkd.tracking import check_report_to
+from fastkd.training.rundata import CPU_DEV_EXAMPLES, CPU_TRAIN_EXAMPLES
+from fastkd.training.tracking import check_report_to
 
 DESCRIPTION = "fastkd's lean distillation trainer, e.g. python -m fastkd.train --method tinybert --etd impt"
 
@@ -145,7 +146,7 @@ class TrainConfig:
     max_dev_examples: int | None = option(None, f"dev examples (0: all; default: all on a GPU, {CPU_DEV_EXAMPLES} "
                                           "on a CPU)", check=count_or_all)
     teacher_dtype: str = option("auto", "precision of the frozen teacher (auto: fp16 on CUDA, fp32 on a CPU)",
-                                choices=("auto", "fp32", "fp16", "bf16"))
+                                choices=TEACHER_DTYPE_CHOICES)
     amp: str = option("auto", "student autocast (auto: bf16 where supported, else fp16 with loss scaling, on CUDA; "
                       "off on a CPU)", choices=("auto", "bf16", "fp16", "off"))
     cache: str = option("auto", "teacher activations: host memory, disk shards (reused by later runs), or "

@@ -8,7 +8,7 @@ one registration here.
 
 Activation fields are named ``emb``, ``hidden.{i}`` [B, L, D], ``q.{i}`` / ``k.{i}`` / ``v.{i}`` [B, H, L, d],
 ``scores.{i}`` [B, H, L, L] (a model's real attention scores, for families whose scores Q and K alone do not
-give: see :mod:`fastkd.families`) and ``logits`` [B, C] (the activation cache stores them under the same names,
+give: see :mod:`fastkd.models.families`) and ``logits`` [B, C] (the activation cache stores them under the same names,
 except ``scores``, which it does not cache); :func:`field_name` builds a name, :func:`seq_dim` tells its token
 dimension. A kind that reads another activation declares it in its own registration (``fields``: a
 :class:`CapturedField`, the output of a module inside each layer), and capture, the cache and the plan pick it up
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import losses
-from fastkd.emd import EMDState, update_layer_weights
+from fastkd.losses.emd import EMDState, update_layer_weights
 
 # ---------------------------------------------------------------- activation fields
 
@@ -126,7 +126,7 @@ class Inputs:
     logits: torch.Tensor | None
     labels: torch.Tensor | None
     mask: torch.Tensor
-    module: Any  # fastkd.distill.DistillModule
+    module: Any  # fastkd.distill.distiller.DistillModule
 
 
 @dataclass(frozen=True)
@@ -302,7 +302,7 @@ def _pkd(x: Inputs, term: LossTerm) -> torch.Tensor:
 
 
 def _emd(side: str):
-    """BERT-EMD: all M×N layer costs at once from Gram matrices (fastkd.losses.layer_costs), then the transport
+    """BERT-EMD: all M×N layer costs at once from Gram matrices (fastkd.losses.emd_costs), then the transport
     plan between the layer weights; the plan and costs are kept for the after-step weight update."""
 
     def compute(x: Inputs, term: LossTerm) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """fastkd's lean distillation trainer: ``python -m fastkd.train --method tinybert --etd impt``.
 
-The command line only; the trainer itself is :class:`fastkd.trainer.Trainer`, its options
+The command line only; the trainer itself is :class:`fastkd.training.trainer.Trainer`, its options
 :class:`fastkd.config.TrainConfig`.
 """
 
@@ -10,10 +10,10 @@ import sys
 
 from fastkd.config import TrainConfig, build_parser, parse_config
 from fastkd.disk import DiskFullError
-from fastkd.engine import NonFiniteLossError
 from fastkd.recipes import MappingError
-from fastkd.report import report
-from fastkd.trainer import Trainer, run
+from fastkd.training.engine import NonFiniteLossError
+from fastkd.training.report import report
+from fastkd.training.trainer import Trainer, run
 
 __all__ = ["main", "run", "parse_config", "build_parser", "TrainConfig", "Trainer"]
 

@@ -1,7 +1,8 @@
 """Fused attention-KL: MiniLM's attention-distribution loss without ever materialising an L×L map.
 
 loss = mean over heads and valid query rows i of KL(softmax(S_t[i]) ‖ softmax(S_s[i])), S = q·kᵀ/√d (each side
-its own d), padded keys excluded from both softmaxes. Semantics are those of :func:`fastkd.reference.attention_kl`.
+its own d), padded keys excluded from both softmaxes. Semantics are those of
+:func:`fastkd.losses.reference.attention_kl`.
 
 Forward (flash-attention style): one program per (batch·head, query tile) streams the key tiles once, keeping an
 online max m and normaliser l for the teacher and the student plus
@@ -44,8 +45,6 @@ from fastkd.kernels._common import (
     upcast_bf16,
     valid_span,
 )
-
-from fastkd import reference as ref
 
 __all__ = ["AttentionKLConfig", "attention_kl", "default_config"]
 
@@ -416,11 +415,9 @@ def attention_kl(
 
     q, k: [B, H, L, d] (any strides: relation_kl's head-split views are read in place), mask: None or bool
     [B, L]. Returns a float32 scalar; gradients flow to q_s and k_s (in their dtypes), never to the teacher,
-    whose tensors should be detached. float64 inputs take the (float64) PyTorch reference, since the kernels
-    accumulate in float32.
+    whose tensors should be detached. float64 inputs never reach it: fastkd.losses sends them to the float64
+    reference, since the kernels accumulate in float32.
     """
-    if any(x.dtype == torch.float64 for x in (q_s, k_s, q_t, k_t)):
-        return ref.attention_kl(q_s, k_s, q_t, k_t, mask)
     # tl.dot needs both operands in one dtype; mixed q/k dtypes on one side are rare, so promote by copying.
     if k_s.dtype != q_s.dtype:
         dt = torch.promote_types(q_s.dtype, k_s.dtype)

@@ -2,7 +2,7 @@
 
 loss = Σ_{b,h} Σ_{valid i,j} (S_s − S_t)²_ij / (H · Σ_b n_b²),  S = Q·Kᵀ/√d (each side its own d),
 
-the semantics of :func:`fastkd.reference.attention_mse`. With padded rows of Q and K zeroed and α = 1/√d_s,
+the semantics of :func:`fastkd.losses.reference.attention_mse`. With padded rows of Q and K zeroed and α = 1/√d_s,
 β = 1/√d_t, the Frobenius norm per (b, h) follows from d×d Gram matrices (the Gram identity):
 
     ‖αQ_sK_sᵀ − βQ_tK_tᵀ‖²_F = α²⟨Q_sᵀQ_s, K_sᵀK_s⟩ + β²⟨Q_tᵀQ_t, K_tᵀK_t⟩ − 2αβ⟨Q_sᵀQ_t, K_sᵀK_t⟩,

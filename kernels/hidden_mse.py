@@ -2,7 +2,7 @@
 
 loss = (1/K) Σ_k Σ_{valid n} Σ_e R²_kne / (n_valid · d_t),   R_k = H_s,k·W_kᵀ + b_k − H_t,k,
 
-the semantics of :func:`fastkd.reference.hidden_mse`, with h [B, L, d] or [K, B, L, d], weight [d_t, d_s] or
+the semantics of :func:`fastkd.losses.reference.hidden_mse`, with h [B, L, d] or [K, B, L, d], weight [d_t, d_s] or
 [K, d_t, d_s] (nn.Linear's layout), bias [d_t] or [K, d_t]; weight and bias may be None (then d_s == d_t).
 
 The forward is one fused launch, grid (K, N tiles, d_t tiles) (N = B·L): each program computes its R tile

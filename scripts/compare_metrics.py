@@ -3,7 +3,7 @@
     python scripts/compare_metrics.py BASE_REV            # BASE_REV (in a temporary git worktree) vs this checkout
     python scripts/compare_metrics.py BASE_REV --methods tinybert bert-emd kd --hf-methods tinybert
 
-Every method runs through ``python -m fastkd.train`` and through ``fastkd.hf.DistillationTrainer`` by default.
+Every method runs through ``python -m fastkd.train`` and through ``fastkd.distill.hf.DistillationTrainer`` by default.
 
 Each tree runs ``python -m fastkd.train`` from its own source (PYTHONPATH) with its own fastkd cache folder, so
 the teacher's fine-tune is redone by each tree's code too. Every record's loss fields (``loss``, ``loss_*``),
@@ -29,16 +29,16 @@ RUN_ARGS = ["--max-train-examples", "160", "--max-dev-examples", "48", "--finetu
             "--epochs", "2", "--max-length", "48", "--batch-size", "16", "--log-every", "1", "--latency-runs", "1",
             "--seed", "0", "--cache", "memory", "--no-progress", "--etd", "impt"]
 METHODS = ["kd", "tinybert", "minilm", "minilmv2", "pkd-last", "pkd-skip", "bert-emd", "ernie-tiny"]
-# fastkd.hf.DistillationTrainer on the tests' tiny teacher and task (each tree's own tests/helpers.py), two
+# fastkd.distill.hf.DistillationTrainer on the tests' tiny teacher and task (each tree's own tests/helpers.py), two
 # epochs per stage; its log_history's loss fields are compared the same way.
 HF_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
 from transformers import AutoTokenizer, TrainingArguments
 from fastkd.data import load_texts
-from fastkd.encoder import resized_config
-from fastkd.hf import DistillationTrainer
-from fastkd.teacher import load_model
+from fastkd.models.encoder import resized_config
+from fastkd.distill.hf import DistillationTrainer
+from fastkd.models.teacher import load_model
 from tests.helpers import make_teacher, write_task
 work, method = Path(sys.argv[1]), sys.argv[2]
 teacher_dir, data = make_teacher(work / "teacher"), write_task(work / "data")

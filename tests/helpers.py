@@ -105,7 +105,7 @@ def tiny_family_config(model_type: str, *, layers: int = 3, hidden: int = 32, he
     family's own, as fastkd loads it)."""
     from transformers import AutoConfig
 
-    from fastkd.families import attention_interface
+    from fastkd.models.families import attention_interface
 
     kw = dict(vocab_size=32, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
               intermediate_size=ffn, max_position_embeddings=64, hidden_dropout_prob=0.0,

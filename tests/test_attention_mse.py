@@ -19,7 +19,7 @@ import fastkd.kernels.attention_mse as kernel  # noqa: E402
 import pytest  # noqa: E402
 
 from fastkd import losses  # noqa: E402
-from fastkd.checks import value_checks  # noqa: E402
+from fastkd.losses.checks import value_checks  # noqa: E402
 from tests.helpers import DEVICE, DTYPES, UPSTREAM, attention_mse_f64, rel_err  # noqa: E402  # noqa: E402, F401
 from tests.helpers import make_mask as _make_mask  # noqa: E402
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastkd.batching import Batch, LengthBucketSampler, collate, make_loader, padding_waste
+from fastkd.training.batching import Batch, LengthBucketSampler, collate, make_loader, padding_waste
 
 
 def _lengths(n, seed=0, low=1, high=60):
@@ -104,7 +104,7 @@ def sst2_lengths():
     from transformers import AutoTokenizer
 
     from fastkd.data import load_texts, tokenize
-    from fastkd.teacher import default_teacher_path
+    from fastkd.models.teacher import default_teacher_path
 
     tok = AutoTokenizer.from_pretrained(default_teacher_path())
     return np.asarray(tokenize(load_texts("sst2", "train"), tok, max_length=128)["length"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastkd.cache import TeacherCache, default_root, prefer_scores
+from fastkd.cache.store import TeacherCache, default_root, prefer_scores
 from fastkd.digest import fingerprint_dataset, fingerprint_model, fingerprint_tokenizer
 
 H, D_HEAD, D_MODEL, C = 3, 4, 10, 5
@@ -168,7 +168,7 @@ def test_stale_manifest_key_is_rebuilt_with_warning(tmp_path, gen, caplog):
     m = json.loads(manifest.read_text())
     m["key"] = "c" * 64
     manifest.write_text(json.dumps(m))
-    with caplog.at_level(logging.WARNING, logger="fastkd.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.cache.store"):
         cache = TeacherCache("disk", tmp_path, KEY)
     assert "stale" in caplog.text and "rebuilding" in caplog.text
     assert cache.get(torch.tensor([0]), lengths[:1]) is None and len(cache) == 0
@@ -180,7 +180,7 @@ def test_stale_manifest_key_is_rebuilt_with_warning(tmp_path, gen, caplog):
 
 def test_dtype_change_is_stale(tmp_path, gen, caplog):
     written_cache(tmp_path, gen)
-    with caplog.at_level(logging.WARNING, logger="fastkd.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.cache.store"):
         cache = TeacherCache("disk", tmp_path, KEY, dtype=torch.bfloat16)
     assert "bfloat16" in caplog.text and len(cache) == 0
 
@@ -194,14 +194,14 @@ def test_altered_shard_bytes_detected_and_rebuilt(tmp_path, gen, caplog, where):
     pos = {"data": len(raw) - 3, "header": 20, "index": 8 + header_len + 2}[where]
     raw[pos] ^= 0x40  # same size: only the checksum can tell
     shard.write_bytes(bytes(raw))
-    with caplog.at_level(logging.WARNING, logger="fastkd.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.cache.store"):
         cache = TeacherCache("disk", tmp_path, KEY)
     assert "checksum" in caplog.text
     assert cache.get(torch.tensor([0]), lengths[:1]) is None and len(cache) == 0
     fill(cache, gen, n=12, batch=4)
     cache.flush()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fastkd.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.cache.store"):
         again = TeacherCache("disk", tmp_path, KEY)
     assert not caplog.text and len(again) == 12
 
@@ -210,7 +210,7 @@ def test_truncated_shard_detected(tmp_path, gen, caplog):
     lengths, _ = written_cache(tmp_path, gen)
     shard = next((tmp_path / KEY).glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-7])
-    with caplog.at_level(logging.WARNING, logger="fastkd.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.cache.store"):
         cache = TeacherCache("disk", tmp_path, KEY)
     assert "truncated" in caplog.text and len(cache) == 0
 
@@ -226,7 +226,7 @@ def test_truncated_shard_detected_even_if_manifest_agrees(tmp_path, gen, caplog)
 
     m["shards"][0].update(bytes=shard.stat().st_size, sha256=sha256_file(shard))
     manifest.write_text(json.dumps(m))
-    with caplog.at_level(logging.WARNING, logger="fastkd.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.cache.store"):
         cache = TeacherCache("disk", tmp_path, KEY)
     assert "outside the file" in caplog.text and len(cache) == 0
 
@@ -234,13 +234,13 @@ def test_truncated_shard_detected_even_if_manifest_agrees(tmp_path, gen, caplog)
 def test_missing_shard_and_missing_manifest(tmp_path, gen, caplog):
     written_cache(tmp_path, gen)
     next((tmp_path / KEY).glob("*.safetensors")).unlink()
-    with caplog.at_level(logging.WARNING, logger="fastkd.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.cache.store"):
         assert len(TeacherCache("disk", tmp_path, KEY)) == 0
     assert "missing" in caplog.text
     caplog.clear()
     written_cache(tmp_path, gen)
     (tmp_path / KEY / "manifest-rank0.json").unlink()  # shards without a manifest: an interrupted write
-    with caplog.at_level(logging.WARNING, logger="fastkd.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.cache.store"):
         assert len(TeacherCache("disk", tmp_path, KEY)) == 0
     assert "no manifest" in caplog.text and not list((tmp_path / KEY).glob("*.safetensors"))
 
@@ -248,7 +248,7 @@ def test_missing_shard_and_missing_manifest(tmp_path, gen, caplog):
 def test_length_mismatch_is_a_warned_miss(tmp_path, gen, caplog):
     cache = TeacherCache("memory", None, KEY)
     lengths, _ = fill(cache, gen, n=4)
-    with caplog.at_level(logging.WARNING, logger="fastkd.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.cache.store"):
         assert cache.get(torch.tensor([0]), lengths[:1] + 1) is None
     assert "tokenisation changed" in caplog.text
 
@@ -369,7 +369,7 @@ def test_fingerprints_follow_weights_tokens_and_vocab():
     import datasets
     from transformers import AutoTokenizer, BertModel
 
-    from fastkd.teacher import default_teacher_path
+    from fastkd.models.teacher import default_teacher_path
     from tests.helpers import tiny_bert_config
 
     torch.manual_seed(0)
@@ -410,8 +410,8 @@ def test_prefer_scores_trade_off():
 def test_cached_capture_matches_teacher_in_another_batch(tmp_path, gen):
     from transformers import BertModel
 
-    from fastkd.batching import collate
-    from fastkd.capture import capture
+    from fastkd.models.capture import capture
+    from fastkd.training.batching import collate
     from tests.helpers import tiny_bert_config
 
     torch.manual_seed(1)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModel, BertModel
 
-from fastkd import capture
-from fastkd.teacher import default_teacher_path
+from fastkd.models.capture import capture
+from fastkd.models.teacher import default_teacher_path
 from tests.helpers import tiny_bert_config
 
 SENTENCES = ["a gorgeous , witty , seductive movie .", "the story is n't worth the paper it 's printed on",

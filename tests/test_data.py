@@ -12,7 +12,7 @@ from fastkd.data import DataNotFoundError, has_splits, label_names, load_texts, 
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from fastkd.teacher import default_teacher_path
+    from fastkd.models.teacher import default_teacher_path
 
     return AutoTokenizer.from_pretrained(default_teacher_path())
 
@@ -208,7 +208,7 @@ def test_glue_pair_task_from_the_data_dir(tmp_path, monkeypatch):
 def test_tokenize_pairs_marks_the_second_segment(tokenizer):
     import datasets
 
-    from fastkd.batching import collate
+    from fastkd.training.batching import collate
 
     ds = datasets.Dataset.from_dict({"text": ["a gripping film", "dull"], "text_pair": ["it is", "very , very dull"],
                                      "label": [1, 0]})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastkd import Distiller, etd
-from fastkd.capture import capture
+from fastkd.models.capture import capture
 from tests.helpers import DEBERTA_V2_VARIANTS, make_family_teacher, tiny_family_model, write_task
 from tests.train_support import args_for, one_thread, read_metrics, run_cli  # noqa: F401
 

@@ -1,4 +1,4 @@
-"""fastkd.device_cache.DeviceCache: the same batches as the host cache (TeacherCache, memory mode), gathered from
+"""fastkd.cache.device.DeviceCache: the same batches as the host cache (TeacherCache, memory mode), gathered from
 flat token-major buffers; misses, partial batches, budget fallback and bad input."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastkd.cache import TeacherCache
-from fastkd.device_cache import DeviceCache
+from fastkd.cache.device import DeviceCache
+from fastkd.cache.store import TeacherCache
 from fastkd.terms import seq_dim
 
 N, H, D, C = 12, 3, 8, 4

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from fastkd import etd
-from fastkd.teacher import default_teacher_path
+from fastkd.models.teacher import default_teacher_path
 from tests.helpers import rel_err, tiny_bert_config, tiny_family_model
 
 FULL_TINY = dict(num_layers=4, hidden_size=32, num_heads=4, intermediate_size=64)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fastkd import losses
-from fastkd.capture import capture
-from fastkd.families import FAMILIES, family_of, ffn_size, sliding_windows
+from fastkd.models.capture import capture
+from fastkd.models.families import FAMILIES, family_of, ffn_size, sliding_windows
 from tests.helpers import FAMILY_TYPES, tiny_family_model
 
 B, L = 2, 13  # odd length; the second sequence is padded from position 9
@@ -173,7 +173,7 @@ def test_etd_per_family_full_size_is_exact_and_a_cut_keeps_units(model_type):
 
 
 def query_of(model, model_type, i):
-    from fastkd.families import layer_module, module_at
+    from fastkd.models.families import layer_module, module_at
 
     params = FAMILIES[model_type].layer_params
     path, part = next((p, k) for p, k in params.items() if k in ("query", "qkv"))
@@ -182,7 +182,7 @@ def query_of(model, model_type, i):
 
 
 def module_of(model, model_type, i):
-    from fastkd.families import layer_module, module_at
+    from fastkd.models.families import layer_module, module_at
 
     params = FAMILIES[model_type].layer_params
     ffn_in = next(path for path, part in params.items() if part in ("ffn_in", "ffn_in_glu"))

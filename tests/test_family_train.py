@@ -116,7 +116,7 @@ def test_pretrained_student_of_another_family_with_the_packaged_teacher(tmp_path
     # the same tokenizer: 2 layers x 96 (12 heads of 8), so TinyBERT's hidden terms go through its projection.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fastkd.teacher import default_teacher_path
+    from fastkd.models.teacher import default_teacher_path
     from tests.helpers import tiny_family_model
 
     tok = AutoTokenizer.from_pretrained(default_teacher_path())
@@ -140,7 +140,7 @@ def test_student_with_another_tokenizer_trains_by_logit_kd_only(tmp_path, data):
     # token-level terms are refused before training; logit KD runs, each model reading its own tokenisation.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fastkd.teacher import default_teacher_path
+    from fastkd.models.teacher import default_teacher_path
 
     student_dir = make_family_teacher(tmp_path / "student", "distilbert", hidden=48, heads=12)
     tiny = {"teacher": default_teacher_path(), "data": data}

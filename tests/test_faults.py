@@ -49,7 +49,7 @@ def test_nan_teacher_stops_the_run_naming_field_layer_and_teacher(tiny, tmp_path
 def test_diverging_run_names_only_a_finite_checkpoint(tiny, tmp_path, method):
     """With a huge lr the run stopped at step 3 naming step-2.pt, which held 19-27 non-finite tensors: the finite
     check ran on the loss only, and a finite loss can have non-finite gradients."""
-    from fastkd.engine import NonFiniteLossError
+    from fastkd.training.engine import NonFiniteLossError
 
     def nonfinite(state):  # written here, independent of the library's own check
         tensors = list(state["model"].values()) + [v for s in state["optimizer"]["state"].values()
@@ -180,7 +180,7 @@ def _student(out: Path) -> dict:
 def test_memory_cache_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
     """--cache memory with 2 epochs: the cache holds fp16, the restarted run's live teacher gave fp32, and 36
     tensors of the resumed student differed (<= 2e-7). The run is stopped right after a mid-epoch-2 checkpoint."""
-    from fastkd import checkpoint
+    from fastkd.training import checkpoint
 
     argv = args_for(tiny, tmp_path / "ref", "tinybert", "--cache", "memory", "--epochs", "2", "--save-every", "4",
                     "--set", "tinybert.pred_epochs=1")
@@ -195,10 +195,10 @@ def test_memory_cache_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr("fastkd.trainer.save_checkpoint", save_then_die)
+    monkeypatch.setattr("fastkd.training.trainer.save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.run(train.parse_config(argv_c), log=lambda *_: None)
-    monkeypatch.setattr("fastkd.trainer.save_checkpoint", real)
+    monkeypatch.setattr("fastkd.training.trainer.save_checkpoint", real)
     train.run(train.parse_config(argv_c + ["--resume"]), log=lambda *_: None)
     a, b = _student(tmp_path / "ref"), _student(crashed)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
@@ -212,15 +212,15 @@ def test_memory_cache_resume_refills_as_the_first_epoch_did(tiny, tmp_path, monk
     epoch 1's batches, so it still ends bit-identical."""
     import contextlib
 
-    from fastkd import checkpoint
-    from fastkd.capture import capture_fields as real_fields
+    from fastkd.models.capture import capture_fields as real_fields
+    from fastkd.training import checkpoint
 
     @contextlib.contextmanager
     def batch_dependent(model, fields):
         with real_fields(model, fields) as read:
             yield lambda out: {k: v * (1 + 1e-3 * (v.numel() % 97)) for k, v in read(out).items()}
 
-    monkeypatch.setattr("fastkd.teacher.capture_fields", batch_dependent)
+    monkeypatch.setattr("fastkd.models.teacher.capture_fields", batch_dependent)
     argv = args_for(tiny, tmp_path / "ref", "tinybert", "--cache", "memory", "--epochs", "2", "--save-every", "4",
                     "--set", "tinybert.pred_epochs=1")
     train.run(train.parse_config(argv), log=lambda *_: None)
@@ -234,10 +234,10 @@ def test_memory_cache_resume_refills_as_the_first_epoch_did(tiny, tmp_path, monk
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr("fastkd.trainer.save_checkpoint", save_then_die)
+    monkeypatch.setattr("fastkd.training.trainer.save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.run(train.parse_config(argv_c), log=lambda *_: None)
-    monkeypatch.setattr("fastkd.trainer.save_checkpoint", real)
+    monkeypatch.setattr("fastkd.training.trainer.save_checkpoint", real)
     lines: list[str] = []
     train.run(train.parse_config(argv_c + ["--resume"]), log=lambda m: lines.append(str(m)))
     a, b = _student(tmp_path / "ref"), _student(crashed)
@@ -409,8 +409,8 @@ def _disk_full(path, nbytes: int = 1000):
 
 def test_a_full_output_disk_stops_cleanly_keeping_the_last_checkpoint(tiny, tmp_path, monkeypatch):
     """A full output disk gave 'RuntimeError ... unexpected pos' and left a partial .tmp."""
-    from fastkd import checkpoint
     from fastkd.disk import DiskFullError
+    from fastkd.training import checkpoint
 
     real, calls = checkpoint.torch.save, {"n": 0}
 
@@ -433,7 +433,7 @@ def test_a_full_output_disk_stops_cleanly_keeping_the_last_checkpoint(tiny, tmp_
 
 def test_a_full_cache_disk_stops_before_the_epoch_checkpoint_without_tmp_shards(tiny, tmp_path, monkeypatch):
     """A full cache disk during cache.flush() lost the epoch with a traceback and left a .tmp shard."""
-    from fastkd import cache
+    from fastkd.cache import store as cache
     from fastkd.disk import DiskFullError
 
     monkeypatch.setattr(cache, "_write_safetensors", lambda path, tensors, metadata: _disk_full(path))

@@ -1,4 +1,4 @@
-"""fastkd inside the transformers Trainer (fastkd.hf.DistillationTrainer) and plain loops (fastkd.Distiller)."""
+"""fastkd inside the transformers Trainer (fastkd.distill.hf.DistillationTrainer) and plain loops (fastkd.Distiller)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def _pair(tiny, **student):
     """The tiny teacher (with its task head) and a student initialised as ``fastkd.train --etd none`` does."""
     from transformers import AutoTokenizer
 
-    from fastkd.encoder import resized_config
-    from fastkd.teacher import load_model
+    from fastkd.models.encoder import resized_config
+    from fastkd.models.teacher import load_model
 
     teacher = load_model(tiny["teacher"], head=True)
     torch.manual_seed(0)  # --seed 0: make_student seeds right before building the student
@@ -30,7 +30,7 @@ def _build(tiny, out, method, args=None, eval_data=True, student=None, **kwargs)
     from transformers import TrainingArguments
 
     from fastkd.data import load_texts
-    from fastkd.hf import DistillationTrainer
+    from fastkd.distill.hf import DistillationTrainer
 
     teacher, student, tok = _pair(tiny, **(student or {}))
     settings = dict(per_device_train_batch_size=64, logging_steps=1, report_to="none", save_strategy="no",
@@ -220,7 +220,7 @@ def test_training_arguments_set_by_the_user_win_and_the_log_says_so(tiny, tmp_pa
     import logging
 
     trainer = _build(tiny, tmp_path / "o", "kd", args={"learning_rate": 1e-3, "num_train_epochs": 1})
-    with caplog.at_level(logging.WARNING, logger="fastkd.hf"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.distill.hf"):
         trainer.train()
     assert trainer.state.global_step == 1  # 48 examples, batch 64: one step in one epoch (the recipe: 3)
     assert "stage 1/1 (kd): 1 epoch(s) (TrainingArguments), learning rate 0.001 (TrainingArguments)" in caplog.text
@@ -229,7 +229,7 @@ def test_training_arguments_set_by_the_user_win_and_the_log_says_so(tiny, tmp_pa
     # Left at TrainingArguments' defaults, the recipe's values apply, and the log names them.
     caplog.clear()
     two = _build(tiny, tmp_path / "t", "tinybert", args={"num_train_epochs": 1})
-    with caplog.at_level(logging.WARNING, logger="fastkd.hf"):
+    with caplog.at_level(logging.WARNING, logger="fastkd.distill.hf"):
         two.train()
     lr = two.distiller.stages[1].lr
     assert f"stage 2/2 (prediction): 1 epoch(s) (TrainingArguments), learning rate {lr:g} (the tinybert recipe)" \
@@ -242,7 +242,7 @@ def test_a_teacher_without_a_task_head_is_refused_at_construction(tiny, tmp_path
     from transformers import AutoModel, TrainingArguments
 
     from fastkd.data import load_texts
-    from fastkd.hf import DistillationTrainer
+    from fastkd.distill.hf import DistillationTrainer
 
     _, student, tok = _pair(tiny)
     headless = AutoModel.from_pretrained(tiny["teacher"])

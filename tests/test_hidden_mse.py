@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastkd import losses  # noqa: E402
-from fastkd.checks import value_checks  # noqa: E402
+from fastkd.losses.checks import value_checks  # noqa: E402
 from tests.helpers import DEVICE, DTYPES, UPSTREAM, hidden_mse_f64, rel_err  # noqa: E402
 from tests.helpers import make_mask as _make_mask  # noqa: E402
 

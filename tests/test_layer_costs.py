@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fastkd import losses
-from fastkd import reference as ref
-from fastkd.layer_costs import layer_costs
+from fastkd.losses import reference as ref
+from fastkd.losses.emd_costs import layer_costs
 from tests.helpers import rel_err
 
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-5, 2e-3), torch.bfloat16: (2e-5, 1e-2)}

@@ -174,7 +174,7 @@ def test_pkd_mse_refuses_a_zero_vector(backend, gen, side):
     h[side][1] = 0.0
     with pytest.raises(ValueError, match=rf"{side}: expected vectors with a direction; found the zero vector"):
         losses.pkd_mse(**h)
-    from fastkd.checks import value_checks
+    from fastkd.losses.checks import value_checks
 
     with value_checks(False):  # the documented eps rule with the checks off: the zero vector's term is 1
         loss = losses.pkd_mse(**h)

@@ -105,7 +105,7 @@ def test_losses_block(tmp_path):
     tok = _tokenizer(tmp_path)
     batch = dict(tok(["the movie was good", "a bad film"], padding=True, return_tensors="pt"))
     student = _bert(3, 48, 12, 96, seed=1).train()
-    scope = _run(_block("from fastkd.capture import ActivationCapture"), teacher=_bert(6, 48, 12, 96, seed=0),
+    scope = _run(_block("from fastkd import ActivationCapture"), teacher=_bert(6, 48, 12, 96, seed=0),
                  student=student, batch=batch)
     assert math.isfinite(float(scope["loss"])) and float(scope["loss"]) > 0
     assert student.bert.encoder.layer[2].attention.self.query.weight.grad is not None

@@ -197,7 +197,7 @@ def test_capture_plan_records_only_what_terms_read():
 
 
 def test_etd_extracts_the_teacher_layers_each_recipe_distils_against():
-    from fastkd.student import mapped_teacher_layers
+    from fastkd.student.make import mapped_teacher_layers
 
     shapes = Shapes(6, 3, 384, 384, 12, 12)
     assert mapped_teacher_layers(build_recipe("tinybert", shapes), 3, 6) == [1, 3, 5]

@@ -3,6 +3,7 @@ DatasetDict objects, hub names (refused clearly offline) and regression labels."
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -81,7 +82,9 @@ def test_datasetdict_in_code(tiny, tmp_path):
     cfg = train.parse_config(argv)
     res = train.run(cfg, log=lambda *_: None, data=dd)
     assert res["test_examples"] == 16
-    assert cfg.task.startswith("datasetdict-")  # the run's identity names the data by fingerprint
+    # The run's identity names the data by fingerprint, in the trainer's own copy: the caller's config is unchanged.
+    assert res["trainer"].cfg.task.startswith("datasetdict-") and not cfg.task.startswith("datasetdict-")
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["identity"]["task"].startswith("datasetdict-")
     with pytest.raises(ValueError, match="data: expected a datasets.Dataset or DatasetDict"):
         train.run(train.parse_config(argv), data={"train": []})
 
@@ -129,7 +132,7 @@ def test_regression_end_to_end_in_fastkd_train(tiny, tmp_path, method):
     from scipy import stats
     from transformers import AutoModelForSequenceClassification
 
-    from fastkd.engine import evaluate
+    from fastkd.training.engine import evaluate
     from tests.helpers import make_teacher
 
     teacher = make_teacher(tmp_path / "encoder", head=False)
@@ -163,7 +166,7 @@ def test_correlations_match_scipy():
     import numpy as np
     from scipy import stats
 
-    from fastkd.engine import correlations
+    from fastkd.training.engine import correlations
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=50)
@@ -180,9 +183,9 @@ def test_regression_through_the_hf_trainer(tiny, tmp_path):
     import torch
     from transformers import AutoTokenizer, TrainingArguments
 
-    from fastkd.encoder import resized_config
-    from fastkd.hf import DistillationTrainer
-    from fastkd.teacher import load_model
+    from fastkd.distill.hf import DistillationTrainer
+    from fastkd.models.encoder import resized_config
+    from fastkd.models.teacher import load_model
 
     teacher = load_model(tiny["teacher"], head=True, num_labels=1, ignore_mismatched_sizes=True)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""``torchrun --nproc-per-node 2`` on the CPU (gloo): fastkd.train and fastkd.hf.DistillationTrainer, each
+"""``torchrun --nproc-per-node 2`` on the CPU (gloo): fastkd.train and fastkd.distill.hf.DistillationTrainer, each
 through the launcher users run, with the Trainer's own DDP (accelerate) for the latter."""
 
 from __future__ import annotations

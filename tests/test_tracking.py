@@ -40,7 +40,7 @@ def test_report_to_a_missing_tracker_fails_before_training(tiny, tmp_path, monke
 
 def test_loss_plot_draws_short_runs_and_dev_accuracy(tiny, tmp_path):
     """4 steps at --log-every 10 once gave blank axes: one point per stage and no marker."""
-    from fastkd.report import loss_figure
+    from fastkd.training.report import loss_figure
 
     run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--log-every", "10"))
     recs = read_metrics(tmp_path / "out")
@@ -60,7 +60,7 @@ def test_loss_plot_draws_short_runs_and_dev_accuracy(tiny, tmp_path):
 
 def test_loss_plot_names_the_stages_and_joins_no_two(tiny, tmp_path):
     # The total loss was one line across stages: it drew a drop (4.5 -> 0.45) that no step made.
-    from fastkd.report import loss_figure
+    from fastkd.training.report import loss_figure
 
     run_cli(args_for(tiny, tmp_path / "out", "tinybert", "--epochs", "2"))
     recs = [r for r in read_metrics(tmp_path / "out") if "loss" in r and "event" not in r]
@@ -76,7 +76,7 @@ def test_loss_plot_names_the_stages_and_joins_no_two(tiny, tmp_path):
 
 
 def test_speedup_is_a_median_with_its_spread(tiny, tmp_path):
-    from fastkd.report import speedup_summary
+    from fastkd.training.report import speedup_summary
 
     res = run_cli(args_for(tiny, tmp_path / "out", "kd", "--latency-runs", "5"))
     assert res["latency_runs"] == 5

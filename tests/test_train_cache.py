@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from fastkd import teacher as teacher_mod
 from fastkd import terms, train
-from fastkd import trainer as trainer_mod
+from fastkd.models import teacher as teacher_mod
+from fastkd.training import trainer as trainer_mod
 from tests.train_support import args_for, read_metrics, run_cli
 
 

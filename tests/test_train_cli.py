@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from fastkd import engine, terms, train
-from fastkd import trainer as trainer_mod
+from fastkd import terms, train
+from fastkd.training import engine
+from fastkd.training import trainer as trainer_mod
 from tests.helpers import make_teacher
 from tests.train_support import args_for, expect_error, run_cli
 

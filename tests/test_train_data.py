@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from fastkd import rundata, train
-from fastkd import teacher as teacher_mod
+from fastkd import train
+from fastkd.models import teacher as teacher_mod
+from fastkd.training import rundata
 from tests.helpers import make_teacher
 from tests.train_support import args_for, read_metrics, run_cli, without
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastkd import train
-from fastkd import trainer as trainer_mod
+from fastkd.training import trainer as trainer_mod
 from tests.train_support import args_for
 
 

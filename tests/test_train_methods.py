@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastkd import distill, train
+from fastkd import train
+from fastkd.distill import distiller as distill
 from tests.helpers import make_sentences, make_teacher, tiny_bert_config
 from tests.train_support import args_for, read_metrics, run_cli
 

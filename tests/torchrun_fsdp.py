@@ -18,8 +18,8 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoTokenizer
 
 from fastkd import Distiller
-from fastkd.encoder import encoder_layers, resized_config
-from fastkd.teacher import load_model
+from fastkd.models.encoder import encoder_layers, resized_config
+from fastkd.models.teacher import load_model
 
 
 def main(teacher_dir: str, out: str) -> None:

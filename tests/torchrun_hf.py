@@ -1,4 +1,4 @@
-"""One rank of the torchrun test (tests/test_torchrun.py): TinyBERT through fastkd.hf.DistillationTrainer.
+"""One rank of the torchrun test (tests/test_torchrun.py): TinyBERT through fastkd.distill.hf.DistillationTrainer.
 
     torchrun --nproc-per-node 2 tests/torchrun_hf.py TEACHER_DIR DATA_DIR OUT_DIR
 """
@@ -13,9 +13,9 @@ import torch
 from transformers import AutoTokenizer, TrainingArguments
 
 from fastkd.data import load_texts
-from fastkd.encoder import resized_config
-from fastkd.hf import DistillationTrainer
-from fastkd.teacher import load_model
+from fastkd.distill.hf import DistillationTrainer
+from fastkd.models.encoder import resized_config
+from fastkd.models.teacher import load_model
 
 
 def main(teacher_dir: str, data_dir: str, out: str) -> None:

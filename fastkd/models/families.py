@@ -4,7 +4,7 @@ An :class:`EncoderFamily` is a declarative description of one architecture: wher
 module's output is the embedding output (``output_hidden_states[0]``), where each layer's Q/K/V come from,
 what the model does to Q and K before its scores (rotary embeddings), what it applies after the last layer
 (a final LayerNorm), whether one layer module is shared by all depths (ALBERT), and which attention
-implementation it needs. Capture (:mod:`fastkd.capture`), the trainer's checks and the recipes' term checks
+implementation it needs. Capture (:mod:`fastkd.models.capture`), the trainer's checks and the recipes' term checks
 read it; adding a family is one :func:`register_family` call here and its parity test (tests/test_families.py).
 
 Attention scores. fastkd's attention losses compute softmax(q·kᵀ/√d) from captured Q and K. That is the
@@ -104,21 +104,21 @@ def _mpnet_scores(attention: nn.Module, bound: inspect.BoundArguments, q, k):
     return scores if bias is None else scores + bias
 
 
-def _resize_deberta(cfg_t, cfg) -> None:
+def _resize_deberta(teacher_config, config) -> None:
     """DeBERTa's pooler is sized by its own attribute, the hidden size in the released models."""
-    if getattr(cfg_t, "pooler_hidden_size", None) == cfg_t.hidden_size:
-        cfg.pooler_hidden_size = cfg.hidden_size
+    if getattr(teacher_config, "pooler_hidden_size", None) == teacher_config.hidden_size:
+        config.pooler_hidden_size = config.hidden_size
 
 
-def _resize_modernbert(cfg_t, cfg) -> None:
+def _resize_modernbert(teacher_config, config) -> None:
     """ModernBERT's per-layer attention types follow the new depth by its own rule (every n-th layer global)."""
-    every = getattr(cfg_t, "global_attn_every_n_layers", None)
-    if getattr(cfg_t, "layer_types", None) is not None and every:
-        cfg.layer_types = ["full_attention" if i % every == 0 else "sliding_attention"
-                           for i in range(cfg.num_hidden_layers)]
+    every = getattr(teacher_config, "global_attn_every_n_layers", None)
+    if getattr(teacher_config, "layer_types", None) is not None and every:
+        config.layer_types = ["full_attention" if i % every == 0 else "sliding_attention"
+                              for i in range(config.num_hidden_layers)]
 
 
-# How ETD cuts a layer: parameter paths inside one layer -> the part each is (fastkd.encoder.LayerParts), whose
+# How ETD cuts a layer: parameter paths inside one layer -> the part each is (fastkd.models.encoder.LayerParts), whose
 # rows/columns ETD slices by kept heads, head dims, FFN units and hidden dims. A part may have several paths
 # (DeBERTa's position projections are cut as its query and key); the first names the LayerParts module. Fused
 # parts: "qkv" ([q | k | v] rows), "qkv_interleaved" ([q_h | k_h | v_h] per head, DeBERTa v1), "ffn_in_glu"
@@ -267,6 +267,11 @@ def has_real_scores(config) -> bool:
     """Whether a model's attention losses read its real score maps (DeBERTa, MPNet) instead of Q and K."""
     family = find_family(config)
     return family is not None and family.real_scores is not None
+
+
+def etd_model_types() -> tuple[str, ...]:
+    """The model types ETD can cut: those whose family gives a layer map (read at each call)."""
+    return tuple(t for f in FAMILIES.values() if f.etd for t in f.model_types)
 
 
 def supported() -> str:

@@ -1,6 +1,6 @@
 """Teacher activations kept in accelerator memory (``--cache device``).
 
-The host caches (:class:`fastkd.cache.TeacherCache`) assemble each padded batch on the CPU, example by example and
+The host caches (:class:`fastkd.cache.store.TeacherCache`) assemble each padded batch on the CPU, example by example and
 field by field, and copy it to the GPU: tens of MiB per step, which for a small teacher on a fast GPU can cost more
 than the forward it replaces. Here every field lives in one flat, token-major buffer on the device, allocated once
 for the whole dataset (its lengths are known up front), and a batch is one ``index_select`` per field plus one
@@ -23,7 +23,8 @@ import torch
 class DeviceCache:
     """Per-example teacher tensors on ``device``, keyed by the example's index in a dataset with ``lengths``.
 
-    Same interface as :class:`fastkd.cache.TeacherCache` for the trainer: ``get(index, lengths)`` returns the padded
+    Same interface as :class:`fastkd.cache.store.TeacherCache` for the trainer: ``get(index, lengths)`` returns the
+    padded
     batch (or None unless every example is stored), ``put(index, lengths, tensors, seq_dims)`` stores a batch,
     ``stats``, ``flush()``. ``budget_bytes``: when the whole dataset's fields would need more, nothing is allocated,
     every ``get`` misses and ``stats["note"]`` says why (the trainer then runs the teacher live).

@@ -3,7 +3,7 @@
 One engine runs every method in :mod:`fastkd.recipes`: a frozen teacher (eval mode, inference mode, SDPA,
 fp16/bf16 on CUDA) whose activations are captured with hooks (only what the recipe reads) or read from an
 activation cache; a student trained with AMP, AdamW (fused on CUDA), warm-up + linear decay, gradient clipping
-and accumulation on length-bucketed, dynamically padded batches (:mod:`fastkd.engine`); dev evaluation with
+and accumulation on length-bucketed, dynamically padded batches (:mod:`fastkd.training.engine`); dev evaluation with
 best-checkpoint selection; JSONL metrics and a loss-curve PNG; resumable checkpoints (``--resume`` after kill -9
 ends with the same weights as an uninterrupted run); DDP under ``torchrun``.
 """
@@ -17,9 +17,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastkd.batching import LengthBucketSampler
-from fastkd.cache import TeacherCache
-from fastkd.checkpoint import (
+from fastkd.cache.choice import cache_bytes, cache_dtype, device_cache_budget, make_cache
+from fastkd.cache.store import TeacherCache
+from fastkd.config import TrainConfig, run_identity
+from fastkd.digest import fingerprint_dataset, fingerprint_tokenizer, model_digest
+from fastkd.disk import DiskFullError, save_model_dir
+from fastkd.distill.distiller import Distiller
+from fastkd.models.families import num_heads
+from fastkd.models.teacher import (
+    TeacherRunner,
+    check_task_head,
+    check_tokenizer,
+    has_task_head,
+    load_model,
+    max_positions,
+    resolve_model_path,
+    teacher_dtype,
+)
+from fastkd.recipes import Shapes, Stage, build_recipe, describe, make_params
+from fastkd.student.make import (
+    StudentSettings,
+    StudentTokens,
+    check_student,
+    etd_batches,
+    make_student,
+    mapped_teacher_layers,
+    student_batch,
+    student_sizes,
+    student_view,
+)
+from fastkd.training.batching import LengthBucketSampler
+from fastkd.training.checkpoint import (
     MetricsLog,
     OutputLock,
     check_output_dir,
@@ -29,11 +57,7 @@ from fastkd.checkpoint import (
     set_rng_state,
     write_run_file,
 )
-from fastkd.config import TrainConfig, run_identity
-from fastkd.digest import fingerprint_dataset, fingerprint_tokenizer, model_digest
-from fastkd.disk import DiskFullError, save_model_dir
-from fastkd.distiller import Distiller
-from fastkd.engine import (
+from fastkd.training.engine import (
     Fit,
     StepState,
     Throughput,
@@ -48,37 +72,10 @@ from fastkd.engine import (
     steps_per_epoch,
     warmup_linear,
 )
-from fastkd.families import num_heads
-from fastkd.finetune import finetune_for_run, run_finetune_settings
-from fastkd.recipes import Shapes, Stage, build_recipe, describe, make_params
-from fastkd.report import RunSummary, finish_run
-from fastkd.rundata import CPU_MAX_EPOCHS, DataSettings, load_run_data
-from fastkd.student import (
-    StudentSettings,
-    StudentTokens,
-    check_student,
-    etd_batches,
-    make_student,
-    mapped_teacher_layers,
-    student_batch,
-    student_sizes,
-    student_view,
-)
-from fastkd.teacher import (
-    TeacherRunner,
-    cache_bytes,
-    cache_dtype,
-    check_task_head,
-    check_tokenizer,
-    device_cache_budget,
-    has_task_head,
-    load_model,
-    make_cache,
-    max_positions,
-    resolve_model_path,
-    teacher_dtype,
-)
-from fastkd.tracking import check_installed, open_trackers
+from fastkd.training.finetune import finetune_for_run, run_finetune_settings
+from fastkd.training.report import RunSummary, finish_run
+from fastkd.training.rundata import CPU_MAX_EPOCHS, DataSettings, load_run_data
+from fastkd.training.tracking import check_installed, open_trackers
 
 
 def _task_head(kind: str, mode: str) -> bool:
@@ -373,7 +370,7 @@ class Trainer:
 
 
 class StageLoop:
-    """What one stage's step loop calls back (fastkd.engine.fit_stage): the forward (teacher outside DDP, then
+    """What one stage's step loop calls back (fastkd.training.engine.fit_stage): the forward (teacher outside DDP, then
     the student's losses), what follows each optimizer step (the kinds' after-step hooks, the metrics line, a
     step checkpoint) and each epoch (the disk cache's shards shared, dev evaluation, the epoch checkpoint)."""
 

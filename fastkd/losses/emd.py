@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.checks import check_float, check_same_device
+from fastkd.losses.checks import check_float, check_same_device
 
 __all__ = ["EMDState", "update_layer_weights"]
 

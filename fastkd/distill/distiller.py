@@ -9,7 +9,7 @@
 ...         out.loss.backward(); opt.step(); opt.zero_grad(); distiller.after_step()
 >>> distiller.save_student("student/", tokenizer)  # a clean transformers model: no projection, no wrapper keys
 
-It is the trainer's loss module (:class:`fastkd.distill.DistillModule`: the student, TinyBERT's ``fit_dense``
+It is the trainer's loss module (:class:`fastkd.distill.distiller.DistillModule`: the student, TinyBERT's ``fit_dense``
 projection, BERT-EMD's layer weights) plus the frozen teacher, which is kept outside the module's parameters,
 buffers and state dict: ``.to()``, DDP, optimizers and checkpoints never see it. The teacher moves to the batch's
 device on first use (fp16 on CUDA, fp32 on a CPU, unless ``teacher_dtype`` says otherwise), runs under
@@ -27,15 +27,16 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from fastkd.batching import Batch
-from fastkd.cache import TeacherCache
+from fastkd.cache.store import TeacherCache
 from fastkd.disk import save_model_dir
-from fastkd.distill import DistillModule
-from fastkd.engine import Dist, current_dist
-from fastkd.families import attention_interface, family_of, has_real_scores, sliding_windows
+from fastkd.losses.checks import value_checks
+from fastkd.models.capture import capture_fields
+from fastkd.models.families import attention_interface, check_window, family_of, has_real_scores, sliding_windows
+from fastkd.models.teacher import TEACHER_DTYPE_CHOICES, TeacherRunner, has_task_head, teacher_dtype
 from fastkd.recipes import Recipe, Shapes, Stage, build_recipe, make_params
-from fastkd.teacher import TEACHER_DTYPES, TeacherRunner, has_task_head, teacher_dtype
-from fastkd.terms import empty_plan, kind_of, reads_score_maps, stage_fields
+from fastkd.terms import Inputs, LossTerm, empty_plan, kind_of, reads_score_maps, stage_fields
+from fastkd.training.batching import Batch
+from fastkd.training.engine import Dist, current_dist
 
 TEACHER_KINDS = ("pretrained", "finetuned")
 
@@ -145,7 +146,7 @@ def check_families(teacher_configs: dict, student_config, recipe: Recipe) -> Non
 
 def window_checks(teacher: nn.Module, student: nn.Module, stage: Stage) -> list[tuple]:
     """(config, layers, what) for the score terms on sliding-window layers (ModernBERT's local layers): each
-    batch is checked against the window (:func:`fastkd.families.check_window`)."""
+    batch is checked against the window (:func:`fastkd.models.families.check_window`)."""
     out = []
     for side, model in ((0, student), (1, teacher)):
         windows = sliding_windows(model.config)
@@ -154,6 +155,82 @@ def window_checks(teacher: nn.Module, student: nn.Module, stage: Stage) -> list[
             if windows and kind_of(term).uses_scores and layers:
                 out.append((model.config, layers, f"{term.kind} ({'teacher' if side else 'student'})"))
     return out
+
+
+class DistillModule(nn.Module):
+    """Student + the recipe's trainable extras (TinyBERT's fit_dense) and BERT-EMD's layer weights."""
+
+    def __init__(self, student: nn.Module, shapes: Shapes, recipe: Recipe, kept_hidden: torch.Tensor | None = None):
+        super().__init__()
+        self.real_scores = has_real_scores(student.config)  # DeBERTa, MPNet: their attention terms read score maps
+        self.student = student
+        self.shapes = shapes
+        self.fit = nn.Linear(shapes.student_hidden, shapes.teacher_hidden) \
+            if shapes.student_hidden != shapes.teacher_hidden else None
+        if self.fit is not None and kept_hidden is not None:
+            # An ETD student's hidden dim j is the teacher's dim kept_hidden[j]: start the projection as that
+            # selection, so the hidden losses begin from what extraction preserved instead of a random map.
+            with torch.no_grad():
+                self.fit.weight.zero_()
+                self.fit.weight[kept_hidden.long(), torch.arange(shapes.student_hidden)] = 1.0
+                self.fit.bias.zero_()
+        # Each stateful kind's state (BERT-EMD's layer weights), made by the kind's own factory, once per name.
+        factories = {kind_of(t).state[0]: kind_of(t).state[1] for s in recipe.stages for t in s.terms
+                     if kind_of(t).state is not None}
+        self.states = nn.ModuleDict({name: make(shapes, recipe.params) for name, make in factories.items()})
+        self.terms: list[LossTerm] = []
+        self.student_fields: list[str] = []
+        self.window_checks: list[tuple] = []  # (config, layers, what): score terms on sliding-window layers
+
+    def set_stage(self, stage: Stage) -> None:
+        self.terms = stage.terms
+        fields = stage_fields(stage.terms, "student", self.shapes.student_layers, real_scores=self.real_scores)
+        self.student_fields = [f for f in fields if f != "logits"]
+
+    def after_step(self, dist) -> None:
+        """The stage's after-step hooks (BERT-EMD's weight update), each once."""
+        for hook in dict.fromkeys(kind_of(t).after_step for t in self.terms if kind_of(t).after_step):
+            hook(self, dist)
+
+    def record(self) -> dict:
+        """Extra fields the stage's kinds add to a logged metrics line (BERT-EMD's layer weights)."""
+        out: dict = {}
+        for t in self.terms:
+            if kind_of(t).record is not None:
+                out.update(kind_of(t).record(self))
+        return out
+
+    def project(self, h):
+        """(h, W, b) of TinyBERT's fit_dense in h's dtype, or (h, None, None) at equal widths."""
+        if self.fit is None:
+            return h, None, None
+        return h, self.fit.weight.to(h.dtype), self.fit.bias.to(h.dtype)
+
+    def forward(self, input_ids, attention_mask, labels, teacher: dict[str, torch.Tensor], token_type_ids=None):
+        total, terms, _ = self.distill(input_ids, attention_mask, labels, teacher, token_type_ids)
+        return total, terms
+
+    def distill(self, input_ids, attention_mask, labels, teacher: dict[str, torch.Tensor], token_type_ids=None):
+        """(total, {kind: weighted value}, the student's logits or None) of the stage's terms on one batch."""
+        mask = attention_mask.bool()
+        for config, layers, what in self.window_checks:
+            check_window(config, layers, input_ids.shape[1], what)
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        with capture_fields(self.student, self.student_fields) as read:
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask, **segments)
+            s = read(out)
+        inputs = Inputs(s, teacher, getattr(out, "logits", None), labels, mask, self)
+        # The collator's masks always hold [CLS]: skip the per-call mask value checks (each is a host sync).
+        # The losses run outside autocast: the teacher's tensors are half precision (an fp16/bf16 teacher or the
+        # cache), and under autocast torch.stack/cat refuse a dtype other than autocast's own ("Unexpected
+        # floating ScalarType in at::autocast::prioritize"), so fp16 teacher + bf16 AMP -- the GPU defaults --
+        # failed. Each loss computes in fp32 internally; the fused kernels take mixed dtypes. Teacher tensors go
+        # in as they are: casting them to the student's dtype would only cost a copy each (and round fp16 to bf16).
+        terms: dict[str, torch.Tensor] = {}
+        with value_checks(False), torch.autocast(input_ids.device.type, enabled=False):
+            for term in self.terms:
+                terms[term.kind] = terms.get(term.kind, 0.0) + term.weight * kind_of(term).compute(inputs, term)
+        return sum(terms.values()), terms, inputs.logits
 
 
 class Distiller(DistillModule):
@@ -173,8 +250,8 @@ class Distiller(DistillModule):
             recipe = method
         else:
             recipe = build_recipe(method, shapes, make_params(method, settings), mode=mode, epochs=epochs)
-        if teacher_dtype != "auto" and teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"teacher_dtype: expected 'auto' or one of {tuple(TEACHER_DTYPES)}, got "
+        if teacher_dtype not in TEACHER_DTYPE_CHOICES:
+            raise ValueError(f"teacher_dtype: expected one of {TEACHER_DTYPE_CHOICES}, got "
                              f"{teacher_dtype!r}")
         if cache not in ("off", "memory"):
             raise ValueError(f"cache: expected 'off' or 'memory', got {cache!r}")
@@ -309,7 +386,7 @@ class Distiller(DistillModule):
 
     def extras_state(self) -> dict[str, torch.Tensor]:
         """Everything of the distiller but the student (projection, EMD layer weights): what a resume needs."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+        return split_student_state(self.state_dict())[1]
 
     def save_student(self, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
         """Write the student (``save_pretrained``, plus the tokenizer when given) into ``folder``, atomically.
@@ -317,11 +394,16 @@ class Distiller(DistillModule):
         ``get_model_state_dict(..., full_state_dict=True)``); its ``student.`` keys are written."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        student = None
-        if state_dict is not None:
-            student = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
+        student = None if state_dict is None else split_student_state(state_dict)[0]
         save_model_dir(folder, _Saver(self.student, student), *([tokenizer] if tokenizer is not None else []))
         return folder
+
+
+def split_student_state(state_dict: dict) -> tuple[dict, dict]:
+    """(the student's own state dict, without the ``student.`` prefix: what ``from_pretrained`` expects; the
+    distiller's other entries: projection, stateful kinds' state) of a distiller's full state dict."""
+    student = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
+    return student, {k: v for k, v in state_dict.items() if not k.startswith("student.")}
 
 
 class _Saver:

@@ -44,7 +44,7 @@ from fastkd.digest import (
 )
 from fastkd.disk import writing
 
-log = logging.getLogger("fastkd.cache")
+log = logging.getLogger("fastkd.cache.store")
 
 MODES = ("off", "memory", "disk")
 FORMAT_VERSION = 1
@@ -223,7 +223,7 @@ def check_index(index, lengths) -> tuple[list[int], list[int]]:
 
 class ActivationCache(Protocol):
     """What the trainer asks of a teacher-activation cache; :class:`TeacherCache` (memory or disk shards) and
-    :class:`fastkd.device_cache.DeviceCache` (GPU buffers) implement it."""
+    :class:`fastkd.cache.device.DeviceCache` (GPU buffers) implement it."""
 
     def get(self, index: torch.Tensor, lengths: torch.Tensor, *, count: bool = True) -> dict[str, torch.Tensor] | None:
         """Every field of the batch's examples (None unless all of them are stored)."""

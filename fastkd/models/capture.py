@@ -1,6 +1,6 @@
 """Capture activations from transformers encoders without ``output_attentions``.
 
-Forward hooks record exactly what a recipe asks for, at the places the model's :class:`~fastkd.families.
+Forward hooks record exactly what a recipe asks for, at the places the model's :class:`~fastkd.models.families.
 EncoderFamily` names: the embedding output, each layer's output (the final LayerNorm's for the last layer where
 the model has one), and each layer's Q/K/V, after the model's rotary step where it has one. The model keeps its
 fast (SDPA) attention path where it has one: no L×L map is ever materialised, and only the requested layers are
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastkd.families import as_heads, base_model, family_of, layer_module, module_at
+from fastkd.models.families import as_heads, base_model, family_of, layer_module, module_at
 from fastkd.terms import BUILTIN_SEQ_DIMS, captured_field, parse_field
 
 
@@ -61,7 +61,7 @@ class ActivationCapture:
         layer_fields: dict[str, Iterable[int]] | None = None,
     ):
         """``scores``: layers whose real attention scores to record, for a family whose scores Q and K alone do
-        not give (:attr:`fastkd.families.EncoderFamily.real_scores`). ``layer_fields``: {name: layers} of the
+        not give (:attr:`fastkd.models.families.EncoderFamily.real_scores`). ``layer_fields``: {name: layers} of the
         fields loss kinds declare (:class:`fastkd.terms.CapturedField`: a module's output inside each layer)."""
         self.family = family_of(model)
         self.family.check_layout(base_model(model).config, "model")

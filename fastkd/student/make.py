@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastkd.batching import Batch, LengthBucketSampler, collate
-from fastkd.distiller import check_families, token_level_terms
-from fastkd.encoder import resized_config
-from fastkd.engine import batches_for_epoch
+from fastkd.distill.distiller import check_families, token_level_terms
+from fastkd.models.encoder import resized_config
 from fastkd.recipes import Recipe
+from fastkd.training.batching import Batch, LengthBucketSampler, collate
+from fastkd.training.engine import batches_for_epoch
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class StudentSettings:
 
 
 def etd_batches(dataset, batch_size: int, pad_token_id: int, seed: int):
-    """Labelled (when known) batches as dicts for fastkd.etd's importance pass."""
+    """Labelled (when known) batches as dicts for fastkd.student.etd's importance pass."""
     sampler = LengthBucketSampler(dataset["length"], batch_size, seed=seed, shuffle=True)
     for b in batches_for_epoch(sampler, dataset, pad_token_id):
         d = b.model_inputs()
@@ -61,7 +61,7 @@ def student_sizes(st: StudentSettings) -> tuple[int, int, int]:
         return st.layers, st.hidden, st.heads
     from transformers import AutoConfig
 
-    from fastkd.families import num_heads
+    from fastkd.models.families import num_heads
 
     if st.etd not in ("none", "auto"):
         raise ValueError(f"--etd: {st.etd} extracts a student from the teacher, and --student gives one; use one")
@@ -144,7 +144,7 @@ def etd_strategy(etd: str, teacher: nn.Module, sizes: tuple[int, int, int, int],
     majority class on a CPU budget), else random initialisation, saying why."""
     if etd != "auto":
         return etd
-    from fastkd.encoder import student_config
+    from fastkd.models.encoder import student_config
 
     layers, hidden, heads, ffn = sizes
     try:
@@ -161,11 +161,11 @@ def etd_strategy(etd: str, teacher: nn.Module, sizes: tuple[int, int, int, int],
 def make_student(teacher: nn.Module, st: StudentSettings, data=None, log=print, num_batches: int = 64,
                  layers: list[int] | None = None) -> tuple[nn.Module, torch.Tensor | None]:
     """(student, kept teacher hidden dims or None): a pretrained ``--student`` with a fresh task head the
-    teacher's size, ETD extraction (``--etd impt|rand``, fastkd.etd) or, with ``--etd none``, the teacher's class
-    randomly initialised."""
+    teacher's size, ETD extraction (``--etd impt|rand``, fastkd.student.etd) or, with ``--etd none``, the
+    teacher's class randomly initialised."""
     torch.manual_seed(st.seed)
     if st.path is not None:
-        from fastkd.teacher import load_model
+        from fastkd.models.teacher import load_model
 
         tc = teacher.config
         student = load_model(st.path, head=True, num_labels=tc.num_labels, id2label=tc.id2label,
@@ -177,7 +177,7 @@ def make_student(teacher: nn.Module, st: StudentSettings, data=None, log=print, 
         return student, None
     strategy = etd_strategy(st.etd, teacher, (st.layers, st.hidden, st.heads, st.ffn), log)
     if strategy != "none":
-        from fastkd.etd import extract_student
+        from fastkd.student.etd import extract_student
 
         log(f"student: extracting with ETD ({strategy}) from the teacher"
             + (f" (importance over {num_batches} batches)" if strategy == "impt" else "")
