@@ -346,7 +346,7 @@ def _commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "fastkd/losses.py"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "fastkd/losses"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("+uncommitted kernel changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -177,9 +177,9 @@ def _student(out: Path) -> dict:
     return load_file(out / "student" / "model.safetensors")
 
 
-def test_memory_cache_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
-    """--cache memory with 2 epochs: the cache holds fp16, the restarted run's live teacher gave fp32, and 36
-    tensors of the resumed student differed (<= 2e-7). The run is stopped right after a mid-epoch-2 checkpoint."""
+def _memory_cache_run_killed_and_resumed(tiny, tmp_path, monkeypatch) -> tuple[dict, dict, list[str]]:
+    """(the uninterrupted run's student, the resumed run's student, the resumed run's log): --cache memory, 2
+    epochs, the second run stopped right after a mid-epoch-2 checkpoint and resumed."""
     from fastkd.training import checkpoint
 
     argv = args_for(tiny, tmp_path / "ref", "tinybert", "--cache", "memory", "--epochs", "2", "--save-every", "4",
@@ -199,8 +199,15 @@ def test_memory_cache_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.run(train.parse_config(argv_c), log=lambda *_: None)
     monkeypatch.setattr("fastkd.training.trainer.save_checkpoint", real)
-    train.run(train.parse_config(argv_c + ["--resume"]), log=lambda *_: None)
-    a, b = _student(tmp_path / "ref"), _student(crashed)
+    lines: list[str] = []
+    train.run(train.parse_config(argv_c + ["--resume"]), log=lambda m: lines.append(str(m)))
+    return _student(tmp_path / "ref"), _student(crashed), lines
+
+
+def test_memory_cache_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
+    """--cache memory with 2 epochs: the cache holds fp16, the restarted run's live teacher gave fp32, and 36
+    tensors of the resumed student differed (<= 2e-7)."""
+    a, b, _ = _memory_cache_run_killed_and_resumed(tiny, tmp_path, monkeypatch)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
@@ -213,7 +220,6 @@ def test_memory_cache_resume_refills_as_the_first_epoch_did(tiny, tmp_path, monk
     import contextlib
 
     from fastkd.models.capture import capture_fields as real_fields
-    from fastkd.training import checkpoint
 
     @contextlib.contextmanager
     def batch_dependent(model, fields):
@@ -221,26 +227,7 @@ def test_memory_cache_resume_refills_as_the_first_epoch_did(tiny, tmp_path, monk
             yield lambda out: {k: v * (1 + 1e-3 * (v.numel() % 97)) for k, v in read(out).items()}
 
     monkeypatch.setattr("fastkd.models.teacher.capture_fields", batch_dependent)
-    argv = args_for(tiny, tmp_path / "ref", "tinybert", "--cache", "memory", "--epochs", "2", "--save-every", "4",
-                    "--set", "tinybert.pred_epochs=1")
-    train.run(train.parse_config(argv), log=lambda *_: None)
-    crashed = tmp_path / "crashed"
-    argv_c = [str(crashed) if a == str(tmp_path / "ref") else a for a in argv]
-    real = checkpoint.save_checkpoint
-
-    def save_then_die(out, state, *args):
-        path = real(out, state, *args)
-        if state["global_step"] == 8:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr("fastkd.training.trainer.save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(train.parse_config(argv_c), log=lambda *_: None)
-    monkeypatch.setattr("fastkd.training.trainer.save_checkpoint", real)
-    lines: list[str] = []
-    train.run(train.parse_config(argv_c + ["--resume"]), log=lambda m: lines.append(str(m)))
-    a, b = _student(tmp_path / "ref"), _student(crashed)
+    a, b, lines = _memory_cache_run_killed_and_resumed(tiny, tmp_path, monkeypatch)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert "resume: refilled the in-memory teacher cache over the stage's first 6 batches of epoch 1" in \
         "\n".join(lines)
