@@ -1,4 +1,4 @@
-"""``fastkd.distill.hf.DistillationTrainer``: any fastkd method inside the transformers ``Trainer``.
+"""``fastkd.hf.DistillationTrainer`` (public path ``fastkd.hf``): any fastkd method inside the transformers ``Trainer``.
 
 >>> trainer = DistillationTrainer(model=student, teacher_model=teacher, method="tinybert",
 ...                               args=TrainingArguments("out", report_to="tensorboard"),
