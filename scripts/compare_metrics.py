@@ -36,9 +36,13 @@ import json, sys, torch
 from pathlib import Path
 from transformers import AutoTokenizer, TrainingArguments
 from fastkd.data import load_texts
-from fastkd.models.encoder import resized_config
-from fastkd.distill.hf import DistillationTrainer
-from fastkd.models.teacher import load_model
+from fastkd.hf import DistillationTrainer  # a public path in every layout
+try:
+    from fastkd.models.encoder import resized_config
+    from fastkd.models.teacher import load_model
+except ImportError:  # a tree from before the subpackages
+    from fastkd.encoder import resized_config
+    from fastkd.teacher import load_model
 from tests.helpers import make_teacher, write_task
 work, method = Path(sys.argv[1]), sys.argv[2]
 teacher_dir, data = make_teacher(work / "teacher"), write_task(work / "data")
@@ -104,7 +108,7 @@ def compare(method: str, base: list[dict], new: list[dict]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("base", help="the commit to compare against (e.g. HEAD~3)")
-    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--hf-methods", nargs="*", default=METHODS, help="methods also run through DistillationTrainer")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fastkd-compare-") as tmp:
