@@ -105,28 +105,30 @@ def check_transport(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_name
         raise ValueError(f"{b_name}: expected shape [P, N] = [{P}, {N}], got {tuple(b.shape)}")
 
 
-def check_finite(mask: torch.Tensor | None = None, *, batch_dim: int = 0, seq_dim: int | None = None,
+def check_finite(mask: torch.Tensor | None = None, *, batch_dim: int = 0, seq_dim: int | dict[str, int] | None = None,
                  **tensors: torch.Tensor | None) -> None:
     """Every tensor holds only finite values at its valid positions (``mask`` [B, L] bool over ``batch_dim`` and
-    ``seq_dim``; padded positions may hold anything, no loss reads them). One device-to-host sync for all of
-    them; a data-dependent check, so off with the other value checks. A NaN teacher would otherwise be zeroed
-    by the softmax-based losses (loss 0, NaN gradients) instead of failing."""
+    ``seq_dim``; padded positions may hold anything, no loss reads them). ``seq_dim`` may be {name: dim} when
+    the tensors keep their tokens at different dims (a tensor not named there is checked whole). One
+    device-to-host sync for all of them; a data-dependent check, so off with the other value checks. A NaN
+    teacher would otherwise be zeroed by the softmax-based losses (loss 0, NaN gradients) instead of failing."""
     if not _value_checks:
         return
     items = [(name, x) for name, x in tensors.items() if x is not None and x.numel()]
     if not items:
         return
+    dims = seq_dim if isinstance(seq_dim, dict) else {name: seq_dim for name, _ in items}
     flags = []
-    for _, x in items:
+    for name, x in items:
         ok = torch.isfinite(x)
-        if mask is not None and seq_dim is not None:
+        if mask is not None and dims.get(name) is not None:
             shape = [1] * x.dim()
-            shape[batch_dim], shape[seq_dim] = mask.shape
+            shape[batch_dim], shape[dims[name]] = mask.shape
             ok = ok | ~mask.reshape(shape)
         flags.append(ok.all())
     for (name, _), finite in zip(items, torch.stack(flags).tolist(), strict=True):
         if not finite:
-            where = " at valid (unmasked) positions" if mask is not None and seq_dim is not None else ""
+            where = " at valid (unmasked) positions" if mask is not None and dims.get(name) is not None else ""
             raise ValueError(f"{name}: expected finite values{where}, found NaN or inf")
 
 

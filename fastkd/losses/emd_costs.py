@@ -133,9 +133,8 @@ def layer_costs(h_s: torch.Tensor | None = None, h_t: torch.Tensor | None = None
     mask = check_mask(mask, *shapes[0])
     # NaN/inf at a valid position of either side, as hidden_mse and attention_mse refuse it (it once came out as
     # NaN costs); h [K, B, L, d] and q/k [K, B, H, L, d] put the batch at dim 1 and the tokens at 2 and 3.
-    check_finite(mask, batch_dim=1, seq_dim=2, h_s=h_s, h_t=h_t)
-    check_finite(mask, batch_dim=1, seq_dim=3, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
-    check_finite(weight=weight, bias=bias)
+    check_finite(mask, batch_dim=1, seq_dim={"h_s": 2, "h_t": 2, "q_s": 3, "k_s": 3, "q_t": 3, "k_t": 3},
+                 h_s=h_s, h_t=h_t, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t, weight=weight, bias=bias)  # one sync
     if h_s is not None:
         hidden = hidden_costs(h_s, h_t, weight, bias, mask)
     if q_s is not None:
