@@ -18,7 +18,14 @@ from bench.harness import (  # noqa: F401
     write_results,
 )
 
-# ---------------------------------------------------------------- collection
+# ---------------------------------------------------------------- options and collection
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tta-full", action="store_true", default=False,
+                     help="bench_time_to_accuracy: the full table (SST-2 and AG News, 3x384 and 3x192) instead of "
+                          "the short case")
+
 
 
 def pytest_collect_file(file_path: Path, parent):

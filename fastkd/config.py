@@ -145,10 +145,11 @@ class TrainConfig:
                                             f"GPU, {CPU_TRAIN_EXAMPLES} on a CPU)", check=count_or_all, identity=True)
     max_dev_examples: int | None = option(None, f"dev examples (0: all; default: all on a GPU, {CPU_DEV_EXAMPLES} "
                                           "on a CPU)", check=count_or_all)
-    teacher_dtype: str = option("auto", "precision of the frozen teacher (auto: fp16 on CUDA, fp32 on a CPU)",
+    teacher_dtype: str = option("auto", "precision of the frozen teacher (auto: fp16 on CUDA; bf16 on a CPU with native bf16 "
+                                "(AVX512-BF16, AMX), else fp32)",
                                 choices=TEACHER_DTYPE_CHOICES)
-    amp: str = option("auto", "student autocast (auto: bf16 where supported, else fp16 with loss scaling, on CUDA; "
-                      "off on a CPU)", choices=("auto", "bf16", "fp16", "off"))
+    amp: str = option("auto", "student autocast (auto: bf16 where the device computes it natively, a CPU with "
+                      "AVX512-BF16/AMX included; else fp16 with loss scaling on CUDA, off on a CPU)", choices=("auto", "bf16", "fp16", "off"))
     cache: str = option("auto", "teacher activations: host memory, disk shards (reused by later runs), or "
                         "accelerator memory (device: one gather per field and batch); auto = device on a single GPU "
                         "when the dataset's activations fit half its free memory, else memory",
@@ -175,6 +176,9 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
     seed: int = option(0, "seed of data order, dropout and ETD-Rand", check=non_negative, identity=True)
     log_every: int = option(10, "optimizer steps between metrics.jsonl lines", check=positive)
+    eval_every: int = option(0, "dev evaluation every N optimizer steps, counted over all stages, besides each "
+                             "epoch's end (0: only there); each eval line records train_s, the training time so far "
+                             "without evaluations and checkpoints", check=non_negative)
     report_to: str = option("none", "also send the metrics to tensorboard (<output-dir>/tensorboard), wandb, or "
                             "several (comma-separated), through their own libraries", check=check_report_to)
     latency_runs: int = option(20, "timed batch-1 forward passes per model for the final CPU speed-up, teacher and "

@@ -60,6 +60,7 @@ from fastkd.training.checkpoint import (
 from fastkd.training.engine import (
     Fit,
     StepState,
+    Stopwatch,
     Throughput,
     adamw,
     autocast_dtype,
@@ -144,7 +145,7 @@ class Trainer:
         self.tokenizer_fp = fingerprint_tokenizer(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if self.on_cpu and cfg.teacher_dtype == "auto":
-            self.log("teacher: fp32 on the CPU (half-precision matmuls are slow on CPUs); fp16 on CUDA")
+            self.log(cpu_precision_note(self.teacher_dtype, self.amp))
         run_data = load_run_data(self.data_settings, self.tokenizer, on_cpu=self.on_cpu,
                                  needs_general=any(s.data == "general" for s in self.recipe.stages),
                                  finetunes=not has_task_head(tconf), log=self.log, task_data=self.task_data)
@@ -251,6 +252,7 @@ class Trainer:
         ckpt = self._resume()
         self.best = ckpt["best"] if ckpt else None
         self.state = StepState(global_step=ckpt["global_step"] if ckpt else 0)
+        self.clock = Stopwatch()  # training time without evaluations and checkpoints (eval records' train_s)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         torch.manual_seed(self.cfg.seed + self.dist.rank)
         heads = [i for i, s in enumerate(self.recipe.stages) if s.trains_head]
@@ -273,7 +275,7 @@ class Trainer:
                                       rank=self.dist.rank, world_size=self.dist.world_size)
         total = steps_per_epoch(sampler, cfg.grad_accum) * stage.epochs
         params = [p for p in self.module.parameters() if p.requires_grad]
-        opt = adamw(params, stage.lr, cfg.weight_decay, fused=not self.on_cpu)
+        opt = adamw(params, stage.lr, cfg.weight_decay)
         fit = Fit(self.model, list(self.module.parameters()), opt, warmup_linear(opt, total, cfg.warmup),
                   self.scaler, self.device, self.dist, self.amp, cfg.grad_accum, cfg.max_grad_norm, stage.name,
                   f"stage {stage.name}", cfg.progress,
@@ -324,30 +326,39 @@ class Trainer:
             state = {**state, "model": self.module.state_dict(), "tag": tag}
             self.last_ckpt = save_checkpoint(self.out_dir, state, self.cfg.keep_checkpoints, self.last_ckpt)
 
-    def _end_epoch(self, si: int, stage: Stage, fit: Fit) -> None:
-        epoch = self.state.epoch
-        rec = {"step": self.state.global_step, "stage": stage.name, "epoch": epoch, "event": "eval"}
+    def _evaluate(self, si: int, stage: Stage, where: str) -> None:
+        """Dev evaluation (best-student selection in the last stage that trains the head), its time kept out of
+        the training clock; the record holds train_s, the training time so far."""
+        epoch, train_s = self.state.epoch, self.clock.train_s
+        rec = {"step": self.state.global_step, "stage": stage.name, "epoch": epoch, "event": "eval",
+               "train_s": round(train_s, 3)}
         student = self.module.student
+        t0 = time.perf_counter()
         if self.data.get("dev") is not None and hasattr(student, "classifier"):
             dev, pad = student_view(self.student_tokens, self.data, "dev", self.pad_id)
             metrics = evaluate(student, dev, 64, self.device, pad)
             key = f"dev_{primary_metric(metrics)}"
             rec.update({f"dev_{k}": v for k, v in metrics.items()})
-            self.log(f"stage {stage.name} epoch {epoch + 1}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in
-                                                                         metrics.items()))
+            self.log(f"stage {stage.name} {where}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in metrics.items()))
             if si == self.last_head_stage and (self.best is None or rec[key] > self.best[key]):
                 self.best = {key: rec[key], "stage": stage.name, "epoch": epoch, "step": self.state.global_step}
                 if self.dist.main:
                     save_model_dir(self.out_dir / "best", student, self.student_tok or self.tokenizer,
                                    kept=f"the last good checkpoint is {self.last_ckpt}")
                 rec["best"] = True
+        rec["eval_s"] = round(time.perf_counter() - t0, 3)
         self.metrics.write(rec)
-        # The epoch-end checkpoint resumes at the next epoch (or the next stage).
-        st = self._ckpt_state(si, fit, None)
-        st.update(epoch=epoch + 1, sampler=None)
-        if epoch + 1 >= stage.epochs:
-            st.update(stage=si + 1, epoch=0, stage_step=0)
-        self._save(st, "epoch")
+
+    def _end_epoch(self, si: int, stage: Stage, fit: Fit) -> None:
+        epoch = self.state.epoch
+        with self.clock.paused():
+            self._evaluate(si, stage, f"epoch {epoch + 1}")
+            # The epoch-end checkpoint resumes at the next epoch (or the next stage).
+            st = self._ckpt_state(si, fit, None)
+            st.update(epoch=epoch + 1, sampler=None)
+            if epoch + 1 >= stage.epochs:
+                st.update(stage=si + 1, epoch=0, stage_step=0)
+            self._save(st, "epoch")
 
     def finish(self, t_start: float) -> dict:
         c = self.cfg
@@ -378,6 +389,7 @@ class StageLoop:
         self.tr, self.si, self.fit, self.sampler, self.cache, self.total = tr, si, fit, sampler, cache, total
         self.stage = tr.recipe.stages[si]
         self.throughput = Throughput()
+        self.steps_per_epoch = max(1, total // max(1, self.stage.epochs))
 
     def forward(self, batch, host):
         tr = self.tr
@@ -397,7 +409,12 @@ class StageLoop:
                               **tr.module.record()})
             state.samples = 0
         if cfg.save_every and state.global_step % cfg.save_every == 0:
-            tr._save(tr._ckpt_state(self.si, self.fit, self.sampler, consumed=state.consumed), "step")
+            with tr.clock.paused():
+                tr._save(tr._ckpt_state(self.si, self.fit, self.sampler, consumed=state.consumed), "step")
+        # --eval-every: on a schedule over all stages; an epoch's last step is evaluated by its epoch end
+        if cfg.eval_every and state.global_step % cfg.eval_every == 0 and state.stage_step % self.steps_per_epoch:
+            with tr.clock.paused():
+                tr._evaluate(self.si, self.stage, f"step {state.global_step}")
 
     def on_epoch_end(self, state: StepState) -> None:
         tr = self.tr
@@ -408,6 +425,16 @@ class StageLoop:
             self.cache.refresh()
         tr._end_epoch(self.si, self.stage, self.fit)
         self.throughput.rate(0, 1)
+
+
+def cpu_precision_note(teacher: torch.dtype, amp: torch.dtype | None) -> str:
+    """Why a CPU run's teacher and student compute in what they do (--teacher-dtype auto, --amp auto)."""
+    if teacher == torch.bfloat16:
+        return ("precision: this CPU computes bf16 natively (AVX512-BF16/AMX), so the teacher runs in bf16 and the "
+                f"student under {'bf16 autocast' if amp == torch.bfloat16 else 'no autocast (--amp)'}, about twice as "
+                "fast as fp32; the losses and the optimizer stay fp32 (--teacher-dtype fp32 --amp off for fp32)")
+    return ("precision: fp32 teacher and student (this CPU has no native bf16, and fp16 or emulated bf16 matmuls "
+            "are slower than fp32 on CPUs)")
 
 
 def data_settings(cfg: TrainConfig) -> DataSettings:
