@@ -183,7 +183,8 @@ def check_losses(prep: dict, argv: list[str], work: Path, rtol: float, log) -> d
               "rtol": rtol, "losses": out}
     result["equal"] = result["max_rel_diff_fp32"] <= rtol
     log(f"  losses over {len(ref)} steps: fastkd fp32 vs TextBrewer max relative difference "
-        f"{result['max_rel_diff_fp32']:.2e} (tolerance {rtol:g}); fastkd's bf16 default {result['max_rel_diff_default']:.2e}")
+        f"{result['max_rel_diff_fp32']:.2e} (tolerance {rtol:g}); fastkd's bf16 default "
+        f"{result['max_rel_diff_default']:.2e}")
     return result
 
 
@@ -197,7 +198,7 @@ def summarize(trace: dict, teacher_acc: float, budget_s: float | None) -> dict:
     out = {"train_s": train_s, "samples_per_s": samples / train_s, "eval_s": sum(e["eval_s"] for e in evals),
            "stages": [{**s, "samples_per_s": s["samples"] / s["train_s"]} for s in trace["stages"]],
            "final_dev_acc": evals[-1]["dev_acc"], "best_dev_acc": max(e["dev_acc"] for e in evals),
-           "peak_rss_mib": trace["peak_rss_mib"], "wall_s": trace["wall_s"]}
+           "peak_rss_mib": trace["peak_rss_mib"], "wall_s": trace["wall_s"], "capped": trace.get("capped", False)}
     for target in TARGETS:
         hit = next((e for e in evals if e["dev_acc"] >= target * teacher_acc), None)
         key = f"{round(target * 100)}pct"
@@ -230,7 +231,8 @@ def case_table(case: dict) -> list[str]:
             return "not reached" if t is None else f"{t:.1f} ({n})"
 
         speedup = ratio(r["time_to_97pct_s"], ref and ref["time_to_97pct_s"]) if name != "fastkd" else None
-        lines.append(f"| {name} | {rates} | {r['train_s']:.1f} | {hit('95pct')} | {hit('97pct')} | "
+        capped = " (stopped)" if r["capped"] else ""
+        lines.append(f"| {name} | {rates} | {r['train_s']:.1f}{capped} | {hit('95pct')} | {hit('97pct')} | "
                      f"{r.get('best_within_budget') or float('nan'):.4f} | {r['final_dev_acc']:.4f} | "
                      f"{r['eval_s']:.1f} | {r['peak_rss_mib']:.0f} | "
                      f"{'' if speedup is None else f'{speedup:.2f}x'} |")
@@ -240,24 +242,28 @@ def case_table(case: dict) -> list[str]:
 def headline(case: dict) -> list[str]:
     rows, out = case["summary"], []
     fk, tb = rows.get("fastkd"), rows.get("textbrewer-etd")
+    if fk and tb and not tb["capped"]:
+        fp32 = rows.get("fastkd-fp32")
+        out.append(f"- samples/s over both stages, same batches and ETD init: fastkd "
+                   f"{ratio(fk['samples_per_s'], tb['samples_per_s']):.2f}x TextBrewer's"
+                   + (f" (fastkd at fp32: {ratio(fp32['samples_per_s'], tb['samples_per_s']):.2f}x)" if fp32 else ""))
     if fk and tb:
-        out.append(f"- samples/s, same batches and ETD init: fastkd {ratio(fk['samples_per_s'], tb['samples_per_s']):.2f}x "
-                   f"TextBrewer" + (f" (fastkd fp32 {ratio(rows['fastkd-fp32']['samples_per_s'], tb['samples_per_s']):.2f}x)"
-                                    if "fastkd-fp32" in rows else ""))
         out.append(f"- peak RSS: fastkd {ratio(fk['peak_rss_mib'], tb['peak_rss_mib']):.2f}x TextBrewer's")
     peers = {k: v for k, v in rows.items() if not k.startswith("fastkd")}
     if fk:
         for key in ("97pct", "95pct"):
             reached = {k: v[f"time_to_{key}_s"] for k, v in peers.items() if v[f"time_to_{key}_s"] is not None}
-            if fk[f"time_to_{key}_s"] is None:
+            mine = fk[f"time_to_{key}_s"]
+            missed = ", ".join(k for k in peers if k not in reached) or "none"
+            if mine is None:
                 out.append(f"- {key[:2]}% of the teacher: fastkd did not reach it")
             elif reached:
                 best = min(reached, key=reached.get)
-                out.append(f"- time to {key[:2]}% of the teacher: fastkd {fk[f'time_to_{key}_s']:.1f}s, best peer "
-                           f"{best} {reached[best]:.1f}s: {reached[best] / fk[f'time_to_{key}_s']:.2f}x faster; "
-                           f"not reached: {', '.join(k for k in peers if k not in reached) or 'none'}")
+                out.append(f"- time to {key[:2]}% of the teacher: fastkd {mine:.1f}s, best peer {best} "
+                           f"{reached[best]:.1f}s: fastkd {reached[best] / mine:.2f}x faster; not reached: {missed}")
             else:
-                out.append(f"- time to {key[:2]}% of the teacher: fastkd {fk[f'time_to_{key}_s']:.1f}s; no peer reached it")
+                out.append(f"- time to {key[:2]}% of the teacher: fastkd {mine:.1f}s; no peer reached it (stopped at "
+                           f"{case['cap']:g}x fastkd's training time)")
     return out
 
 
@@ -293,12 +299,18 @@ def run_case(task: str, width: int, args, work: Path, log) -> dict:
         "teacher_dev_acc", "train_examples", "dev_examples", "etd_setup_s")}, "runs": {}}
     if width == 384 and not args.no_check:
         case["loss_check"] = check_losses(prep, argv, work, args.loss_rtol, log)
-    names = [c for c in CONTESTANTS if c in args.contestants]
+    # fastkd first in each repetition: the peers stop at ``cap`` times its training time ("not reached within");
+    # the peers' order rotates between repetitions.
+    peers = [c for c in CONTESTANTS if c in args.contestants and c != "fastkd"]
+    case["cap"] = args.cap
     for rep in range(args.repeats):
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotated: no contestant always goes first
+        order = (["fastkd"] if "fastkd" in args.contestants else []) + peers[rep % max(1, len(peers)):] + \
+            peers[:rep % max(1, len(peers))]
         for name in order:
-            trace = run_child(contestant_spec(name, prep, argv, args.eval_every), work, log)
-            case["runs"].setdefault(name, []).append(trace)
+            spec = contestant_spec(name, prep, argv, args.eval_every)
+            if name != "fastkd" and "fastkd" in case["runs"]:
+                spec["max_train_s"] = args.cap * sum(s["train_s"] for s in case["runs"]["fastkd"][-1]["stages"])
+            case["runs"].setdefault(name, []).append(run_child(spec, work, log))
     budget = None
     if "fastkd" in case["runs"]:
         budget = min(sum(s["train_s"] for s in t["stages"]) for t in case["runs"]["fastkd"])
@@ -320,6 +332,8 @@ def parse_args(argv=None):
                    "(default: 5; --full: 10)")
     p.add_argument("--contestants", default=",".join(CONTESTANTS))
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--cap", type=float, default=3.0, help="a peer stops after this many times fastkd's training "
+                   "time (its targets then read 'not reached')")
     p.add_argument("--loss-rtol", type=float, default=1e-4)
     p.add_argument("--no-check", action="store_true", help="skip the equal-losses check")
     p.add_argument("--out", default=None, help="results path without suffix (default: bench/results/"
@@ -346,7 +360,8 @@ def main(argv=None, log=print) -> dict:
     except ImportError:
         tb_version = None
         if any(c.startswith("textbrewer") for c in args.contestants):
-            raise SystemExit("TextBrewer is not installed: pip install -e '.[peers]' (or --contestants without it)")
+            raise SystemExit("TextBrewer is not installed: pip install -e '.[peers]' (or --contestants without "
+                             "it)") from None
     work = Path(tempfile.mkdtemp(prefix="fastkd-tta-"))
     command = "python bench/time_to_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"command": command.strip(), "textbrewer": tb_version, "cases": []}

@@ -41,8 +41,10 @@ class Trace:
     """What a contestant reports: its evaluations (step, stage, train_s, dev_acc, eval_s), per-stage samples and
     training seconds, and every step's total loss (for the equal-losses check)."""
 
-    def __init__(self, dev, pad_id: int, device, every: int):
+    def __init__(self, dev, pad_id: int, device, every: int, max_train_s: float | None = None):
         self.dev, self.pad_id, self.device, self.every = dev, pad_id, device, every
+        self.max_train_s = max_train_s
+        self.capped = False
         self.clock = Stopwatch()
         self.evals: list[dict] = []
         self.stages: list[dict] = []
@@ -62,6 +64,9 @@ class Trace:
         self.step += 1
         if self.every and self.step % self.every == 0:
             self.evaluate(model, stage)
+        if self.max_train_s is not None and self.clock.train_s > self.max_train_s:
+            self.capped = True
+            raise OverBudget
 
     def end_stage(self, model, name: str, samples: int) -> None:
         now = self.clock.train_s
@@ -71,7 +76,11 @@ class Trace:
         self._stage_start = self.clock.train_s
 
     def result(self) -> dict:
-        return {"evals": self.evals, "stages": self.stages, "losses": self.losses}
+        return {"evals": self.evals, "stages": self.stages, "losses": self.losses, "capped": self.capped}
+
+
+class OverBudget(Exception):
+    """A peer ran past the benchmark's cap (a multiple of fastkd's training time): it stops there."""
 
 
 def load_job(spec: dict):
@@ -197,7 +206,7 @@ def run_textbrewer(spec: dict) -> dict:
         return {"logits": out.logits}
 
     p = TinyBERTParams()
-    trace = Trace(data["dev"], tok.pad_token_id, device, spec["eval_every"])
+    trace = Trace(data["dev"], tok.pad_token_id, device, spec["eval_every"], spec.get("max_train_s"))
     stages = [("intermediate", p.inter_lr, DistillationConfig(intermediate_matches=matches),
                inter_adaptor(hooks_t), inter_adaptor(hooks_s), {"output_hidden_states": True}),
               ("prediction", p.pred_lr, DistillationConfig(temperature=p.temperature, kd_loss_type="ce",
@@ -233,9 +242,13 @@ def run_textbrewer(spec: dict) -> dict:
             _first[0] = False
             return batch.model_inputs()
 
-        with distiller:
-            distiller.train(opt, batches, num_epochs=1, scheduler=sched, max_grad_norm=cfg.max_grad_norm,
-                            batch_postprocessor=postprocess, **model_args)
+        try:
+            with distiller:
+                distiller.train(opt, batches, num_epochs=1, scheduler=sched, max_grad_norm=cfg.max_grad_norm,
+                                batch_postprocessor=postprocess, **model_args)
+        except OverBudget:
+            trace.end_stage(student, name, trace.step * cfg.batch_size - sum(s["samples"] for s in trace.stages))
+            break
         trace.step += 1  # the stage's last step (no batch after it)
         trace.end_stage(student, name, len(data["task"]))
     return trace.result()
@@ -259,7 +272,7 @@ def run_hf_trainer(spec: dict) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_model(spec["teacher"], head=True).to(device).eval()
     student = AutoModelForSequenceClassification.from_pretrained(spec["student"])
-    trace = Trace(data["dev"], tok.pad_token_id, device, spec["eval_every"])
+    trace = Trace(data["dev"], tok.pad_token_id, device, spec["eval_every"], spec.get("max_train_s"))
     T, alpha = 2.0, 0.5
 
     class KDTrainer(Trainer):
@@ -275,7 +288,10 @@ def run_hf_trainer(spec: dict) -> dict:
 
     class Evals(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):
-            trace.stepped(model, "kd")
+            try:
+                trace.stepped(model, "kd")
+            except OverBudget:
+                control.should_training_stop = True
 
     train = data["task"].select_columns(["input_ids", "label"])
     epochs = spec["hf_epochs"]
@@ -288,7 +304,7 @@ def run_hf_trainer(spec: dict) -> dict:
                         callbacks=[Evals()])
     trace.clock = Stopwatch()
     trainer.train()
-    trace.end_stage(trainer.model, "kd", epochs * len(train))
+    trace.end_stage(trainer.model, "kd", trainer.state.global_step * cfg.batch_size)
     return trace.result()
 
 

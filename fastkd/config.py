@@ -145,11 +145,11 @@ class TrainConfig:
                                             f"GPU, {CPU_TRAIN_EXAMPLES} on a CPU)", check=count_or_all, identity=True)
     max_dev_examples: int | None = option(None, f"dev examples (0: all; default: all on a GPU, {CPU_DEV_EXAMPLES} "
                                           "on a CPU)", check=count_or_all)
-    teacher_dtype: str = option("auto", "precision of the frozen teacher (auto: fp16 on CUDA; bf16 on a CPU with native bf16 "
-                                "(AVX512-BF16, AMX), else fp32)",
-                                choices=TEACHER_DTYPE_CHOICES)
+    teacher_dtype: str = option("auto", "precision of the frozen teacher (auto: fp16 on CUDA; bf16 on a CPU with "
+                                "native bf16 (AVX512-BF16, AMX), else fp32)", choices=TEACHER_DTYPE_CHOICES)
     amp: str = option("auto", "student autocast (auto: bf16 where the device computes it natively, a CPU with "
-                      "AVX512-BF16/AMX included; else fp16 with loss scaling on CUDA, off on a CPU)", choices=("auto", "bf16", "fp16", "off"))
+                      "AVX512-BF16/AMX included; else fp16 with loss scaling on CUDA, off on a CPU)",
+                      choices=("auto", "bf16", "fp16", "off"))
     cache: str = option("auto", "teacher activations: host memory, disk shards (reused by later runs), or "
                         "accelerator memory (device: one gather per field and batch); auto = device on a single GPU "
                         "when the dataset's activations fit half its free memory, else memory",

@@ -177,9 +177,11 @@ def _student(out: Path) -> dict:
     return load_file(out / "student" / "model.safetensors")
 
 
-def _memory_cache_run_killed_and_resumed(tiny, tmp_path, monkeypatch) -> tuple[dict, dict, list[str]]:
+def _memory_cache_run_killed_and_resumed(tiny, tmp_path, monkeypatch, die_at: int = 8
+                                         ) -> tuple[dict, dict, list[str]]:
     """(the uninterrupted run's student, the resumed run's student, the resumed run's log): --cache memory, 2
-    epochs, the second run stopped right after a mid-epoch-2 checkpoint and resumed."""
+    epochs, the second run stopped right after the checkpoint of step ``die_at`` (8: mid-epoch 2 of the
+    intermediate stage; 16: mid-prediction stage) and resumed."""
     from fastkd.training import checkpoint
 
     argv = args_for(tiny, tmp_path / "ref", "tinybert", "--cache", "memory", "--epochs", "2", "--save-every", "4",
@@ -191,7 +193,7 @@ def _memory_cache_run_killed_and_resumed(tiny, tmp_path, monkeypatch) -> tuple[d
 
     def save_then_die(out, state, *args):
         path = real(out, state, *args)
-        if state["global_step"] == 8:  # epoch 2 of the intermediate stage, mid-epoch
+        if state["global_step"] == die_at:
             raise KeyboardInterrupt
         return path
 
@@ -231,6 +233,25 @@ def test_memory_cache_resume_refills_as_the_first_epoch_did(tiny, tmp_path, monk
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert "resume: refilled the in-memory teacher cache over the stage's first 6 batches of epoch 1" in \
         "\n".join(lines)
+
+
+def test_carried_logits_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
+    """Killed mid-prediction stage, which reads the logits the intermediate stage's teacher forwards kept: the
+    checkpoint holds them, so the resumed run reads the values the uninterrupted run read. Without them it ran
+    the teacher live on other batches; the batch-dependent teacher makes that visible on every machine."""
+    import contextlib
+
+    from fastkd.models.capture import capture_fields as real_fields
+
+    @contextlib.contextmanager
+    def batch_dependent(model, fields):
+        with real_fields(model, fields) as read:
+            yield lambda out: {k: v * (1 + 1e-3 * (v.numel() % 97)) for k, v in read(out).items()}
+
+    monkeypatch.setattr("fastkd.models.teacher.capture_fields", batch_dependent)
+    a, b, lines = _memory_cache_run_killed_and_resumed(tiny, tmp_path, monkeypatch, die_at=16)
+    assert "teacher cache (carried) for stage prediction" in "\n".join(lines)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_disk_cache_runs_repeat_bit_identically(tiny, tmp_path):

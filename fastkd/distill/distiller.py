@@ -12,7 +12,7 @@
 It is the trainer's loss module (:class:`fastkd.distill.distiller.DistillModule`: the student, TinyBERT's ``fit_dense``
 projection, BERT-EMD's layer weights) plus the frozen teacher, which is kept outside the module's parameters,
 buffers and state dict: ``.to()``, DDP, optimizers and checkpoints never see it. The teacher moves to the batch's
-device on first use (fp16 on CUDA, bf16 or fp32 on a CPU as it computes them natively, unless ``teacher_dtype`` says otherwise), runs under
+device on first use (``teacher_dtype``; auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32), runs under
 ``inference_mode`` with hooks that capture only what the stage's losses read, never sees the labels, and its
 outputs are checked finite. ``fastkd.train`` trains through this class too, so the two give the same losses.
 """

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastkd.cache.carry import CarriedOutputs, carried_cache, start_carry
 from fastkd.cache.choice import cache_bytes, cache_dtype, device_cache_budget, make_cache
 from fastkd.cache.store import TeacherCache
 from fastkd.config import TrainConfig, run_identity
@@ -253,6 +254,7 @@ class Trainer:
         self.best = ckpt["best"] if ckpt else None
         self.state = StepState(global_step=ckpt["global_step"] if ckpt else 0)
         self.clock = Stopwatch()  # training time without evaluations and checkpoints (eval records' train_s)
+        self.carry = CarriedOutputs.from_state(ckpt["carry"]) if ckpt and ckpt.get("carry") else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         torch.manual_seed(self.cfg.seed + self.dist.rank)
         heads = [i for i, s in enumerate(self.recipe.stages) if s.trains_head]
@@ -265,10 +267,14 @@ class Trainer:
     def _train_stage(self, si: int, ckpt: dict | None) -> None:
         cfg, stage = self.cfg, self.recipe.stages[si]
         fields = self.module.teacher_fields(stage)
-        cache = self.make_cache(stage, fields)
+        data = self.data[stage.data]
+        cache = carried_cache(self.carry, fields, len(data), stage.name, self.log) or self.make_cache(stage, fields)
         self.module.set_stage(si, cache=cache)
         runner = self.module.runner
-        data = self.data[stage.data]
+        nxt = self.recipe.stages[si + 1] if si + 1 < len(self.recipe.stages) else None
+        if nxt is not None and self.cfg.cache != "off":
+            self.carry = start_carry(self.carry, runner, stage, nxt, self.module.teacher_fields(nxt), len(data),
+                                     self.teacher_dtype, self.log)
         if stage.needs_labels and "label" not in data.column_names:
             raise ValueError(f"stage {stage.name}: needs labels but its data has none")
         sampler = LengthBucketSampler(data["length"], cfg.batch_size, seed=cfg.seed + si, shuffle=True,
@@ -318,7 +324,8 @@ class Trainer:
         return {"stage": si, "epoch": s.epoch, "global_step": s.global_step, "stage_step": s.stage_step,
                 "sampler": sampler.state_dict(consumed) if sampler is not None else None,
                 "optimizer": fit.opt.state_dict(), "scheduler": fit.sched.state_dict(),
-                "scaler": fit.scaler.state_dict(), "best": self.best}
+                "scaler": fit.scaler.state_dict(), "best": self.best,
+                "carry": self.carry.state_dict() if self.carry is not None else None}
 
     def _save(self, state: dict, tag: str) -> None:
         """Write a checkpoint (verified finite first, see save_checkpoint) on the main rank."""
@@ -390,11 +397,14 @@ class StageLoop:
         self.stage = tr.recipe.stages[si]
         self.throughput = Throughput()
         self.steps_per_epoch = max(1, total // max(1, self.stage.epochs))
+        self.fills_carry = tr.carry is not None and tr.carry.source == self.stage.name
 
     def forward(self, batch, host):
         tr = self.tr
         # The teacher runs outside DDP's forward (its cache look-up reads the host copy of the batch).
         teacher = tr.module.teacher_outputs(batch, host)
+        if self.fills_carry:
+            tr.carry.put(host.index, host.attention_mask.sum(1), teacher)
         out = tr.model(*student_batch(tr.student_tokens, batch), batch.labels, teacher_outputs=teacher)
         return out.loss, out.terms
 
