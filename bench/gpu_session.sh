@@ -6,6 +6,8 @@
 #             attention KL forward + backward at L=512, bf16, fused vs eager vs torch.compile
 #   trainer   bench/bench_trainer.py: the trainer's samples/s, eager fp32 baseline vs fastkd (issue #5's figure),
 #             and bench/bench_teacher_cache.py: a live fp16 teacher forward vs a cache read of the same tensors
+#   tta       bench/time_to_accuracy.py at B=32, L=128: fastkd vs TextBrewer vs the HF Trainer, wall time to 95/97%
+#             of the teacher's dev accuracy on 8,000 SST-2 examples (results in $OUT/tta-gpu.{md,json})
 #   tests     the kernel tests compiled natively (no interpreter), in parallel processes when pytest-xdist is there
 #   kernels   bench of the fused attention KL / attention MSE / hidden MSE vs eager vs torch.compile
 #   sinkhorn  bench of the batched Sinkhorn and BERT-EMD's layer costs
@@ -20,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
 BUDGET=${FASTKD_GPU_BUDGET_S:-560}
-STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=(risky trainer tests kernels sinkhorn)
+STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=(risky trainer tta tests kernels sinkhorn)
 mkdir -p "$OUT" .gpu-results
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # The GPU image has torch/triton/transformers but not datasets (and two of its needs): their wheels travel in
@@ -81,13 +83,16 @@ for s in "${STAGES[@]}"; do
              ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
     trainer) stage trainer 240 "${PYTEST[@]}" bench/bench_trainer.py bench/bench_teacher_cache.py \
                ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
+    tta) stage tta 240 python3 bench/time_to_accuracy.py --tasks sst2 --widths 384 --train-examples 8000 \
+           --dev-examples 872 --max-length 128 --eval-every 10 --contestants fastkd,textbrewer-etd,hf-trainer \
+           --out "$OUT/tta-gpu" ;;
     tests) stage tests 300 "${PYTEST[@]}" "${xdist[@]}" tests/test_attention_kl.py tests/test_attention_mse.py \
              tests/test_hidden_mse.py tests/test_sinkhorn.py tests/test_layer_costs.py tests/test_losses.py \
              tests/test_inference_teacher.py ;;
     kernels) stage kernels 560 "${PYTEST[@]}" bench/bench_attention_kl.py bench/bench_attention_mse.py \
                bench/bench_hidden_mse.py ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
     sinkhorn) stage sinkhorn 300 "${PYTEST[@]}" bench/bench_sinkhorn.py ${FASTKD_BENCH_ARGS:---benchmark-only} ;;
-    *) echo "gpu_session: unknown stage '$s' (risky, trainer, tests, kernels, sinkhorn)" >&2; exit 2 ;;
+    *) echo "gpu_session: unknown stage '$s' (risky, trainer, tta, tests, kernels, sinkhorn)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUT/bench" && cp .gpu-results/*.json "$OUT/bench/" 2>/dev/null

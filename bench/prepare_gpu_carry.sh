@@ -20,7 +20,9 @@ with_data=0; [ "${1:-}" = "--data" ] && with_data=1
 version() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 
 rm -rf .whl && mkdir -p .whl
-for name in datasets dill multiprocess; do
+for name in datasets dill multiprocess textbrewer; do  # textbrewer: the time-to-accuracy peer (pure Python)
+  python -c "import importlib.metadata as m; m.version('$name')" 2>/dev/null \
+    || { echo "prepare_gpu_carry: $name is not installed here (pip install -e '.[peers]'); not carried"; continue; }
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "$name==$(version "$name")"

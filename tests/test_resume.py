@@ -44,7 +44,8 @@ def _metrics(out: Path) -> list[dict]:
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     drop = {"samples_per_s", "wall_s", "teacher_latency_ms", "student_latency_ms", "speedup", "speedup_p10",
             "speedup_p90", "output_dir",
-            "student_dir", "teacher_forwards"}  # forwards: the resumed process counts its own
+            "student_dir", "teacher_forwards",  # forwards: the resumed process counts its own
+            "train_s", "eval_s"}  # times
     return [{k: v for k, v in r.items() if k not in drop} for r in recs]
 
 

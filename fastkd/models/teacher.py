@@ -84,6 +84,38 @@ def load_model(path, *, head: bool | None = None, dtype: torch.dtype = torch.flo
     return cls.from_pretrained(path, dtype=dtype, **kwargs)
 
 
+def load_frozen(path, *, head: bool, dtype: torch.dtype, device: torch.device, fallback: bool,
+                log) -> tuple[nn.Module, torch.dtype]:
+    """(a frozen teacher in eval mode on ``device``, its dtype). ``fallback``: the dtype was chosen for speed
+    (--teacher-dtype auto), so a family whose modelling code fails in it (transformers' DeBERTa v1 mixes an fp32
+    tensor into its bf16 attention) is loaded in fp32 instead, and the log says so; one two-token forward tells."""
+    model = load_model(path, head=head, dtype=dtype).to(device).eval().requires_grad_(False)
+    if not fallback or dtype == torch.float32:
+        return model, dtype
+    if err := forward_error(model, device):
+        log(f"teacher: {model.config.model_type} fails in {str(dtype).removeprefix('torch.')} here ({err}); it "
+            f"runs in fp32")
+        return load_model(path, head=head).to(device).eval().requires_grad_(False), torch.float32
+    return model, dtype
+
+
+def forward_error(model: nn.Module, device: torch.device, amp: torch.dtype | None = None) -> str | None:
+    """The first line of the error a two-token forward of ``model`` raises (under ``amp`` autocast when given),
+    or None when it runs: whether a family's modelling code works in a precision. In eval mode without grad, so
+    no dropout draw moves the RNG."""
+    ids = torch.tensor([[model.config.pad_token_id or 0] * 2], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except RuntimeError as e:
+        return str(e).splitlines()[0][:80]
+    finally:
+        model.train(was_training)
+    return None
+
+
 def load_encoder(name_or_path=None, *, num_labels: int | None = None, dtype: torch.dtype | None = None,
                  attn_implementation: str | None = None):
     """Load a BERT-family encoder (with a sequence-classification head when ``num_labels`` is given) and its

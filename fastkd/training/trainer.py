@@ -29,7 +29,9 @@ from fastkd.models.teacher import (
     TeacherRunner,
     check_task_head,
     check_tokenizer,
+    forward_error,
     has_task_head,
+    load_frozen,
     load_model,
     max_positions,
     resolve_model_path,
@@ -145,8 +147,6 @@ class Trainer:
         # settings, which differ when datasets serves a tokenised split from its cache (no call at all).
         self.tokenizer_fp = fingerprint_tokenizer(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        if self.on_cpu and cfg.teacher_dtype == "auto":
-            self.log(cpu_precision_note(self.teacher_dtype, self.amp))
         run_data = load_run_data(self.data_settings, self.tokenizer, on_cpu=self.on_cpu,
                                  needs_general=any(s.data == "general" for s in self.recipe.stages),
                                  finetunes=not has_task_head(tconf), log=self.log, task_data=self.task_data)
@@ -154,6 +154,7 @@ class Trainer:
         self.student_tokens = self.student_tok and StudentTokens(self.student_tok, self.data, cfg.max_length)
         self._load_teachers(path, tconf)
         self._make_student()
+        self.amp = settle_precision(self.module.student, self.device, self.amp, self.teacher_dtype, cfg, self.log)
         if self.dist.main and not self.resume:
             write_run_file(self.out_dir, run_identity(cfg), dataclasses.asdict(cfg), describe(self.recipe))
         self.log("\n".join(filter(None, (describe(self.recipe), kernel_precision_note(self.amp, self.device,
@@ -183,9 +184,9 @@ class Trainer:
         self.teacher_paths = {"pretrained": path, "finetuned": finetuned}
         self.teachers: dict[str, nn.Module] = {}
         for kind in sorted({s.teacher for s in self.recipe.stages}):
-            head = _task_head(kind, self.cfg.mode)
-            model = load_model(self.teacher_paths[kind], head=head, dtype=self.teacher_dtype)
-            self.teachers[kind] = model.to(self.device).eval().requires_grad_(False)
+            self.teachers[kind], self.teacher_dtype = load_frozen(
+                self.teacher_paths[kind], head=_task_head(kind, self.cfg.mode), dtype=self.teacher_dtype,
+                device=self.device, fallback=self.cfg.teacher_dtype == "auto", log=self.log)
         self.teacher_digest = {k: model_digest(p) for k, p in self.teacher_paths.items()}
 
     def _make_student(self) -> None:
@@ -435,6 +436,20 @@ class StageLoop:
             self.cache.refresh()
         tr._end_epoch(self.si, self.stage, self.fit)
         self.throughput.rate(0, 1)
+
+
+def settle_precision(student: nn.Module, device: torch.device, amp: torch.dtype | None, teacher: torch.dtype,
+                     cfg: TrainConfig, log) -> torch.dtype | None:
+    """The student's autocast dtype: --amp auto's choice unless the student's modelling code fails under it
+    (transformers' DeBERTa v1 overflows a bf16 mask fill), then none, said in the log; on a CPU, why the run
+    computes in what it does."""
+    if cfg.amp == "auto" and amp is not None and (err := forward_error(student, device, amp)):
+        log(f"precision: the student ({student.config.model_type}) fails under {str(amp).removeprefix('torch.')} "
+            f"autocast here ({err}); it trains in fp32")
+        amp = None
+    if device.type == "cpu" and cfg.teacher_dtype == "auto":
+        log(cpu_precision_note(teacher, amp))
+    return amp
 
 
 def cpu_precision_note(teacher: torch.dtype, amp: torch.dtype | None) -> str:
