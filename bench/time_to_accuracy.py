@@ -148,14 +148,13 @@ def run_child(spec: dict, work: Path, log) -> dict:
     logf = open(work / f"log-{spec['name']}.txt", "w")
     proc = subprocess.Popen([sys.executable, "-m", "bench.tta_engines", str(path)], cwd=REPO, env=env,
                             stdout=logf, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     logf.close()
     if proc.returncode != 0:
         tail = (work / f"log-{spec['name']}.txt").read_text()[-3000:]
         raise RuntimeError(f"contestant {spec['name']} failed (exit {proc.returncode}):\n{tail}")
     trace = json.loads(Path(spec["out"]).read_text())
-    trace.update(wall_s=time.perf_counter() - t0, peak_rss_mib=usage.ru_maxrss / 1024)
+    trace["wall_s"] = time.perf_counter() - t0  # peak_rss_mib: the child's own (tta_engines.peak_rss_mib)
     log(f"  {spec['name']}: {trace['wall_s']:.0f}s in all, trained {sum(s['train_s'] for s in trace['stages']):.1f}s, "
         f"final dev acc {trace['evals'][-1]['dev_acc']:.4f}, peak RSS {trace['peak_rss_mib']:.0f} MiB")
     return trace

@@ -219,7 +219,9 @@ def run_textbrewer(spec: dict) -> dict:
         Path(tcfg.output_dir).mkdir(parents=True, exist_ok=True)
         distiller = GeneralDistiller(tcfg, dcfg, teacher, student, ad_t, ad_s)
         opt = _grouped_adamw(student, lr, cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(len(batches), int(cfg.warmup * len(batches))))
+        # TextBrewer's way: it builds the scheduler after adding its projections' parameter groups
+        sched = {"scheduler_class": torch.optim.lr_scheduler.LambdaLR,
+                 "scheduler_args": {"lr_lambda": lr_lambda(len(batches), int(cfg.warmup * len(batches)))}}
         save = distiller.save_and_callback
 
         def save_paused(*a, _save=save, **k):  # TextBrewer saves the student at each checkpoint: not training
@@ -244,8 +246,8 @@ def run_textbrewer(spec: dict) -> dict:
 
         try:
             with distiller:
-                distiller.train(opt, batches, num_epochs=1, scheduler=sched, max_grad_norm=cfg.max_grad_norm,
-                                batch_postprocessor=postprocess, **model_args)
+                distiller.train(opt, batches, num_epochs=1, max_grad_norm=cfg.max_grad_norm,
+                                batch_postprocessor=postprocess, **sched, **model_args)
         except OverBudget:
             trace.end_stage(student, name, trace.step * cfg.batch_size - sum(s["samples"] for s in trace.stages))
             break
@@ -308,6 +310,17 @@ def run_hf_trainer(spec: dict) -> dict:
     return trace.result()
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM): its own address space's high-water mark. (getrusage's
+    ru_maxrss would also count the parent's memory at the fork that started this process.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 ENGINES = {"fastkd": run_fastkd, "textbrewer": run_textbrewer, "hf-trainer": run_hf_trainer}
 
 
@@ -316,6 +329,7 @@ def main(path: str) -> None:
     t0 = time.perf_counter()
     result = ENGINES[spec["engine"]](spec)
     result["process_s"] = time.perf_counter() - t0
+    result["peak_rss_mib"] = peak_rss_mib()
     Path(spec["out"]).write_text(json.dumps(result))
 
 
