@@ -99,8 +99,8 @@ def prepare(task: str, width: int, argv: list[str], work: Path, log) -> dict:
     teacher_acc = evaluate(teacher, tr.data["dev"], 64, tr.device, tr.pad_id)["acc"]
     inits = {"etd": work / f"init-etd-{width}", "copied": work / f"init-copied-{width}"}
     tr.module.student.save_pretrained(inits["etd"])
-    copied_student(teacher, tr.module.student.config, uniform_pairs(3, teacher.config.num_hidden_layers),
-                   cfg.seed).save_pretrained(inits["copied"])
+    pairs = uniform_pairs(tr.module.student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    copied_student(teacher, tr.module.student.config, pairs, cfg.seed).save_pretrained(inits["copied"])
     no_dropout = work / f"init-etd-{width}-nodropout"
     student = type(tr.module.student).from_pretrained(inits["etd"], hidden_dropout_prob=0.0,
                                                       attention_probs_dropout_prob=0.0, classifier_dropout=0.0)

@@ -154,7 +154,8 @@ class Trainer:
         self.student_tokens = self.student_tok and StudentTokens(self.student_tok, self.data, cfg.max_length)
         self._load_teachers(path, tconf)
         self._make_student()
-        self.amp = settle_precision(self.module.student, self.device, self.amp, self.teacher_dtype, cfg, self.log)
+        self.amp = settle_precision(self.module.student, self.device, self.amp, self.teacher_dtype,
+                                    amp_auto=cfg.amp == "auto", teacher_auto=cfg.teacher_dtype == "auto", log=self.log)
         if self.dist.main and not self.resume:
             write_run_file(self.out_dir, run_identity(cfg), dataclasses.asdict(cfg), describe(self.recipe))
         self.log("\n".join(filter(None, (describe(self.recipe), kernel_precision_note(self.amp, self.device,
@@ -273,7 +274,7 @@ class Trainer:
         self.module.set_stage(si, cache=cache)
         runner = self.module.runner
         nxt = self.recipe.stages[si + 1] if si + 1 < len(self.recipe.stages) else None
-        if nxt is not None and self.cfg.cache != "off":
+        if nxt is not None and self.cfg.cache != "off" and not self.dist.enabled:  # DDP: each rank sees a shard
             self.carry = start_carry(self.carry, runner, stage, nxt, self.module.teacher_fields(nxt), len(data),
                                      self.teacher_dtype, self.log)
         if stage.needs_labels and "label" not in data.column_names:
@@ -438,16 +439,16 @@ class StageLoop:
         self.throughput.rate(0, 1)
 
 
-def settle_precision(student: nn.Module, device: torch.device, amp: torch.dtype | None, teacher: torch.dtype,
-                     cfg: TrainConfig, log) -> torch.dtype | None:
-    """The student's autocast dtype: --amp auto's choice unless the student's modelling code fails under it
-    (transformers' DeBERTa v1 overflows a bf16 mask fill), then none, said in the log; on a CPU, why the run
-    computes in what it does."""
-    if cfg.amp == "auto" and amp is not None and (err := forward_error(student, device, amp)):
+def settle_precision(student: nn.Module, device: torch.device, amp: torch.dtype | None, teacher: torch.dtype, *,
+                     amp_auto: bool, teacher_auto: bool, log) -> torch.dtype | None:
+    """The student's autocast dtype: --amp auto's choice (``amp_auto``) unless the student's modelling code fails
+    under it (transformers' DeBERTa v1 overflows a bf16 mask fill), then none, said in the log; on a CPU with
+    --teacher-dtype auto (``teacher_auto``), why the run computes in what it does."""
+    if amp_auto and amp is not None and (err := forward_error(student, device, amp)):
         log(f"precision: the student ({student.config.model_type}) fails under {str(amp).removeprefix('torch.')} "
             f"autocast here ({err}); it trains in fp32")
         amp = None
-    if device.type == "cpu" and cfg.teacher_dtype == "auto":
+    if device.type == "cpu" and teacher_auto:
         log(cpu_precision_note(teacher, amp))
     return amp
 
