@@ -457,8 +457,9 @@ def cpu_precision_note(teacher: torch.dtype, amp: torch.dtype | None) -> str:
     """Why a CPU run's teacher and student compute in what they do (--teacher-dtype auto, --amp auto)."""
     if teacher == torch.bfloat16:
         return ("precision: this CPU computes bf16 natively (AVX512-BF16/AMX), so the teacher runs in bf16 and the "
-                f"student under {'bf16 autocast' if amp == torch.bfloat16 else 'no autocast (--amp)'}, about twice as "
-                "fast as fp32; the losses and the optimizer stay fp32 (--teacher-dtype fp32 --amp off for fp32)")
+                f"student under {'bf16 autocast' if amp == torch.bfloat16 else 'no autocast (--amp)'} (TinyBERT on "
+                "SST-2 1.26x faster than fp32 on a 2-core CPU); the losses and the optimizer stay fp32 "
+                "(--teacher-dtype fp32 --amp off for fp32)")
     return ("precision: fp32 teacher and student (this CPU has no native bf16, and fp16 or emulated bf16 matmuls "
             "are slower than fp32 on CPUs)")
 
