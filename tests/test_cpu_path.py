@@ -93,3 +93,12 @@ def test_stopwatch_leaves_paused_time_out(monkeypatch):
             now[0] = 111.0
     now[0] = 112.0
     assert clock.train_s == pytest.approx(4.0)  # 12 s since the start, 8 of them paused
+
+
+def test_a_step_checkpoint_holds_the_best_its_own_evaluation_chose(tiny, tmp_path):
+    """--eval-every and --save-every on the same step: the evaluation runs first, so a run resumed from that
+    checkpoint knows the best student it chose (the other order lost it)."""
+    out = tmp_path / "run"
+    run_cli(args_for(tiny, out, "tinybert", "--eval-every", "2", "--save-every", "2", "--keep-checkpoints", "20"))
+    saved = torch.load(out / "checkpoints" / "step-8.pt", weights_only=False)  # mid-prediction stage (steps 7-12)
+    assert saved["best"] is not None and saved["best"]["step"] == 8

@@ -420,13 +420,14 @@ class StageLoop:
                               "samples_per_s": self.throughput.rate(state.samples, tr.dist.world_size),
                               **tr.module.record()})
             state.samples = 0
-        if cfg.save_every and state.global_step % cfg.save_every == 0:
-            with tr.clock.paused():
-                tr._save(tr._ckpt_state(self.si, self.fit, self.sampler, consumed=state.consumed), "step")
-        # --eval-every: on a schedule over all stages; an epoch's last step is evaluated by its epoch end
+        # --eval-every: on a schedule over all stages (an epoch's last step is evaluated by its epoch end); before a
+        # step checkpoint of the same step, so the checkpoint holds the best student that evaluation chose
         if cfg.eval_every and state.global_step % cfg.eval_every == 0 and state.stage_step % self.steps_per_epoch:
             with tr.clock.paused():
                 tr._evaluate(self.si, self.stage, f"step {state.global_step}")
+        if cfg.save_every and state.global_step % cfg.save_every == 0:
+            with tr.clock.paused():
+                tr._save(tr._ckpt_state(self.si, self.fit, self.sampler, consumed=state.consumed), "step")
 
     def on_epoch_end(self, state: StepState) -> None:
         tr = self.tr
