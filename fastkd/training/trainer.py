@@ -193,15 +193,15 @@ class Trainer:
     def _make_student(self) -> None:
         cfg = self.cfg
         kind = "finetuned" if "finetuned" in self.teachers else "pretrained"
-        src32 = self.teachers[kind] if self.teacher_dtype == torch.float32 else load_model(
-            self.teacher_paths[kind], head=_task_head(kind, cfg.mode))
+        src32 = self.teachers[kind] if self.teacher_dtype == torch.float32 or self.student_settings.path else \
+            load_model(self.teacher_paths[kind], head=_task_head(kind, cfg.mode))
         batches = etd_batches(self.data["task"] if cfg.mode == "task" else self.data["general"], cfg.batch_size,
                               self.pad_id, cfg.seed)
         student, kept_hidden = make_student(
             src32.to(self.device), self.student_settings, data=batches, log=self.log,
             num_batches=16 if self.on_cpu else 64,
             layers=mapped_teacher_layers(self.recipe, self.shapes.student_layers, self.shapes.teacher_layers))
-        del src32  # the fp32 copy ETD read is freed before the Distiller moves to the device
+        del src32  # ETD's fp32 copy, freed before the Distiller moves (a --student reads the config: none loaded)
         names = {k: f"the {k} teacher ({self.teacher_paths[k]})" for k in self.teachers}
         self.module = Distiller(self.teachers, student, self.recipe, kept_hidden=kept_hidden,
                                 teacher_names=names).to(self.device)
