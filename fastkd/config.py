@@ -18,7 +18,7 @@ from typing import Any
 
 from fastkd.data import LABEL_COLUMNS, TASKS, TEXT_COLUMNS
 from fastkd.models.teacher import TEACHER_DTYPE_CHOICES
-from fastkd.recipes import load_config_file, method_entry, methods, parse_set, setting_prefix
+from fastkd.recipes import AUGMENT_CHOICES, load_config_file, method_entry, methods, parse_set, setting_prefix
 from fastkd.training.rundata import CPU_DEV_EXAMPLES, CPU_TRAIN_EXAMPLES
 from fastkd.training.tracking import check_report_to
 
@@ -42,6 +42,10 @@ def count_or_all(v) -> str | None:
 
 def fraction(v) -> str | None:
     return None if 0 <= v <= 1 else "a fraction of the steps in [0, 1]"
+
+
+def probability(v) -> str | None:
+    return None if 0 <= v <= 1 else "a probability in [0, 1]"
 
 
 def finite_non_negative(v) -> str | None:
@@ -184,6 +188,22 @@ class TrainConfig:
     latency_runs: int = option(20, "timed batch-1 forward passes per model for the final CPU speed-up, teacher and "
                                "student alternating (the median pair ratio and its 10-90%% spread are reported)",
                                check=positive)
+    augment: str = option("off", "TinyBERT's data augmentation (python -m fastkd.augment makes the same data on its "
+                          "own): on = the stages whose paper trains on augmented data read the task data and its "
+                          "copies (TinyBERT's intermediate stage, BERT-EMD); all-stages = every task stage",
+                          choices=AUGMENT_CHOICES, identity=True)
+    augment_copies: int = option(30, "augmented copies per training example (TinyBERT's N)", check=positive,
+                                 identity=True)
+    augment_candidates: int = option(15, "replacement candidates per word (TinyBERT's M)", check=positive,
+                                     identity=True)
+    augment_p: float = option(0.4, "probability that a word is replaced (TinyBERT's p)", check=probability,
+                              identity=True)
+    augment_mlm: str | None = option(None, "a fill-mask model (folder or cached hub name) for single-piece words, "
+                                     "as TinyBERT uses BERT-base's (default: none ships offline, so every word "
+                                     "takes its neighbours in the teacher's input embeddings)", identity=True)
+    augment_embeddings: str | None = option(None, "a GloVe-format text file for the neighbours of multi-piece words "
+                                            "(default: the masked LM's, else the teacher's input embeddings)",
+                                            identity=True)
     progress: bool = option(True, "no progress bar", flag="--no-progress")
     overrides: dict[str, Any] = option({}, "recipe overrides (from --set and --config)", cli=False, identity=True)
 

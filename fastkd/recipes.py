@@ -31,7 +31,8 @@ class Stage:
     epochs: int
     lr: float
     teacher: str = "finetuned"  # "pretrained" | "finetuned"
-    data: str = "task"  # "task" | "general"
+    data: str = "task"  # "task" | "general" | "augmented" (the task data and its augmented copies)
+    augmented: bool = False  # the paper trains this stage on augmented task data (TinyBERT's augmentation)
 
     @property
     def needs_labels(self) -> bool:
@@ -434,7 +435,8 @@ def _kd(p: KDParams, shapes: Shapes) -> list[Stage]:
 
 @register_method("tinybert", TinyBERTParams)
 def _tinybert(p: TinyBERTParams, shapes: Shapes) -> list[Stage]:
-    return [Stage("intermediate", _latent_terms(p, shapes, "tinybert"), p.inter_epochs, p.inter_lr),
+    # TinyBERT's intermediate stage runs on augmented data, its prediction stage on the original data.
+    return [Stage("intermediate", _latent_terms(p, shapes, "tinybert"), p.inter_epochs, p.inter_lr, augmented=True),
             Stage("prediction", [LossTerm("soft_ce", p.pred_weight, temperature=p.temperature)],
                   p.pred_epochs, p.pred_lr)]
 
@@ -499,7 +501,7 @@ def _bert_emd(p: BertEMDParams, shapes: Shapes) -> list[Stage]:
     return [Stage("emd", [LossTerm("emb_mse", p.beta), LossTerm("emd_att", p.beta * p.theta),
                           LossTerm("emd_hidden", p.beta * p.theta),
                           LossTerm("soft_ce", p.kd_weight, temperature=p.temperature, times_t2=True),
-                          LossTerm("hard_ce", p.ce_weight)], p.epochs, p.lr)]
+                          LossTerm("hard_ce", p.ce_weight)], p.epochs, p.lr, augmented=True)]  # --aug_train
 
 
 def _first_stage(stages: list[Stage]) -> list[Stage]:
@@ -542,11 +544,29 @@ def _has_latent_terms(method: str) -> bool:
     return any(kind_of(t).latent for s in stages for t in s.terms)
 
 
+AUGMENT_CHOICES = ("off", "on", "all-stages")
+
+
+def _augment_stages(method: str, stages: list[Stage], augment: str) -> list[Stage]:
+    """``augment`` "on": the stages whose paper trains on augmented data read it; "all-stages": every task stage."""
+    if augment not in AUGMENT_CHOICES:
+        raise ValueError(f"augment: expected one of {', '.join(AUGMENT_CHOICES)}, got {augment!r}")
+    if augment == "off":
+        return stages
+    picked = [s.data == "task" and (s.augmented or augment == "all-stages") for s in stages]
+    if not any(picked):
+        raise ValueError(f"augment: no stage of {method} reads augmented data with --augment {augment} (its paper "
+                         f"trains on the original data; TinyBERT's intermediate stage and BERT-EMD do augment); "
+                         f"use --augment all-stages to augment every task stage, or leave it off")
+    return [dataclasses.replace(s, data="augmented") if pick else s for s, pick in zip(stages, picked, strict=True)]
+
+
 def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task", epochs: int | None = None,
-                 max_epochs: int | None = None) -> Recipe:
+                 max_epochs: int | None = None, augment: str = "off") -> Recipe:
     """The method's stages for these model shapes. ``mode='general'`` keeps only the task-agnostic
     (latent-loss) stages, on the general corpus with the pretrained teacher. ``epochs``: every stage's (else
-    the recipe's own), ``max_epochs``: a cap on the recipe's own (the trainer's CPU profile)."""
+    the recipe's own), ``max_epochs``: a cap on the recipe's own (the trainer's CPU profile). ``augment``: which
+    task stages read augmented data (see :data:`AUGMENT_CHOICES`)."""
     check_method(method)
     if mode not in ("task", "general"):
         raise ValueError(f"mode: expected 'task' or 'general', got {mode!r}")
@@ -555,6 +575,7 @@ def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task"
     stages = REGISTRY[method].build(p, shapes)
     if mode == "general":
         stages = _general_stages(method, stages)
+    stages = _augment_stages(method, stages, augment)
     for s in stages:
         s.terms = [t for t in s.terms if t.weight != 0.0]  # a zero weight switches a term off
         s.epochs = epochs if epochs is not None else min(s.epochs, max_epochs if max_epochs is not None else s.epochs)

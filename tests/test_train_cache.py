@@ -127,7 +127,7 @@ def test_fused_losses_in_the_trainer_match_eager(tiny, tmp_path, monkeypatch, me
 def test_cache_auto_picks_device_when_the_activations_fit(tiny, tmp_path, monkeypatch, budget, expected):
     """--cache auto (the default): the device cache when the dataset's activations fit the GPU budget, else the
     host memory cache; without a GPU (budget None) always the host cache."""
-    monkeypatch.setattr(trainer_mod.Trainer, "_device_cache_budget", lambda self: budget)
+    monkeypatch.setattr(trainer_mod, "device_cache_budget", lambda device: budget)
     out = tmp_path / "run"
     logs = []
     train.run(train.parse_config(args_for(tiny, out, "tinybert", "--cache", "auto", "--epochs", "2")), log=logs.append)

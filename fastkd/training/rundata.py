@@ -48,6 +48,7 @@ class DataSettings:
     epochs_given: bool = False  # --epochs was set: the CPU profile's epoch cap is not in force
     seed: int = 0
     finetune_seed: int = 0
+    augment: Any = None  # fastkd.augment.AugmentSettings for the stages that read augmented data, else None
 
 
 @dataclass
@@ -139,6 +140,25 @@ def _check_class_ids(splits: dict, names: list[str], n_labels: int) -> None:
                 raise ValueError(f"data: {split_name} labels span {lo}..{hi}, expected 0..{n_labels - 1} ({names})")
 
 
+def augmented(train, settings, model, *, main: bool, share, log):
+    """``train`` and its augmented copies (:mod:`fastkd.augment`, cached on disk): rank 0 (``main``) makes them;
+    the others read the folder it wrote, whose path ``share`` hands them after the write."""
+    import datasets
+
+    from fastkd.augment import Augmenter, augment, augmented_folder
+
+    out = folder = None
+    if main:
+        augmenter = Augmenter(settings, model=model, log=log)
+        out = augment(train, augmenter, progress=False, log=log)
+        folder = str(augmented_folder(train, augmenter) / "dataset")
+    folder = share(folder)
+    out = out if out is not None else datasets.load_from_disk(folder)
+    log(f"augmented data: {len(train)} training examples and {len(out) - len(train)} copies ({len(out)} in all) for "
+        f"the stages that read augmented data")
+    return out
+
+
 def task_splits(d: DataSettings, log, data=None):
     """Train, dev and test data: --dev/--test when given, else the task's own splits (a task name's, a folder's
     <split> files, a DatasetDict's); with no dev split a fixed slice of train is held out for model selection,
@@ -189,9 +209,12 @@ def task_splits(d: DataSettings, log, data=None):
 
 
 def load_run_data(d: DataSettings, tokenizer, *, on_cpu: bool, needs_general: bool, finetunes: bool,
-                  log, task_data=None) -> RunData:
+                  log, task_data=None, augment_with=None, main: bool = True, share=lambda v: v) -> RunData:
     """Every split the recipe's stages read, tokenised (``finetunes``: the teacher has no head, so
-    --finetune-examples selects its fine-tune data; ``task_data``: a Dataset/DatasetDict in place of --task)."""
+    --finetune-examples selects its fine-tune data; ``task_data``: a Dataset/DatasetDict in place of --task;
+    ``augment_with``: the model whose embeddings augment the training data (``d.augment``), for the stages that
+    read augmented data; ``main``: this is rank 0, the one that augments; ``share``: rank 0's value on every
+    rank)."""
     n_train, n_dev, note = cpu_profile(d, on_cpu)
     out = RunData(subset_note=note)
     if note:
@@ -207,6 +230,9 @@ def load_run_data(d: DataSettings, tokenizer, *, on_cpu: bool, needs_general: bo
         train = subset(train, n_train, d.seed)
         dev = subset(dev, n_dev, d.seed) if dev is not None else None
         data["task"] = tokenize(train, tokenizer, d.max_length)
+        if augment_with is not None:
+            data["augmented"] = tokenize(augmented(train, d.augment, augment_with, main=main, share=share, log=log),
+                                         tokenizer, d.max_length)
         data["dev"] = tokenize(dev, tokenizer, d.max_length) if dev is not None else None
         data["test"] = tokenize(test, tokenizer, d.max_length) if test is not None else None
     if needs_general or d.mode == "general":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastkd.augment import AugmentSettings
 from fastkd.cache.carry import CarriedOutputs, carried_cache, start_carry
 from fastkd.cache.choice import cache_bytes, cache_dtype, device_cache_budget, make_cache
 from fastkd.cache.store import TeacherCache
@@ -138,7 +139,8 @@ class Trainer:
         self.shapes = Shapes(tconf.num_hidden_layers, n_s, tconf.hidden_size, d_s, h_t, h_s)
         # --epochs, else the recipe's, capped on a CPU
         self.recipe = build_recipe(cfg.method, self.shapes, make_params(cfg.method, cfg.overrides), mode=cfg.mode,
-                                   epochs=cfg.epochs, max_epochs=CPU_MAX_EPOCHS if self.on_cpu else None)
+                                   epochs=cfg.epochs, max_epochs=CPU_MAX_EPOCHS if self.on_cpu else None,
+                                   augment=cfg.augment)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         check_tokenizer(self.tokenizer, tconf, path)
         # None: the student reads the teacher's tokenizer
@@ -147,9 +149,11 @@ class Trainer:
         # settings, which differ when datasets serves a tokenised split from its cache (no call at all).
         self.tokenizer_fp = fingerprint_tokenizer(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        run_data = load_run_data(self.data_settings, self.tokenizer, on_cpu=self.on_cpu,
-                                 needs_general=any(s.data == "general" for s in self.recipe.stages),
-                                 finetunes=not has_task_head(tconf), log=self.log, task_data=self.task_data)
+        reads = {s.data for s in self.recipe.stages}
+        run_data = load_run_data(self.data_settings, self.tokenizer, on_cpu=self.on_cpu, needs_general="general" in
+                                 reads, finetunes=not has_task_head(tconf), log=self.log, task_data=self.task_data,
+                                 augment_with=path if "augmented" in reads else None, main=self.dist.main,
+                                 share=self.dist.broadcast)
         self.data, self.label_names, self.subset_note = run_data.splits, run_data.label_names, run_data.subset_note
         self.student_tokens = self.student_tok and StudentTokens(self.student_tok, self.data, cfg.max_length)
         self._load_teachers(path, tconf)
@@ -225,14 +229,11 @@ class Trainer:
 
         dtype, labels = cache_dtype(self.teacher_dtype), len(self.label_names or [])  # logits: one per label
         return make_cache(cfg.cache, epochs=stage.epochs, fields=fields, lengths=data["length"], device=self.device,
-                          dtype=dtype, ddp=self.dist.enabled, budget=self._device_cache_budget(),
+                          dtype=dtype, ddp=self.dist.enabled, budget=device_cache_budget(self.device),
                           need_bytes=lambda: cache_bytes(data["length"], fields, self.shapes.teacher_hidden, labels,
                                                          dtype),
                           disk_key=disk_key, root=Path(cfg.cache_dir) / "activations" if cfg.cache_dir else None,
                           rank=self.dist.rank, log=self.log, stage=stage.name)
-
-    def _device_cache_budget(self) -> int | None:
-        return device_cache_budget(self.device)
 
     # ------------------------------------------------------------ training
 
@@ -470,7 +471,9 @@ def data_settings(cfg: TrainConfig) -> DataSettings:
     return DataSettings(cfg.task, cfg.mode, cfg.dev, cfg.test, cfg.general_corpus, cfg.text_column, cfg.label_column,
                         cfg.text_pair_column, cfg.max_length, cfg.max_train_examples, cfg.max_dev_examples,
                         cfg.finetune_examples, cfg.epochs is not None, cfg.seed,
-                        cfg.seed if cfg.finetune_seed is None else cfg.finetune_seed)
+                        cfg.seed if cfg.finetune_seed is None else cfg.finetune_seed,
+                        AugmentSettings(cfg.augment_copies, cfg.augment_candidates, cfg.augment_p, cfg.augment_mlm,
+                                        cfg.augment_embeddings, cfg.seed) if cfg.augment != "off" else None)
 
 
 def student_settings(cfg: TrainConfig) -> StudentSettings:
