@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from fastkd import augment as aug_mod
-from fastkd.augment import AugmentSettings, Augmenter, augment, augmented_folder
+from fastkd.augment import Augmenter, AugmentSettings, augment, augmented_folder
 from fastkd.augment.__main__ import main as augment_main
 from fastkd.augment.words import draw_copies, example_rng, word_spans
 from tests.helpers import tiny_bert_config
-from tests.train_support import args_for, one_thread, run_cli, tiny  # noqa: F401 (fixtures)
+from tests.train_support import args_for, one_thread, read_metrics, run_cli, tiny  # noqa: F401 (fixtures)
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film", "was", "good", "great", "fine", "bad",
          "awful", "plot", "story", "walk", "talk", "##ing", "##ed", "cinema", "acting", ".", ",", "!"]
@@ -227,17 +227,33 @@ def test_cli_writes_a_datasets_folder_and_a_tsv(mlm, tmp_path, capsys):
     assert "copies: expected a positive" in capsys.readouterr().err
 
 
-def test_train_augments_the_intermediate_stage_only(tiny, tmp_path):  # noqa: F811
+def _pred_losses(out):
+    return [m["loss"] for m in read_metrics(out) if m.get("stage") == "prediction" and "loss" in m
+            and "event" not in m]
+
+
+def test_train_augments_the_intermediate_stage_and_carries_its_logits(tiny, tmp_path):  # noqa: F811
+    """--augment on: the intermediate stage reads the task data and its copies, the prediction stage the task data,
+    with the teacher logits the intermediate stage's forwards kept for the augmented data's first rows (those
+    examples): the same losses as a live teacher's, and no teacher forward in the prediction stage."""
     from fastkd import train
 
+    common = ("--augment", "on", "--augment-copies", "2", "--teacher-dtype", "fp32", "--amp", "off")
+    run_cli(args_for(tiny, tmp_path / "live", "tinybert", *common))  # args_for: --cache off, a live teacher
     logs = []
-    argv = args_for(tiny, tmp_path / "run", "tinybert", "--augment", "on", "--augment-copies", "2")
+    argv = args_for(tiny, tmp_path / "run", "tinybert", *common, "--cache", "auto")
     res = train.run(train.parse_config(argv), log=logs.append)
     data = res["trainer"].data
     n, n_aug = len(data["task"]), len(data["augmented"])
     assert n < n_aug <= 3 * n and data["augmented"]["input_ids"][:n] == data["task"]["input_ids"]
     assert any(f"{n_aug} examples (augmented data" in m for m in logs)
-    assert any(f"{n} examples (task data" in m for m in logs)  # the prediction stage: the original data
+    assert any(f"{n} examples (task data" in m for m in logs)
+    cache = {m["stage"]: m for m in read_metrics(tmp_path / "run") if m.get("event") == "cache"}
+    assert cache["prediction"]["mode"] == "carried" and cache["prediction"]["teacher_forwards"] == 0
+    a, b = _pred_losses(tmp_path / "live"), _pred_losses(tmp_path / "run")
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)
 
 
 def test_train_refuses_augment_on_for_a_method_whose_paper_does_not_augment(tiny, tmp_path):  # noqa: F811

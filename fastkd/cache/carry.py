@@ -16,12 +16,18 @@ from fastkd.cache.store import check_index
 from fastkd.terms import seq_dim
 
 
+def same_examples(source_data: str, target_data: str) -> bool:
+    """Whether a stage on ``source_data`` sees every example of ``target_data`` under the same row number: the same
+    data, or the augmented data, whose first rows are the task data's, in order (:func:`fastkd.augment.augment`)."""
+    return source_data == target_data or (source_data, target_data) == ("augmented", "task")
+
+
 def fields_to_carry(source: tuple[str, str], fields: list[str], target: tuple[str, str],
                     target_fields: list[str]) -> list[str]:
     """What a stage (``source``: its teacher kind and data, ``fields``: what it captures) keeps for the next one
-    (``target``, ``target_fields``): the next stage's fields when it reads the same teacher on the same data, only
-    per-example fields (logits), and this stage runs that teacher anyway; else nothing."""
-    if source != target or not fields or not target_fields:
+    (``target``, ``target_fields``): the next stage's fields when it reads the same teacher on the same examples,
+    only per-example fields (logits), and this stage runs that teacher anyway; else nothing."""
+    if source[0] != target[0] or not same_examples(source[1], target[1]) or not fields or not target_fields:
         return []
     if any(seq_dim(f) is not None for f in target_fields):
         return []  # the next stage needs token-level activations: it runs the teacher (or its own cache)
@@ -30,16 +36,18 @@ def fields_to_carry(source: tuple[str, str], fields: list[str], target: tuple[st
 
 def start_carry(carry: CarriedOutputs | None, runner, stage, nxt, next_fields: list[str], num_examples: int,
                 dtype: torch.dtype, log) -> CarriedOutputs | None:
-    """Make ``stage``'s teacher ``runner`` also return what stage ``nxt`` reads (its ``next_fields``), when
-    :func:`fields_to_carry` allows; returns the store to fill (``carry`` itself when a resumed stage had one)."""
+    """Make ``stage``'s teacher ``runner`` also return what stage ``nxt`` reads (its ``next_fields``, for its
+    ``num_examples``), when :func:`fields_to_carry` allows; returns the store to fill (``carry`` itself when a
+    resumed stage had one)."""
     fields = list(runner.fields)
     keep = fields_to_carry((stage.teacher, stage.data), fields, (nxt.teacher, nxt.data), next_fields)
     if not keep:
         return carry
     # The same forward also returns them (the head is a few FLOPs per example): no extra teacher pass.
     runner.fields = [*fields, *(f for f in keep if f not in fields)]
+    on = "the same data" if stage.data == nxt.data else "its examples (the augmented data's first rows)"
     log(f"teacher: stage {stage.name}'s forwards also keep the teacher's {', '.join(keep)} for stage {nxt.name} on "
-        f"the same data, which then runs no teacher at all")
+        f"{on}, which then runs no teacher at all")
     if carry is None or set(carry.fields) != set(keep):  # else a resumed stage's, from its checkpoint
         # Kept in the teacher's own dtype: the values a live forward would hand the next stage.
         carry = CarriedOutputs(num_examples, keep, dtype)
@@ -83,8 +91,10 @@ class CarriedOutputs:
     def put(self, index: torch.Tensor, lengths: torch.Tensor, tensors: dict[str, torch.Tensor],
             seq_dims: dict | None = None) -> None:
         ids = torch.as_tensor(check_index(index, lengths)[0])
+        keep = ids < self.num_examples  # augmented copies (rows past the task data's) are not the next stage's
+        ids = ids[keep]
         for name in self.fields:
-            t = tensors[name].detach().to("cpu", self.dtype)
+            t = tensors[name].detach()[keep.to(tensors[name].device)].to("cpu", self.dtype)
             if name not in self.rows:
                 self.rows[name] = torch.zeros((self.num_examples, *t.shape[1:]), dtype=self.dtype)
             self.rows[name][ids] = t

@@ -276,8 +276,8 @@ class Trainer:
         runner = self.module.runner
         nxt = self.recipe.stages[si + 1] if si + 1 < len(self.recipe.stages) else None
         if nxt is not None and self.cfg.cache != "off" and not self.dist.enabled:  # DDP: each rank sees a shard
-            self.carry = start_carry(self.carry, runner, stage, nxt, self.module.teacher_fields(nxt), len(data),
-                                     self.teacher_dtype, self.log)
+            self.carry = start_carry(self.carry, runner, stage, nxt, self.module.teacher_fields(nxt),
+                                     len(self.data[nxt.data]), self.teacher_dtype, self.log)
         if stage.needs_labels and "label" not in data.column_names:
             raise ValueError(f"stage {stage.name}: needs labels but its data has none")
         sampler = LengthBucketSampler(data["length"], cfg.batch_size, seed=cfg.seed + si, shuffle=True,
