@@ -5,6 +5,7 @@ predictions steered through the output bias, their embeddings set so the nearest
 from __future__ import annotations
 
 import inspect
+import math
 import re
 
 import datasets
@@ -259,3 +260,33 @@ def test_train_augments_the_intermediate_stage_and_carries_its_logits(tiny, tmp_
 def test_train_refuses_augment_on_for_a_method_whose_paper_does_not_augment(tiny, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="augment: no stage of kd"):
         run_cli(args_for(tiny, tmp_path / "run", "kd", "--augment", "on"))
+
+
+def test_distillation_trainer_reads_the_augmented_dataset_where_the_paper_does(tiny, tmp_path):  # noqa: F811
+    """fastkd.hf users: augment the raw dataset, hand it over as augmented_dataset; TinyBERT's intermediate stage
+    reads it, the prediction stage the original train_dataset."""
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from fastkd.data import load_texts
+    from fastkd.distill.hf import DistillationTrainer
+    from fastkd.models.encoder import resized_config
+    from fastkd.models.teacher import load_model
+
+    train_ds = load_texts(str(tiny["data"] / "train.tsv"))
+    aug = augment(train_ds, Augmenter(AugmentSettings(copies=2), model=tiny["teacher"], device="cpu",
+                                      log=lambda *_: None), cache_dir=tmp_path / "cache", progress=False,
+                  log=lambda *_: None)
+    teacher = load_model(tiny["teacher"], head=True)
+    student = type(teacher)(resized_config(teacher.config, num_layers=2, hidden_size=32, num_heads=4,
+                                           intermediate_size=64))
+    args = TrainingArguments(str(tmp_path / "hf"), per_device_train_batch_size=16, report_to="none",
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, method="tinybert", args=args,
+                                  train_dataset=train_ds, augmented_dataset=aug, epochs=1,
+                                  processing_class=AutoTokenizer.from_pretrained(tiny["teacher"]), max_length=24)
+    trainer._set_stage_data(0)
+    assert len(trainer.train_dataset) == len(aug) > len(train_ds)
+    trainer._set_stage_data(1)
+    assert len(trainer.train_dataset) == len(train_ds)
+    trainer.train()
+    assert trainer.state.global_step == math.ceil(len(train_ds) / 16)  # the last stage: the original data

@@ -114,13 +114,15 @@ class DistillationTrainer(Trainer):
     column, optionally ``text_pair``, and ``label``) that are tokenised with ``processing_class`` up to
     ``max_length`` tokens; a ``DatasetDict`` gives its train split (and its validation split when
     ``eval_dataset`` is not given). ``general_dataset``: unlabelled text for the stages that read general data
-    (ERNIE-Tiny's first two; default: ``train_dataset``). The other keyword arguments are the Trainer's."""
+    (ERNIE-Tiny's first two; default: ``train_dataset``). ``augmented_dataset``: ``train_dataset`` with augmented
+    copies (:func:`fastkd.augment.augment`) for the stages whose paper trains on augmented data (TinyBERT's
+    intermediate stage, BERT-EMD; default: ``train_dataset``). The other keyword arguments are the Trainer's."""
 
     def __init__(self, model=None, teacher_model=None, method="kd", args=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, data_collator=None, *, settings: dict | None = None,
                  mode: str = "task", kept_hidden: torch.Tensor | None = None, teacher_dtype: str = "auto",
                  epochs: int | None = None, general_dataset=None, max_length: int = 128, cache: str = "off",
-                 **kwargs):
+                 augmented_dataset=None, **kwargs):
         if model is None or teacher_model is None:
             raise ValueError("model, teacher_model: DistillationTrainer needs the student (model=) and the teacher "
                              "(teacher_model=)")
@@ -141,6 +143,8 @@ class DistillationTrainer(Trainer):
         train_dataset = prepare_dataset(train_dataset, processing_class, max_length, "train_dataset")
         eval_dataset = prepare_dataset(eval_dataset, processing_class, max_length, "eval_dataset")
         self.general_dataset = prepare_dataset(general_dataset, processing_class, max_length, "general_dataset")
+        self.augmented_dataset = prepare_dataset(augmented_dataset, processing_class, max_length,
+                                                 "augmented_dataset")
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("processing_class: pass the tokenizer (it pads the batches and is saved with the "
@@ -213,7 +217,9 @@ class DistillationTrainer(Trainer):
     def _set_stage_data(self, i: int) -> None:
         stage = self.distiller.stages[i]
         general = stage.data == "general" and self.general_dataset is not None
-        self.train_dataset = self.general_dataset if general else self.task_dataset
+        augmented = stage.augmented and stage.data == "task" and self.augmented_dataset is not None
+        self.train_dataset = self.general_dataset if general else self.augmented_dataset if augmented else \
+            self.task_dataset
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
               **kwargs):
