@@ -210,6 +210,8 @@ def test_bad_input_is_refused_naming_the_argument(mlm, tmp_path):
         Augmenter(AugmentSettings(embeddings=str(tmp_path / "none.txt")), model=mlm, device="cpu")
     with pytest.raises(ValueError, match="^model: expected the model"):
         Augmenter(AugmentSettings(), device="cpu")
+    with pytest.raises(ValueError, match="^ds: expected at least one example"):
+        augment(datasets.Dataset.from_dict({"text": [], "label": []}), _augmenter(mlm), cache_dir=tmp_path)
     with pytest.raises(ValueError, match="^ds: expected a 'text' column"):
         augment(datasets.Dataset.from_dict({"sentence": ["a"]}), _augmenter(mlm), cache_dir=tmp_path)
 

@@ -154,6 +154,8 @@ class Augmenter:
 def _text_columns(ds) -> list[str]:
     if "text" not in ds.column_names:
         raise ValueError(f"ds: expected a 'text' column (and 'text_pair' for sentence pairs), got {ds.column_names}")
+    if len(ds) == 0:
+        raise ValueError("ds: expected at least one example to augment, got an empty dataset")
     return ["text", "text_pair"] if "text_pair" in ds.column_names else ["text"]
 
 
