@@ -215,7 +215,8 @@ def table() -> str:
              "(initialised as ETD's kept-dimension selection) before the patience loss — fastkd's extension, "
              "`--set pkd.project_width=false` restores the paper's equal-width rule. The last rows distil TinyBERT "
              "3×384 on more data (20,000 SST-2 examples; all 9,001 AG News training articles) to show what the "
-             "CPU subset costs.", ""]
+             "CPU subset costs. TinyBERT's data augmentation on a 3,000-example subset, with and without, seeds 0-2: "
+             "docs/augmentation.md (`python bench/augment_grid.py`).", ""]
     subsets = sorted({r["subset"] for r in recs.values() if r and r.get("subset")})
     if subsets:
         lines += ["Data used on the CPU (the trainer's own note):", ""] + [f"- {s}" for s in subsets] + [""]
