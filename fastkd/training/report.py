@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fastkd.cache.store import cache_root
+from fastkd.device import release_freed_host_memory
 from fastkd.disk import save_model_dir
 from fastkd.models.teacher import load_model
 from fastkd.student.make import student_view
@@ -173,6 +174,7 @@ class RunSummary:
 def finish_run(run: RunSummary, t_start: float) -> dict:
     """Save the student (the best dev checkpoint when there is one) and its tokenizer, evaluate teacher and
     student on the test split, time both on the CPU, write result.json, the final metrics line and loss.png."""
+    release_freed_host_memory()  # the training's freed memory, before this phase loads two more models
     student = run.student
     final_dir = run.out_dir / "student"
     result: dict = {"output_dir": str(run.out_dir), "student_dir": str(final_dir)}
