@@ -226,6 +226,7 @@ def test_cli_writes_a_datasets_folder_and_a_tsv(mlm, tmp_path, capsys):
     ds = datasets.load_from_disk(str(out))
     lines = (out / "train.tsv").read_text().splitlines()
     assert lines[0] == "text\tlabel\tsource" and len(lines) == len(ds) + 1 and len(ds) > 4
+    assert [ln.split("\t")[1:] for ln in lines[1:5]] == [["0", "0"], ["1", "1"], ["0", "2"], ["1", "3"]]
     assert augment_main(["--task", str(data), "--output", str(out), "--copies", "0"]) == 2
     assert "copies: expected a positive" in capsys.readouterr().err
 

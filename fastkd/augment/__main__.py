@@ -47,14 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_tsv(ds, path: Path) -> None:
+    """Labels as the class ids the data set uses (its own TSVs do), so the file reads in place of its train.tsv
+    with ids that mean what the dev and test splits' ids mean; the datasets folder keeps the names too."""
     cols = [c for c in ("text", "text_pair", "label", "source") if c in ds.column_names]
-    names = ds.features["label"].names if "label" in cols and hasattr(ds.features["label"], "names") else None
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
         w.writerow(cols)
         for row in ds.select_columns(cols).iter(batch_size=1000):
-            for values in zip(*(row[c] for c in cols), strict=True):
-                w.writerow([names[v] if names and c == "label" else v for c, v in zip(cols, values, strict=True)])
+            w.writerows(zip(*(row[c] for c in cols), strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
