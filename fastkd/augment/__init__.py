@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -178,6 +179,7 @@ def augment(ds, augmenter: Augmenter, *, cache_dir: str | Path | None = None, pr
     ``datasets.Dataset``; cached under :func:`augmented_folder` and reused, resumed chunk by chunk if killed."""
     import datasets
 
+    t0 = time.perf_counter()
     folder = augmented_folder(ds, augmenter, cache_dir)
     done = folder / "dataset"
     if (folder / "DONE").exists():
@@ -205,10 +207,10 @@ def augment(ds, augmenter: Augmenter, *, cache_dir: str | Path | None = None, pr
         os.replace(tmp, part)  # a part exists only whole: a killed run redoes at most one chunk
         bar.update(min(CHUNK_EXAMPLES, len(rows) - start))
     bar.close()
-    return _assemble(ds, cols, parts, folder, log)
+    return _assemble(ds, cols, parts, folder, log, time.perf_counter() - t0)
 
 
-def _assemble(ds, cols: list[str], parts: list[Path], folder: Path, log):
+def _assemble(ds, cols: list[str], parts: list[Path], folder: Path, log, seconds: float):
     import datasets
 
     copies = [json.loads(line) for p in parts for line in p.read_text().splitlines() if line]
@@ -231,5 +233,5 @@ def _assemble(ds, cols: list[str], parts: list[Path], folder: Path, log):
     for p in parts:
         p.unlink(missing_ok=True)
     log(f"augmentation: {len(ds)} examples -> {len(out)} ({len(copies)} copies, "
-        f"{len(copies) / max(1, len(ds)):.1f} per example)")
+        f"{len(copies) / max(1, len(ds)):.1f} per example) in {seconds:.0f} s")
     return datasets.load_from_disk(str(folder / "dataset"))
