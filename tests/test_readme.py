@@ -49,7 +49,7 @@ def _tokenizer(tmp_path):
 
 def test_every_block_is_covered():
     # A new block gets its test here: these are the blocks the tests below run.
-    assert len(PYTHON) == 4 and len(SHELL) == 2, [c.splitlines()[0] for c in PYTHON + SHELL]
+    assert len(PYTHON) == 5 and len(SHELL) == 3, [c.splitlines()[0] for c in PYTHON + SHELL]
 
 
 def test_etd_block(tmp_path):
@@ -111,8 +111,22 @@ def test_losses_block(tmp_path):
     assert student.bert.encoder.layer[2].attention.self.query.weight.grad is not None
 
 
-@pytest.mark.parametrize("i", range(2))
+def test_augment_block(tmp_path, monkeypatch):
+    import datasets
+
+    from tests.helpers import make_sentences, make_teacher
+
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    rows = make_sentences(6, seed=1)
+    train_ds = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]})
+    scope = _run(_block("from fastkd.augment import"), train_ds=train_ds, teacher_dir=make_teacher(tmp_path / "t"))
+    aug = scope["aug"]
+    assert aug["text"][:6] == train_ds["text"] and len(aug) > 6 and (tmp_path / "cache" / "augmented").is_dir()
+
+
+@pytest.mark.parametrize("i", range(3))
 def test_shell_block(i):
+    from fastkd.augment.__main__ import build_parser as augment_parser
     from fastkd.train import parse_config
 
     lines = [ln.split("#")[0].strip() for ln in SHELL[i].splitlines() if ln.split("#")[0].strip()]
@@ -122,6 +136,8 @@ def test_shell_block(i):
             assert (ROOT / words[1]).is_file(), line
         elif words[:3] == ["python", "-m", "fastkd.train"]:
             parse_config(words[3:])
+        elif words[:3] == ["python", "-m", "fastkd.augment"]:
+            augment_parser().parse_args(words[3:])
         elif words[0] == "torchrun":
             assert words[words.index("-m") + 1] == "fastkd.train", line
             parse_config(words[words.index("-m") + 2:])
