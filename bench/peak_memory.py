@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--contestants", default="fastkd,textbrewer-etd")
     ap.add_argument("--work", default="/tmp/fastkd-peak-memory")
     args = ap.parse_args(argv)
+    commit = git_commit()  # what the contestants run (the working tree is read at their start)
     work = Path(args.work) / f"{args.task}-{args.width}"
     work.mkdir(parents=True, exist_ok=True)
     argv_job = tta.fastkd_argv(args.task, args.width, args.train_examples, None, 64)
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
              + (f", {args.train_examples} training examples" if args.train_examples else ""), "",
              f"`python bench/peak_memory.py --task {args.task} --width {args.width}"
              + (f" --train-examples {args.train_examples}" if args.train_examples else "") + "` at commit "
-             f"{git_commit()}; each contestant in its own process, one after "
+             f"{commit}; each contestant in its own process, one after "
              "the other; MiB of resident memory (VmHWM for the peak, the highest sampled VmRSS per phase).", "",
              "| contestant | peak | vs TextBrewer | by phase |", "| --- | --- | --- | --- |"]
     for name, peak, by in rows:
