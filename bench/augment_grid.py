@@ -84,7 +84,9 @@ def _examples(rec) -> str:
     return f"{int(m.group(1)):,}" if m else ""
 
 
-def table() -> str:
+def table(summary_only: bool = False) -> str:
+    """docs/augmentation.md; ``summary_only``: its table and findings without title and commands (the section
+    docs/results.md embeds)."""
     rows = planned_rows()
     recs = {r: load(r, RESULTS) for r in rows}
     for r, rec in recs.items():
@@ -100,7 +102,9 @@ def table() -> str:
              "the prediction stage reads them too. Default candidates (no masked LM named): every word's 15 "
              "nearest neighbours in the teacher's input embeddings, p = 0.4. Test accuracy, mean ± sample standard "
              "deviation over the seeds run (one teacher per task, `--finetune-seed 0`); time: the run's wall time "
-             "(set-up, augmentation or its cache, both stages, the test evaluations and latency runs), mean.", "",
+             "(set-up, augmentation or its cache, both stages, the test evaluations and latency runs), mean: "
+             "indicative only, since these runs shared the 2-core machine with other jobs (other benchmarks, the "
+             "test suite) much of the time, and a task's first row includes its teacher's fine-tune.", "",
              "| task | student | augmentation | seeds | intermediate-stage examples | student test acc | teacher | "
              "% of teacher | goal | met | time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -122,6 +126,8 @@ def table() -> str:
                      f"{_examples(recs[done[0]])} | {mean:.4f}{spread} | {teacher:.4f} | {pct:.1f}% | ≥ {goal}% | "
                      f"{verdict} | {wall:.0f} s |")
     lines += gaps(rows, recs)
+    if summary_only:
+        return "\n".join(lines[2:]) + "\n"
     lines += ["", "## Commands", ""]
     lines += [f"- `{recs[r]['meta']['command']}` (commit {recs[r]['meta']['commit']})" if recs[r]
               else f"- not run: `{' '.join(r.argv())}`" for r in rows]
@@ -131,7 +137,7 @@ def table() -> str:
 def gaps(rows: list[AugRow], recs: dict) -> list[str]:
     """Per task and student: what augmentation bought over none (seeds run alike), the best configuration's
     distance to the goal, and the levers left."""
-    out = ["", "## What augmentation buys, and what is left", ""]
+    out = ["", "### What augmentation buys, and what is left", ""]
     for task, size in GOALS:
         by = {}
         for r in rows:

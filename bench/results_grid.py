@@ -252,6 +252,10 @@ def table() -> str:
     lines += ["", "## Targets", ""]
     lines += targets({r: rec for r, rec in recs.items() if r.seed == 0})
     lines += seed_spread(recs)
+    from augment_grid import table as augmentation_table  # it imports this module: read at call time
+
+    lines += ["", "## TinyBERT's data augmentation (issue #23)", "", augmentation_table(summary_only=True).rstrip(),
+              "", "Every run's command and commit: docs/augmentation.md."]
     return "\n".join(lines) + "\n"
 
 
