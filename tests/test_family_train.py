@@ -159,6 +159,13 @@ def test_student_with_another_tokenizer_trains_by_logit_kd_only(tmp_path, data):
         default_teacher_path()))
     assert max(res["trainer"].student_tokens.splits["task"][0]["input_ids"]) < 32
     AutoModelForSequenceClassification.from_pretrained(out / "student")
+    # Augmented data too: the student's tokenisation covers the copies (rows past the task data's), by index.
+    aug = run_cli(args_for(tiny, tmp_path / "kd-aug", "kd", "--student", str(student_dir), "--finetune-epochs", "1",
+                           "--augment", "all-stages", "--augment-copies", "2"))
+    data = aug["trainer"].data
+    assert len(aug["trainer"].student_tokens.splits["task"]) == len(data["augmented"]) > len(data["task"])
+    assert all(math.isfinite(m["loss_soft_ce"]) for m in read_metrics(tmp_path / "kd-aug")
+               if "loss" in m and "event" not in m)
 
 
 def test_student_and_etd_together_are_refused(tmp_path, data):

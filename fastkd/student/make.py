@@ -117,6 +117,9 @@ class StudentTokens:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         drop = ("input_ids", "length", "index", "type_start")
+        # The augmented data's first rows are the task data's, in order (fastkd.augment): tokenised as "task", it
+        # serves batches of either by example index.
+        data = {**data, "task": data["augmented"]} if data.get("augmented") is not None else data
         self.splits = {k: tokenize(v.remove_columns([c for c in drop if c in v.column_names]), tokenizer, max_length)
                        for k, v in data.items() if k in ("task", "dev", "test") and v is not None}
 
