@@ -114,7 +114,7 @@ class Augmenter:
         return (f"N={s.copies} copies per example, each word replaced with p={s.p}; single-piece words: {single}; "
                 f"multi-piece words: {s.candidates} nearest neighbours in {self.neighbours.source}")
 
-    def candidates(self, texts: list[str]) -> tuple[list[list]]:
+    def candidates(self, texts: list[str]) -> tuple[list[list], list[dict[int, list[str]]]]:
         """Per text: its word spans and, for each replaceable word, its candidate list (the word itself where no
         candidate was found, as TinyBERT keeps it)."""
         s = self.settings
