@@ -14,6 +14,7 @@ on 20,000 examples, AG News's on all 9,000 of its training articles (held-out de
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from dataclasses import dataclass
@@ -131,7 +132,7 @@ def table(summary_only: bool = False) -> str:
         lines.append(f"| {task} | 3×{size} | {group[0].label} | {','.join(str(r.seed) for r in done)} | "
                      f"{_examples(recs[done[0]])} | {mean:.4f}{spread} | {teacher:.4f} | {pct:.1f}% | ≥ {goal}% | "
                      f"{verdict} | {wall:.0f} s |")
-    lines += gaps(rows, recs)
+    lines += gaps(rows, recs) + cache_lines(rows, recs)
     if summary_only:
         return "\n".join(lines[2:]) + "\n"
     lines += ["", "## Commands", ""]
@@ -168,6 +169,32 @@ def gaps(rows: list[AugRow], recs: dict) -> list[str]:
             "(bench/results/default-run-cpu-x86-64.md: on 20,000 SST-2 examples without augmentation the default "
             "3×384 student keeps 97.9% of this teacher)."]
     return out
+
+
+def cache_lines(rows: list[AugRow], recs: dict) -> list[str]:
+    """Where the cache pays: a multi-epoch row's intermediate stage, its first epoch (live teacher forwards, stored)
+    against the later ones (activations read back, no teacher), from the run's metrics."""
+    out = []
+    for r in rows:
+        metrics = (recs[r] or {}).get("metrics") or []
+        ends = [m["train_s"] for m in metrics if m.get("event") == "eval" and m.get("stage") == "intermediate"
+                and "epoch" in m]
+        cache = next((m for m in metrics if m.get("event") == "cache" and m.get("stage") == "intermediate"), None)
+        if r.epochs < 2 or not is_current_aug(r) or len(ends) < 2 or not cache:
+            continue
+        later = [b - a for a, b in itertools.pairwise(ends)]
+        out.append(f"- {r.task} 3×{r.size}, {r.label} (seed {r.seed}): intermediate-stage epoch 1 {ends[0]:.0f} s "
+                   f"(teacher forwards, kept in the {cache['mode']} cache: {cache['bytes'] / 2**20:,.0f} MiB), "
+                   f"epochs 2-{len(ends)} {statistics.fmean(later):.0f} s each (read back, no teacher forward; "
+                   f"{ends[0] / statistics.fmean(later):.2f}× faster per epoch); {cache['teacher_forwards']} "
+                   f"teacher forwards in {len(ends)} epochs.")
+    if not out:
+        return []
+    return ["", "### The activation cache on augmented data", "",
+            "TinyBERT runs its intermediate stage for several epochs over the augmented data; from the second on, "
+            "fastkd reads the teacher's activations back instead of running it (times: training only, from each "
+            "run's metrics.jsonl, one process, so the ratio is not a cross-run comparison; the first epoch also "
+            "carries the run's warm-up):", "", *out]
 
 
 def is_current_aug(row: AugRow) -> bool:

@@ -11,12 +11,13 @@ import pytest
 from bench import augment_grid as grid
 
 
-def _record(root, row, student, teacher=0.88, command=None):
+def _record(root, row, student, teacher=0.88, command=None, metrics=()):
     d = root / row.name
     d.mkdir(parents=True)
     meta = {"command": command or shlex.join(row.argv()), "commit": "abc1234", "wall_s": 100.0}
     (d / "meta.json").write_text(json.dumps(meta))
     (d / "result.json").write_text(json.dumps({"student_test_acc": student, "teacher_test_acc": teacher}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (d / "log.txt").write_text("stage 1/2 intermediate: 1 epoch(s) x 392 steps, 12522 examples (augmented data)\n")
 
 
@@ -51,3 +52,14 @@ def test_a_row_recorded_with_another_command_is_not_counted(results):
     _record(results, row, 0.75, command=shlex.join(row.argv()) + " --epochs 2")
     assert not grid.is_current_aug(row)
     assert "not run yet" in _line(grid.table(), "agnews", "3×192", "none")
+
+
+def test_cache_line_compares_the_first_epoch_with_the_cached_ones(results):
+    evals = [{"stage": "intermediate", "epoch": e, "event": "eval", "train_s": t} for e, t in enumerate((90, 150, 210))]
+    cache = {"stage": "intermediate", "event": "cache", "mode": "memory", "bytes": 2**30, "teacher_forwards": 392}
+    _record(results, grid.AugRow("sst2", "192", grid.COPIES, 0, epochs=3), 0.80, metrics=[*evals, cache])
+    _record(results, grid.AugRow("sst2", "192", grid.COPIES, 0), 0.79, metrics=[evals[0], cache])  # one epoch: none
+    lines = [x for x in grid.table().splitlines() if "intermediate-stage epoch 1" in x]
+    assert len(lines) == 1 and "N=4, 3 epochs" in lines[0]
+    assert "epoch 1 90 s" in lines[0] and "epochs 2-3 60 s each" in lines[0] and "1.50× faster" in lines[0]
+    assert "memory cache: 1,024 MiB" in lines[0] and "392 teacher forwards in 3 epochs" in lines[0]
