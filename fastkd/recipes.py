@@ -263,9 +263,11 @@ def setting_prefix(method: str) -> str:
     return REGISTRY[check_method(method)].prefixes[0]
 
 
-def make_params(method: str, overrides: dict[str, Any] | None = None):
+def make_params(method: str, overrides: dict[str, Any] | None = None, *, max_epochs: int | None = None):
     """The method's parameter dataclass with ``overrides`` ({"tinybert.att_weight": 2} or nested
-    {"tinybert": {"att_weight": 2}}) applied. Keys for other methods are ignored; unknown fields are errors."""
+    {"tinybert": {"att_weight": 2}}) applied. Keys for other methods are ignored; unknown fields are errors.
+    ``max_epochs``: a cap on the recipe's own epochs (the trainer's CPU profile); epochs set in ``overrides`` are
+    the user's and kept."""
     cls = REGISTRY[check_method(method)].params
     params = cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -289,6 +291,11 @@ def make_params(method: str, overrides: dict[str, Any] | None = None):
         if name not in fields:
             raise ValueError(f"--set: {method} has no setting {name!r}; expected one of {sorted(fields)}")
         setattr(params, name, _coerce(value, str(fields[name].type), key))
+    if max_epochs is not None:
+        given = {key.split(".", 1)[1] for key in flat if key.split(".", 1)[0] in REGISTRY[method].prefixes}
+        for name in fields:
+            if name.endswith("epochs") and name not in given:
+                setattr(params, name, min(getattr(params, name), max_epochs))
     _check_ranges(method, params)
     return params
 
@@ -562,11 +569,11 @@ def _augment_stages(method: str, stages: list[Stage], augment: str) -> list[Stag
 
 
 def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task", epochs: int | None = None,
-                 max_epochs: int | None = None, augment: str = "off") -> Recipe:
+                 augment: str = "off") -> Recipe:
     """The method's stages for these model shapes. ``mode='general'`` keeps only the task-agnostic
     (latent-loss) stages, on the general corpus with the pretrained teacher. ``epochs``: every stage's (else
-    the recipe's own), ``max_epochs``: a cap on the recipe's own (the trainer's CPU profile). ``augment``: which
-    task stages read augmented data (see :data:`AUGMENT_CHOICES`)."""
+    ``params``', which :func:`make_params` caps on a CPU). ``augment``: which task stages read augmented data (see
+    :data:`AUGMENT_CHOICES`)."""
     check_method(method)
     if mode not in ("task", "general"):
         raise ValueError(f"mode: expected 'task' or 'general', got {mode!r}")
@@ -578,7 +585,8 @@ def build_recipe(method: str, shapes: Shapes, params=None, *, mode: str = "task"
     stages = _augment_stages(method, stages, augment)
     for s in stages:
         s.terms = [t for t in s.terms if t.weight != 0.0]  # a zero weight switches a term off
-        s.epochs = epochs if epochs is not None else min(s.epochs, max_epochs if max_epochs is not None else s.epochs)
+        if epochs is not None:
+            s.epochs = epochs
         if not s.terms:
             raise ValueError(f"{method}: every loss weight of stage {s.name!r} is 0; nothing to train")
     return Recipe(method, stages, p)

@@ -142,6 +142,19 @@ def test_override_edge_values_that_mean_something_are_accepted():
     assert make_params("minilm", {"minilm.teacher_layer": -2}).teacher_layer == -2
 
 
+def test_cpu_cap_applies_to_the_recipes_epochs_not_to_the_ones_a_user_sets():
+    # The trainer's CPU profile caps the recipe's own epochs; TinyBERT's 10 intermediate epochs, asked for with
+    # --set, are the user's.
+    p = make_params("tinybert", {"tinybert.inter_epochs": 10}, max_epochs=1)
+    assert (p.inter_epochs, p.pred_epochs) == (10, 1)
+    assert [s.epochs for s in build_recipe("tinybert", BASE, p).stages] == [10, 1]
+    p = make_params("tinybert", {"tinybert": {"pred_epochs": 3}}, max_epochs=2)
+    assert (p.inter_epochs, p.pred_epochs) == (2, 3)
+    assert make_params("bert-emd", {"kd.epochs": 7}, max_epochs=1).epochs == 1  # another method's setting
+    assert make_params("bert-emd", {}).epochs == 4  # no cap: the recipe's own
+    assert [s.epochs for s in build_recipe("tinybert", BASE, p, epochs=5).stages] == [5, 5]  # --epochs: every stage
+
+
 def test_config_file_json_and_yaml(tmp_path):
     j = tmp_path / "c.json"
     j.write_text('{"tinybert": {"att_weight": 4}}')

@@ -78,7 +78,7 @@ def cpu_profile(d: DataSettings, on_cpu: bool) -> tuple[int | None, int | None, 
     if on_cpu and d.max_dev_examples is None:
         parts.append(f"a {n_dev}-example dev subset")
     if on_cpu and not d.epochs_given:
-        parts.append(f"at most {CPU_MAX_EPOCHS} epoch(s) per stage")
+        parts.append(f"at most {CPU_MAX_EPOCHS} epoch(s) per stage (but for epochs set with --set)")
     note = ("CPU default profile (this machine has no GPU): " + ", ".join(parts)
             + "; a GPU run uses the full data and the papers' epochs") if parts else ""
     return n_train, n_dev, note

@@ -137,9 +137,9 @@ class Trainer:
                              f"got {cfg.max_length}")
         (n_s, d_s, h_s), h_t = student_sizes(self.student_settings), num_heads(tconf)
         self.shapes = Shapes(tconf.num_hidden_layers, n_s, tconf.hidden_size, d_s, h_t, h_s)
-        # --epochs, else the recipe's, capped on a CPU
-        self.recipe = build_recipe(cfg.method, self.shapes, make_params(cfg.method, cfg.overrides), mode=cfg.mode,
-                                   epochs=cfg.epochs, max_epochs=CPU_MAX_EPOCHS if self.on_cpu else None,
+        # --epochs, else the recipe's (capped on a CPU, but for the epochs a user set with --set)
+        params = make_params(cfg.method, cfg.overrides, max_epochs=CPU_MAX_EPOCHS if self.on_cpu else None)
+        self.recipe = build_recipe(cfg.method, self.shapes, params, mode=cfg.mode, epochs=cfg.epochs,
                                    augment=cfg.augment)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         check_tokenizer(self.tokenizer, tconf, path)
