@@ -36,7 +36,7 @@ def test_seeds_average_and_levers_stay_apart(results):
     _record(results, row("sst2", "384", 0, 0), 0.80)
     _record(results, row("sst2", "384", 0, 1), 0.82)
     _record(results, row("sst2", "384", grid.COPIES, 0), 0.836)
-    _record(results, row("sst2", "384", grid.COPIES, 0, epochs=3), 0.8544)  # same N, another label
+    _record(results, row("sst2", "384", grid.COPIES, 0, epochs=(3,)), 0.8544)  # same N, another label
     text = grid.table()
     none = _line(text, "sst2", "3×384", "none")
     assert "| 0,1 |" in none and "0.8100 ± 0.0141" in none and "92.0%" in none and "no, 5.0 pt short" in none
@@ -57,7 +57,7 @@ def test_a_row_recorded_with_another_command_is_not_counted(results):
 def test_cache_line_compares_the_first_epoch_with_the_cached_ones(results):
     evals = [{"stage": "intermediate", "epoch": e, "event": "eval", "train_s": t} for e, t in enumerate((90, 150, 210))]
     cache = {"stage": "intermediate", "event": "cache", "mode": "memory", "bytes": 2**30, "teacher_forwards": 392}
-    _record(results, grid.AugRow("sst2", "192", grid.COPIES, 0, epochs=3), 0.80, metrics=[*evals, cache])
+    _record(results, grid.AugRow("sst2", "192", grid.COPIES, 0, epochs=(3,)), 0.80, metrics=[*evals, cache])
     _record(results, grid.AugRow("sst2", "192", grid.COPIES, 0), 0.79, metrics=[evals[0], cache])  # one epoch: none
     lines = [x for x in grid.table().splitlines() if "intermediate-stage epoch 1" in x]
     assert len(lines) == 1 and "N=4, 3 epochs" in lines[0]
