@@ -179,16 +179,16 @@ def gaps(rows: list[AugRow], recs: dict) -> list[str]:
                    f"{','.join(map(str, none))}); {gains}. Best: {best_label}, {best:.1f}% against the goal of "
                    f"{goal}%: " + ("met." if best >= goal else f"{goal - best:.1f} pt short."))
     out += ["", "Levers beyond these rows, in the order they cost CPU time: copies and epochs together, further "
-            "(TinyBERT's N = 20-30 and its 10 intermediate epochs: each copy adds the examples' worth of intermediate-stage "
-            "steps, each epoch the whole augmented set, so N = 30 for 10 epochs is some 50× the N = 4 one-epoch "
-            "intermediate stage, though the activation cache runs the teacher in the first epoch only); a real "
-            "masked LM for single-piece words (`--augment-mlm bert-base-uncased`, the paper's; not available "
-            "offline here, so every word took embedding neighbours, antonyms among them); and more original data "
-            "(bench/results/default-run-cpu-x86-64.md: on 20,000 SST-2 examples without augmentation the default "
-            "3×384 student keeps 97.9% of this teacher). For 3×192 a floor shows in bench/results/"
-            "time-to-accuracy-cpu-x86-64.md: on 20,000 real SST-2 examples, one epoch per stage, it reaches 0.844 "
-            "dev accuracy against the teacher's 0.910 (92.7%), so data alone does not close its gap; epochs do "
-            "most (the rows above)."]
+            "(TinyBERT's N = 20-30 and its 10 intermediate epochs: each copy adds the examples' worth of "
+            "intermediate-stage steps, each epoch the whole augmented set, so N = 30 for 10 epochs is some 50× "
+            "the N = 4 one-epoch intermediate stage, though the activation cache runs the teacher in the first "
+            "epoch only); a real masked LM for single-piece words (`--augment-mlm bert-base-uncased`, the "
+            "paper's; not available offline here, so every word took embedding neighbours, antonyms among them); "
+            "and more original data (bench/results/default-run-cpu-x86-64.md: on 20,000 SST-2 examples without "
+            "augmentation the default 3×384 student keeps 97.9% of this teacher). For 3×192 a floor shows in "
+            "bench/results/time-to-accuracy-cpu-x86-64.md: on 20,000 real SST-2 examples, one epoch per stage, "
+            "it reaches 0.844 dev accuracy against the teacher's 0.910 (92.7%), so data alone does not close "
+            "its gap; epochs do most (the rows above)."]
     return out
 
 
