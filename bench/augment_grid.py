@@ -175,9 +175,11 @@ def gaps(rows: list[AugRow], recs: dict) -> list[str]:
         best_label, best = max(((k, statistics.fmean(v.values())) for k, v in by.items()), key=lambda kv: kv[1])
         gains = ", ".join(_gain(k, v, none) for k, v in by.items() if k != "none")
         goal = GOALS[task, size]
+        n_best = len(by[best_label])
+        seeds = f"{n_best} seeds" if n_best > 1 else "one seed only"
         out.append(f"- {task} 3×{size}: without augmentation {base:.1f}% of the teacher (seeds "
-                   f"{','.join(map(str, none))}); {gains}. Best: {best_label}, {best:.1f}% against the goal of "
-                   f"{goal}%: " + ("met." if best >= goal else f"{goal - best:.1f} pt short."))
+                   f"{','.join(map(str, none))}); {gains}. Best: {best_label}, {best:.1f}% ({seeds}) against the "
+                   f"goal of {goal}%: " + ("met." if best >= goal else f"{goal - best:.1f} pt short."))
     out += ["", "Levers beyond these rows, in the order they cost CPU time: copies and epochs together, further "
             "(TinyBERT's N = 20-30 and its 10 intermediate epochs: each copy adds the examples' worth of "
             "intermediate-stage steps, each epoch the whole augmented set, so N = 30 for 10 epochs is some 50× "
