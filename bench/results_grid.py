@@ -130,9 +130,9 @@ def run_row(row: Row, dest: Path = GRID, runs: str = "runs/grid") -> None:
     print(f"{row.name}: rc={proc.returncode} in {meta['wall_s']:.0f}s", flush=True)
 
 
-def is_current(row: Row) -> bool:
+def is_current(row: Row, root: Path = GRID) -> bool:
     """Recorded with the command the grid plans now (a row recorded with an older command is re-run)."""
-    meta = GRID / row.name / "meta.json"
+    meta = root / row.name / "meta.json"
     return meta.is_file() and json.loads(meta.read_text())["command"] == shlex.join(row.argv())
 
 

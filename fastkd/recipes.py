@@ -272,6 +272,7 @@ def make_params(method: str, overrides: dict[str, Any] | None = None, *, max_epo
     params = cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     flat: dict[str, Any] = {}
+    given: set[str] = set()  # the fields the overrides set: the user's, which max_epochs leaves alone
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):
             for sub, v in value.items():
@@ -291,8 +292,8 @@ def make_params(method: str, overrides: dict[str, Any] | None = None, *, max_epo
         if name not in fields:
             raise ValueError(f"--set: {method} has no setting {name!r}; expected one of {sorted(fields)}")
         setattr(params, name, _coerce(value, str(fields[name].type), key))
+        given.add(name)
     if max_epochs is not None:
-        given = {key.split(".", 1)[1] for key in flat if key.split(".", 1)[0] in REGISTRY[method].prefixes}
         for name in fields:
             if name.endswith("epochs") and name not in given:
                 setattr(params, name, min(getattr(params, name), max_epochs))
